@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` (whole stack, demo key printed) and `make test`.
+VENV := .venv/bin
+POLICY := extproc/examples/policy
+
+.PHONY: setup demo test lint unit protos envoy-example bench clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	$(VENV)/tollgate demo
+
+test: setup lint
+	$(VENV)/pytest -q
+
+lint: setup
+	$(VENV)/ruff check extproc tests
+	$(VENV)/mypy extproc
+
+protos: setup
+	$(VENV)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. protos/extproc/pb/ext_proc.proto
+
+envoy-example: setup
+	$(VENV)/tollgate envoy-config --policy $(POLICY) > envoy/envoy.yaml
+
+bench: setup
+	@TOLLGATE_APT_EXTRA=wrk scripts/setup.sh
+	$(VENV)/python -m bench.run
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

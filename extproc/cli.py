@@ -1,0 +1,222 @@
+"""`tollgate`: the command line of SPEC §8.
+
+Exit status: 0 done, 1 refused (invalid policy, unknown key), 2 usage error.
+Every command that talks to Redis takes `--redis-url` (default: $TOLLGATE_REDIS_URL, else
+redis://127.0.0.1:6379/0). Commands that print data take `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def _redis_url(args: argparse.Namespace) -> str:
+    return str(args.redis_url or os.environ.get("TOLLGATE_REDIS_URL") or DEFAULT_REDIS)
+
+
+def _with_redis(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int]]) -> int:
+    from redis.exceptions import RedisError
+
+    from extproc.server import redis_client
+
+    async def run() -> int:
+        client = redis_client(_redis_url(args))
+        try:
+            return await fn(client)
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(run())
+    except RedisError as exc:
+        print(f"tollgate: cannot reach Redis at {_redis_url(args)}: {exc}", file=sys.stderr)
+        return 1
+
+
+# --- serve / envoy-config / policy ------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from extproc.policy import PolicyError
+    from extproc.server import serve
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return serve(args.policy, _redis_url(args), args.listen, args.metrics_port, args.workers, args.log_level)
+    except PolicyError as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from extproc import envoy_config
+    from extproc.policy import PolicyError, load_policy
+
+    try:
+        policy = load_policy(args.policy)
+        endpoints: list[envoy_config.GrpcEndpoint] = []
+        for text in args.extproc or ["127.0.0.1:50051"]:
+            endpoints += envoy_config.worker_endpoints(envoy_config.GrpcEndpoint.parse(text), args.workers)
+    except PolicyError as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"tollgate: --extproc: {exc}", file=sys.stderr)
+        return 2
+    bootstrap = envoy_config.render_bootstrap(
+        policy, endpoints, port=args.port, admin_port=args.admin_port, listen_address=args.address,
+        max_body_bytes=args.max_body_bytes, access_log=args.access_log,
+    )
+    text = json.dumps(bootstrap, indent=2) if args.json else envoy_config.dump(bootstrap)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from extproc.policy.load import check_policy
+
+    policy, issues = check_policy(args.files)
+    errors = [i for i in issues if i.level == "error"]
+    if args.json:
+        print(json.dumps({"ok": not errors, "issues": [i.__dict__ for i in issues]}))
+    else:
+        for i in issues:
+            print(i, file=sys.stderr if i.level == "error" else sys.stdout)
+        if not errors and policy is not None:
+            print(f"ok: {len(policy.routes)} route(s), {len(policy.models)} model(s), {len(policy.providers)} provider(s), "
+                  f"{len(policy.plans)} plan(s); {len(issues)} warning(s)")
+    return 1 if errors else 0
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from extproc.keys import KeyStore
+
+    async def run(redis: Any) -> int:
+        store = KeyStore(redis)
+        if args.keys_cmd == "create":
+            created = await store.create(args.customer, args.workspace, args.plan, args.default_route)
+            i = created.info
+            if args.json:
+                print(json.dumps({"key_id": i.key_id, "secret": created.secret, "customer": i.customer,
+                                  "workspace": i.workspace, "plan": i.plan, "default_route": i.default_route}))
+            else:
+                print(created.secret)
+                print(f"key_id={i.key_id} customer={i.customer} workspace={i.workspace} plan={i.plan}"
+                      f" default_route={i.default_route or '-'}  (the secret above is shown only once)")
+            return 0
+        if args.keys_cmd == "list":
+            for k in await store.list():
+                row = {"key_id": k.key_id, "customer": k.customer, "workspace": k.workspace, "plan": k.plan,
+                       "default_route": k.default_route, "status": "active" if k.active else "revoked"}
+                print(json.dumps(row) if args.json else "\t".join(str(v or "-") for v in row.values()))
+            return 0
+        ok = await store.revoke(args.key_id)
+        if not ok:
+            print(f"tollgate: unknown key id {args.key_id!r}", file=sys.stderr)
+            return 1
+        print(json.dumps({"key_id": args.key_id, "status": "revoked"}) if args.json else f"revoked {args.key_id}")
+        return 0
+
+    return _with_redis(args, run)
+
+
+# --- demo and fake provider ------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from extproc.demo import run_demo
+
+    return run_demo(port=args.port, redis_port=args.redis_port, workers=args.workers)
+
+
+def cmd_fake_provider(args: argparse.Namespace) -> int:
+    from extproc.fakeprovider import main
+
+    main(args.name, args.host, args.port)
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tollgate", description="OpenAI-compatible gateway: Envoy + ext_proc + Redis.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def redis_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--redis-url", help="Redis URL (default $TOLLGATE_REDIS_URL or redis://127.0.0.1:6379/0)")
+
+    s = sub.add_parser("serve", help="run the ext_proc processor")
+    s.add_argument("--policy", action="append", required=True, help="policy file or directory (repeatable; merged in order)")
+    redis_opt(s)
+    s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (workers use consecutive ports) or unix:PATH")
+    s.add_argument("--metrics-port", type=int, default=9464)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--log-level", default=os.environ.get("TOLLGATE_LOG_LEVEL", "INFO"))
+    s.set_defaults(fn=cmd_serve)
+
+    e = sub.add_parser("envoy-config", help="print the Envoy bootstrap for a policy")
+    e.add_argument("--policy", action="append", required=True)
+    e.add_argument("--extproc", action="append", help="processor HOST:PORT or unix:PATH (repeatable)")
+    e.add_argument("--workers", type=int, default=1, help="expand each --extproc to N consecutive ports")
+    e.add_argument("--port", type=int, default=8080)
+    e.add_argument("--admin-port", type=int, default=9901)
+    e.add_argument("--address", default="0.0.0.0", help="listener address")
+    e.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    e.add_argument("--access-log", action="store_true")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_envoy_config)
+
+    pol = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_cmd", required=True)
+    pc = pol.add_parser("check", help="check policy files (schema and the seed's checklist)")
+    pc.add_argument("files", nargs="+")
+    pc.add_argument("--json", action="store_true")
+    pc.set_defaults(fn=cmd_policy_check)
+
+    k = sub.add_parser("keys", help="customer API keys").add_subparsers(dest="keys_cmd", required=True)
+    kc = k.add_parser("create")
+    kc.add_argument("--customer", required=True)
+    kc.add_argument("--workspace", required=True)
+    kc.add_argument("--plan", required=True)
+    kc.add_argument("--default-route")
+    kl = k.add_parser("list")
+    kr = k.add_parser("revoke")
+    kr.add_argument("key_id")
+    for sp in (kc, kl, kr):
+        redis_opt(sp)
+        sp.add_argument("--json", action="store_true")
+        sp.set_defaults(fn=cmd_keys)
+
+    d = sub.add_parser("demo", help="start Redis, fake providers, the processor and Envoy; print a demo key")
+    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--redis-port", type=int, default=0)
+    d.add_argument("--workers", type=int, default=1)
+    d.set_defaults(fn=cmd_demo)
+
+    f = sub.add_parser("fake-provider", help="run an OpenAI-compatible fake provider")
+    f.add_argument("--name", default="fake")
+    f.add_argument("--host", default="127.0.0.1")
+    f.add_argument("--port", type=int, default=18080)
+    f.set_defaults(fn=cmd_fake_provider)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

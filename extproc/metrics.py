@@ -1,0 +1,54 @@
+"""Prometheus metrics of SPEC §7, served on the processor's metrics port at `/metrics`.
+
+With `--workers N > 1` every worker writes to a shared PROMETHEUS_MULTIPROC_DIR and the parent
+serves the sum (prometheus_client's multiprocess mode), so one port answers for all workers.
+Labels are bounded: routes, models, providers and reasons come from the policy; customer-level
+spend lives in usage records, never in labels.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import multiprocess as _multiprocess
+
+REQUESTS = Counter(
+    "tollgate_requests_total", "Requests answered, by final status code.", ["route", "primary_model", "final_model", "code"]
+)
+FALLBACKS = Counter(
+    "tollgate_fallbacks_total", "Model changes after a failed attempt.", ["route", "from_model", "to_model", "reason"]
+)
+UPSTREAM_ATTEMPTS = Counter(
+    "tollgate_upstream_attempts_total", "Upstream attempts by outcome.", ["route", "model", "provider", "outcome"]
+)
+SPEND = Counter(
+    "tollgate_spend_usd_total", "Settled spend in USD, by kind normal/retry/fallback.", ["route", "model", "provider", "kind"]
+)
+TOKENS = Counter("tollgate_tokens_total", "Tokens billed.", ["route", "model", "type"])
+QUOTA_REJECTIONS = Counter(
+    "tollgate_quota_rejections_total", "Requests refused before any upstream call.", ["route", "reason"]
+)
+DECISION_SECONDS = Histogram(
+    "tollgate_decision_seconds",
+    "Time the processor spends on one message, by phase.",
+    ["phase"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+REDIS_ERRORS = Counter("tollgate_redis_errors_total", "Redis operations that failed.", ["operation"])
+POLICY_RELOADS = Counter("tollgate_policy_reloads_total", "Policy reloads by result.", ["result"])
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
+    """Serve /metrics in a background thread (all workers' sum in multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        start_http_server(port, addr=host, registry=registry)
+    else:
+        start_http_server(port, addr=host)
+
+
+def usd(micro: int) -> float:
+    """Micro-dollars as a float for Prometheus only (storage stays integer)."""
+    return micro / 1_000_000

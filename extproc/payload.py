@@ -1,0 +1,151 @@
+"""What Tollgate reads from OpenAI request and response bodies (pure, no I/O).
+
+Validation is deliberately shallow: the gateway checks what it needs to route, estimate and
+bill (`model`, the endpoint's required input, `stream`, token limits) and leaves the rest to
+the provider, like OpenAI-compatible proxies do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from extproc.errors import ApiError, invalid_request
+
+ENDPOINTS = {
+    "/v1/chat/completions": "messages",
+    "/v1/completions": "prompt",
+    "/v1/embeddings": "input",
+    "/v1/responses": None,
+}
+MAX_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    max_tokens: int | None
+    prompt_chars: int
+
+
+def parse_request(path: str, raw: bytes) -> ParsedRequest | ApiError:
+    """The body of a POST to one of ENDPOINTS, or the 400 that explains what is wrong."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return invalid_request(f"The request body is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}.")
+    if not isinstance(body, dict):
+        return invalid_request("The request body must be a JSON object.")
+    model = body.get("model")
+    if model is None:
+        return invalid_request("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model:
+        return invalid_request("'model' must be a non-empty string.", param="model")
+    required = ENDPOINTS.get(path)
+    if required is not None:
+        value = body.get(required)
+        if value is None:
+            return invalid_request(f"Missing required parameter: '{required}'.", param=required)
+        if required == "messages":
+            if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+                return invalid_request("'messages' must be a non-empty array of message objects.", param="messages")
+        elif not isinstance(value, (str, list)):
+            return invalid_request(f"'{required}' must be a string or an array.", param=required)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        return invalid_request("'stream' must be a boolean.", param="stream")
+    if stream and path == "/v1/embeddings":
+        return invalid_request("Embeddings cannot be streamed.", param="stream")
+    max_tokens = None
+    for f in MAX_TOKEN_FIELDS:
+        v = body.get(f)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            return invalid_request(f"'{f}' must be a positive integer.", param=f)
+        max_tokens = v
+        break
+    prompt_chars = len(json.dumps(body.get(required) if required else body.get("input", ""), ensure_ascii=False))
+    return ParsedRequest(body, model, stream, max_tokens, prompt_chars)
+
+
+def estimate_prompt_tokens(prompt_chars: int) -> int:
+    """An upper-leaning estimate: ~4 characters a token for English; never below 1."""
+    return max(1, -(-prompt_chars // 3))
+
+
+def rewrite_body(parsed: ParsedRequest, path: str, upstream_model: str) -> bytes:
+    """The body the provider gets: its own model name; streams ask for the final usage chunk."""
+    body = dict(parsed.body)
+    body["model"] = upstream_model
+    if parsed.stream and path in ("/v1/chat/completions", "/v1/completions"):
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def usage_from_json(obj: Any) -> Usage | None:
+    """`usage` of a chat/completions/embeddings/responses body or stream event, if any."""
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if not isinstance(usage, dict) and isinstance(obj.get("response"), dict):
+        usage = obj["response"].get("usage")  # responses API: response.completed event
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return Usage(max(0, prompt), max(0, completion))
+
+
+def usage_from_body(raw: bytes) -> Usage | None:
+    try:
+        return usage_from_json(json.loads(raw))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+class SseUsageScanner:
+    """Finds `usage` in a Server-Sent Events stream fed chunk by chunk.
+
+    Only `data:` lines that mention "usage" are parsed, so the per-chunk cost stays small;
+    a line split across chunks is reassembled.
+    """
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self.usage: Usage | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._tail + chunk
+        lines = data.split(b"\n")
+        self._tail = lines.pop()
+        if len(self._tail) > 1 << 20:
+            self._tail = b""  # a runaway line without newline: not an event we can bill from
+        for line in lines:
+            self._line(line)
+
+    def finish(self) -> None:
+        if self._tail:
+            self._line(self._tail)
+            self._tail = b""
+
+    def _line(self, line: bytes) -> None:
+        if line.startswith(b"data:") and b'"usage"' in line:
+            try:
+                found = usage_from_json(json.loads(line[5:]))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                return
+            if found is not None and (found.prompt_tokens or found.completion_tokens):
+                self.usage = found

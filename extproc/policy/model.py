@@ -1,0 +1,128 @@
+"""The policy as typed, immutable data.
+
+Everything the processor decides is a pure function of a `Policy` and the facts of one
+request; the loader (`policy.load`) is the only place that knows about YAML.
+Money is integer micro-dollars: prices are kept as micro-USD per million tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+EVENTS = (
+    "on_provider_5xx",
+    "on_rate_limit",
+    "on_timeout",
+    "on_connect_failure",
+    "on_budget_exceeded",
+    "on_provider_unhealthy",
+)
+ACTIONS = (
+    "retry_once_then_switch_same_price_tier",
+    "switch_same_price_tier",
+    "retry_same",
+    "downgrade",
+    "upgrade",
+    "fail_closed",
+)
+PLAN_FALLBACK_KINDS = ("same_tier", "downgrade", "upgrade")
+DEFAULT_TIERS = ("low", "standard", "premium")
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One upstream vendor endpoint; rendered as one Envoy cluster of the same name."""
+
+    name: str
+    host: str
+    port: int
+    tls: bool
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Price:
+    """Micro-dollars per million tokens (exact integers, never floats)."""
+
+    input_micro_per_mtok: int
+    output_micro_per_mtok: int
+
+    def cost_micro(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """Cost of one call in micro-dollars, rounded up to a whole micro-dollar."""
+        nano = prompt_tokens * self.input_micro_per_mtok + completion_tokens * self.output_micro_per_mtok
+        return -(-nano // 1_000_000)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A name clients and routes use, bound to one provider's own model name."""
+
+    name: str
+    provider: str
+    upstream_model: str
+    tier: str
+    price: Price
+
+
+@dataclass(frozen=True)
+class FallbackRule:
+    """What a route does on one failure event: an action and, for `retry_same`, a count."""
+
+    action: str
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class RouteFallback:
+    rules: dict[str, FallbackRule] = field(default_factory=dict)
+    max_attempts: int | None = None
+    models: tuple[str, ...] | None = None  # narrows same-tier / tier-change candidates
+
+    def rule(self, event: str) -> FallbackRule:
+        """The rule for an event; an event the route does not name fails closed."""
+        return self.rules.get(event, FallbackRule("fail_closed"))
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    primary_model: str
+    fallback: RouteFallback = field(default_factory=RouteFallback)
+    billing_owner: str = "customer_api_key"
+    record_primary_and_final_model: bool = True
+    default_max_tokens: int = 1024
+
+    @property
+    def max_attempts(self) -> int:
+        """The total cap on upstream attempts; 1 when the route names none."""
+        return self.fallback.max_attempts or 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    routes: frozenset[str] | None  # None means "*": every route
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    monthly_budget_micro: int | None = None
+    prepaid: bool = False
+    fallback_allow: frozenset[str] = frozenset({"same_tier"})
+    max_cost_multiplier: str | None = None  # decimal string, e.g. "3"
+
+    def allows_route(self, route: str) -> bool:
+        return self.routes is None or route in self.routes
+
+
+@dataclass(frozen=True)
+class Policy:
+    tiers: tuple[str, ...]
+    providers: dict[str, Provider]
+    models: dict[str, Model]
+    plans: dict[str, Plan]
+    routes: dict[str, Route]
+    sources: tuple[str, ...] = ()
+
+    def model_of_route(self, route: Route) -> Model:
+        return self.models[route.primary_model]

@@ -1,0 +1,203 @@
+"""The gRPC side: a grpc.aio server speaking Envoy's ExternalProcessor protocol.
+
+One bidirectional stream per HTTP request (per filter instance); each message is dispatched
+by phase to the request's `Exchange`. `serve()` runs one process per worker, each on its own
+port or Unix socket, so that Envoy's ROUND_ROBIN over the endpoints spreads streams evenly
+(one shared SO_REUSEPORT port does not: Envoy holds few long-lived HTTP/2 connections).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+
+from extproc.downstream import Exchange, Gateway
+from extproc.envoy_config import GrpcEndpoint, worker_endpoints
+from extproc.keys import KeyStore
+from extproc.pb import ext_proc_pb2 as pb
+from extproc.policy import Policy, PolicyError, load_policy
+
+log = logging.getLogger("tollgate.server")
+
+METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+
+
+def provider_secrets(policy: Policy) -> dict[str, str]:
+    """Each provider's API key from its environment variable or file (never logged)."""
+    out: dict[str, str] = {}
+    for p in policy.providers.values():
+        value = None
+        if p.api_key_env:
+            value = os.environ.get(p.api_key_env)
+        elif p.api_key_file:
+            try:
+                value = Path(p.api_key_file).read_text().strip()
+            except OSError as exc:
+                log.warning("provider %s: cannot read api_key_file: %s", p.name, exc.strerror)
+        if value:
+            out[p.name] = value
+        else:
+            log.warning("provider %s: no API key configured (%s); requests go without credentials", p.name, p.api_key_env or p.api_key_file)
+    return out
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """Short timeouts: a dead Redis must turn into a fast 503, not a stuck request."""
+    return aioredis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=5)
+
+
+class Processor:
+    """Holds the gateway state of one worker process and serves its streams."""
+
+    def __init__(self, policy_paths: list[str], redis_url: str) -> None:
+        self.policy_paths = policy_paths
+        policy = load_policy(policy_paths)
+        self.redis = redis_client(redis_url)
+        self.gateway = Gateway(policy=policy, keys=KeyStore(self.redis), provider_secrets=provider_secrets(policy))
+        self._mtimes = self._stat()
+
+    async def process(self, requests: AsyncIterator[pb.ProcessingRequest], context: Any) -> AsyncIterator[pb.ProcessingResponse]:
+        ex = Exchange(self.gateway)
+        try:
+            async for req in requests:
+                kind = req.WhichOneof("request")
+                if kind == "request_headers":
+                    yield await ex.on_request_headers(req.request_headers)
+                elif kind == "request_body":
+                    yield await ex.on_request_body(req.request_body)
+                elif kind == "response_headers":
+                    yield await ex.on_response_headers(req.response_headers)
+                elif kind == "response_body":
+                    yield await ex.on_response_body(req.response_body)
+                elif kind == "request_trailers":
+                    yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+                elif kind == "response_trailers":
+                    yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+        finally:
+            await ex.close()
+
+    # --- policy reload ------------------------------------------------------------------
+
+    def _stat(self) -> dict[str, float]:
+        from extproc.policy.load import expand_sources
+
+        out = {}
+        for f in expand_sources(list(self.policy_paths)):
+            try:
+                out[str(f)] = f.stat().st_mtime
+            except OSError:
+                out[str(f)] = -1.0
+        return out
+
+    def reload(self) -> bool:
+        """Load the policy again; an invalid one is logged and the last good one keeps serving."""
+        from extproc import metrics
+
+        try:
+            policy = load_policy(self.policy_paths)
+        except (PolicyError, OSError) as exc:
+            metrics.POLICY_RELOADS.labels("invalid").inc()
+            log.error("policy reload rejected, keeping the last good policy: %s", exc)
+            return False
+        self.gateway.policy = policy
+        self.gateway.provider_secrets = provider_secrets(policy)
+        metrics.POLICY_RELOADS.labels("ok").inc()
+        log.info("policy reloaded: %d routes", len(policy.routes))
+        return True
+
+    async def watch_policy(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            mtimes = self._stat()
+            if mtimes != self._mtimes:
+                self._mtimes = mtimes
+                self.reload()
+
+
+async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndpoint, grace_s: float = 20.0) -> None:
+    processor = Processor(policy_paths, redis_url)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
+    handler = grpc.stream_stream_rpc_method_handler(
+        processor.process,
+        request_deserializer=pb.ProcessingRequest.FromString,
+        response_serializer=pb.ProcessingResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("envoy.service.ext_proc.v3.ExternalProcessor", {"Process": handler})]
+    )
+    if endpoint.unix_path and os.path.exists(endpoint.unix_path):
+        os.unlink(endpoint.unix_path)
+    server.add_insecure_port(str(endpoint) if endpoint.unix_path else f"{endpoint.host}:{endpoint.port}")
+    await server.start()
+    log.info("worker %d listening on %s", os.getpid(), endpoint)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, processor.reload)
+    watcher = asyncio.create_task(processor.watch_policy())
+    await stop.wait()
+    log.info("worker %d stopping: finishing streams in flight (up to %.0fs)", os.getpid(), grace_s)
+    watcher.cancel()
+    await server.stop(grace_s)
+    await processor.redis.aclose()
+
+
+def _worker_main(policy_paths: list[str], redis_url: str, endpoint: str, log_level: str) -> None:
+    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    asyncio.run(run_worker(policy_paths, redis_url, GrpcEndpoint.parse(endpoint)))
+
+
+def serve(policy_paths: list[str], redis_url: str, listen: str, metrics_port: int, workers: int, log_level: str = "INFO") -> int:
+    """Run `workers` processor processes and one metrics endpoint; returns an exit status."""
+    load_policy(policy_paths)  # refuse to start on an invalid policy, with its clear error
+    endpoints = worker_endpoints(GrpcEndpoint.parse(listen), workers)
+    from extproc import metrics
+
+    if workers == 1:
+        metrics.serve_metrics(metrics_port)
+        asyncio.run(run_worker(policy_paths, redis_url, endpoints[0]))
+        return 0
+    # Multiprocess metrics: the directory must be set before any worker imports prometheus_client.
+    mp_dir = tempfile.mkdtemp(prefix="tollgate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(policy_paths, redis_url, str(e), log_level), daemon=False) for e in endpoints]
+    for p in procs:
+        p.start()
+    metrics.serve_metrics(metrics_port)
+    stopping = False
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signal.SIGTERM if signum != signal.SIGHUP else signal.SIGHUP)
+        if signum == signal.SIGHUP:
+            stopping = False
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, forward)
+    status = 0
+    while any(p.is_alive() for p in procs):
+        for p in procs:
+            p.join(timeout=0.5)
+            if not p.is_alive() and not stopping and p.exitcode not in (0, None):
+                log.error("worker %s exited with %s; stopping all workers", p.pid, p.exitcode)
+                status = 1
+                forward(signal.SIGTERM, None)
+        time.sleep(0.05)
+    return status

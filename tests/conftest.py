@@ -1,0 +1,134 @@
+"""Fixtures that start the real parts: Redis, fake providers, `tollgate serve`, Envoy.
+
+One stack serves the whole session (starting Envoy and the processor takes seconds); each
+test makes its own customer keys, and the fake providers are reset before every test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import redis
+import yaml
+
+from extproc.devstack import Envoy, Processor, RedisServer
+from extproc.fakeprovider import FakeProvider
+from extproc.keys import KeyStore
+from extproc.server import redis_client
+
+PROVIDER_SECRETS = {"TG_TEST_P1_KEY": "sk-provider-one", "TG_TEST_P2_KEY": "sk-provider-two", "TG_TEST_P3_KEY": "sk-provider-three"}
+SEED = Path(__file__).resolve().parent.parent / "extproc" / "examples" / "policy" / "support_draft.yaml"
+
+
+def catalog(fakes: dict[str, FakeProvider]) -> dict[str, Any]:
+    """The test catalog: three providers, models in every tier, plans with different rights."""
+    return {
+        "tiers": ["low", "standard", "premium"],
+        "providers": {
+            "p1": {"address": fakes["p1"].address, "tls": False, "api_key_env": "TG_TEST_P1_KEY", "timeout_s": 5},
+            "p2": {"address": fakes["p2"].address, "tls": False, "api_key_env": "TG_TEST_P2_KEY", "timeout_s": 5},
+            "p3": {"address": fakes["p3"].address, "tls": False, "api_key_env": "TG_TEST_P3_KEY", "timeout_s": 5},
+        },
+        "models": {
+            "low_cost_chat": {"provider": "p1", "upstream_model": "gpt-4o-mini", "tier": "low",
+                              "price": {"input_per_mtok_usd": 0.15, "output_per_mtok_usd": 0.60}},
+            "low_cost_chat_backup": {"provider": "p2", "upstream_model": "small-chat-v2", "tier": "low",
+                                     "price": {"input_per_mtok_usd": 0.20, "output_per_mtok_usd": 0.60}},
+            "standard_chat": {"provider": "p2", "upstream_model": "mid-chat-v1", "tier": "standard",
+                              "price": {"input_per_mtok_usd": 0.40, "output_per_mtok_usd": 1.60}},
+            "strong_reasoning": {"provider": "p3", "upstream_model": "o3", "tier": "premium",
+                                 "price": {"input_per_mtok_usd": 2.00, "output_per_mtok_usd": 8.00}},
+            "embed_small": {"provider": "p1", "upstream_model": "text-embedding-3-small", "tier": "low",
+                            "price": {"input_per_mtok_usd": 0.02, "output_per_mtok_usd": 0}},
+        },
+        "plans": {
+            "starter": {"routes": ["support_draft", "embeddings"], "requests_per_minute": 1000, "tokens_per_minute": 10_000_000,
+                        "monthly_budget_usd": 50, "fallback": {"allow": ["same_tier", "downgrade"]}},
+            "premium": {"routes": "*", "requests_per_minute": 10000, "monthly_budget_usd": 5000,
+                        "fallback": {"allow": ["same_tier", "downgrade", "upgrade"], "max_cost_multiplier": 3}},
+            "embeddings_only": {"routes": ["embeddings"]},
+        },
+        "routes": [
+            {"route": "legal_summary", "primary_model": "strong_reasoning",
+             "fallback": {"on_provider_5xx": "fail_closed", "on_rate_limit": "fail_closed", "max_attempts": 1}},
+            {"route": "embeddings", "primary_model": "embed_small", "fallback": {"max_attempts": 1}},
+        ],
+    }
+
+
+@dataclass
+class Stack:
+    redis: RedisServer
+    fakes: dict[str, FakeProvider]
+    processor: Processor
+    envoy: Envoy
+    policy_dir: Path
+
+    @property
+    def base_url(self) -> str:
+        return self.envoy.base_url + "/v1"
+
+    def redis_sync(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis.url)
+
+    def create_key(self, customer: str, plan: str = "premium", workspace: str | None = None, default_route: str | None = None) -> tuple[str, str]:
+        async def run() -> tuple[str, str]:
+            client = redis_client(self.redis.url)
+            try:
+                created = await KeyStore(client).create(customer, workspace or f"{customer}-ws", plan, default_route)
+                return created.info.key_id, created.secret
+            finally:
+                await client.aclose()
+
+        return asyncio.run(run())
+
+    def client(self, secret: str, **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=secret, max_retries=0, timeout=30, **kw)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    logdir = Path(os.environ.get("TOLLGATE_TEST_LOGS") or tempfile.mkdtemp(prefix="tollgate-test-logs-"))
+    logdir.mkdir(parents=True, exist_ok=True)
+    fakes = {n: FakeProvider(n).start() for n in ("p1", "p2", "p3")}
+    policy_dir = Path(tempfile.mkdtemp(prefix="tollgate-test-policy-"))
+    (policy_dir / "00-catalog.yaml").write_text(yaml.safe_dump(catalog(fakes), sort_keys=False))
+    (policy_dir / "10-support_draft.yaml").write_text(SEED.read_text())
+    r = RedisServer().start()
+    proc = envoy = None
+    try:
+        proc = Processor([str(policy_dir)], r.url, workers=2, env=PROVIDER_SECRETS, log_path=str(logdir / "extproc.log")).start()
+        envoy = Envoy([str(policy_dir)], proc.endpoints, log_path=str(logdir / "envoy.log"), access_log=True).start()
+        yield Stack(r, fakes, proc, envoy, policy_dir)
+    finally:
+        for part in (envoy, proc, r):
+            if part is not None:
+                part.stop()
+        for f in fakes.values():
+            f.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset_fakes(request: pytest.FixtureRequest) -> None:
+    if "stack" in request.fixturenames:
+        for f in request.getfixturevalue("stack").fakes.values():
+            f.reset()
+
+
+_counter = 0
+
+
+@pytest.fixture
+def customer(request: pytest.FixtureRequest) -> str:
+    """A customer id unique to this test, so tests never share balances or limits."""
+    global _counter
+    _counter += 1
+    return f"cust-{request.node.name[:40]}-{_counter}".replace("[", "_").replace("]", "_")
