@@ -106,7 +106,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
     async def run(redis: Any) -> int:
         store = KeyStore(redis)
         if args.keys_cmd == "create":
-            created = await store.create(args.customer, args.workspace, args.plan, args.default_route)
+            try:
+                created = await store.create(args.customer, args.workspace, args.plan, args.default_route, args.rpm, args.tpm)
+            except ValueError as exc:
+                print(f"tollgate: {exc}", file=sys.stderr)
+                return 1
             i = created.info
             if args.json:
                 print(json.dumps({"key_id": i.key_id, "secret": created.secret, "customer": i.customer,
@@ -127,6 +131,94 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(f"tollgate: unknown key id {args.key_id!r}", file=sys.stderr)
             return 1
         print(json.dumps({"key_id": args.key_id, "status": "revoked"}) if args.json else f"revoked {args.key_id}")
+        return 0
+
+    return _with_redis(args, run)
+
+
+# --- money and usage -------------------------------------------------------------------------------
+
+
+def _usd_micro(text: str) -> int:
+    """A USD amount from the command line as exact micro-dollars."""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not an amount of US dollars: {text!r}") from None
+    micro = amount * 1_000_000
+    if not amount.is_finite() or micro != micro.to_integral_value():
+        raise argparse.ArgumentTypeError(f"amounts are exact to the micro-dollar: {text!r}")
+    return int(micro)
+
+
+def _fmt_usd(micro: int) -> str:
+    sign = "-" if micro < 0 else ""
+    return f"{sign}{abs(micro) // 1_000_000}.{abs(micro) % 1_000_000:06d}"
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    from extproc.quota import Quota, valid_id
+
+    if not valid_id(args.customer):
+        print(f"tollgate: invalid customer id {args.customer!r}", file=sys.stderr)
+        return 1
+
+    async def run(redis: Any) -> int:
+        q = Quota(redis)
+        if args.balance_cmd == "add":
+            await q.balance_add(args.customer, args.usd)
+        info = await q.account_show(args.customer)
+        if args.json:
+            print(json.dumps({"customer": args.customer, **info}))
+        else:
+            print(f"customer {args.customer}: balance ${_fmt_usd(info['balance_micro'])}, in flight ${_fmt_usd(info['reserved_micro'])}, "
+                  f"available ${_fmt_usd(info['available_micro'])}, spent this month ${_fmt_usd(info['month_spend_micro'])}")
+        return 0
+
+    return _with_redis(args, run)
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    from extproc.quota import Quota
+
+    async def run(redis: Any) -> int:
+        budget = -1 if args.clear_monthly else args.monthly_usd
+        await Quota(redis).set_limits(args.customer, args.workspace, monthly_budget_micro=budget, rpm=args.rpm, tpm=args.tpm)
+        print(json.dumps({"customer": args.customer, "workspace": args.workspace, "monthly_budget_micro": budget,
+                          "rpm": args.rpm, "tpm": args.tpm}) if args.json else "ok")
+        return 0
+
+    return _with_redis(args, run)
+
+
+def cmd_usage_tail(args: argparse.Namespace) -> int:
+    from extproc import records
+
+    async def run(redis: Any) -> int:
+        for rec in await records.tail(redis, args.n):
+            if args.json:
+                print(json.dumps(rec))
+            else:
+                print(f"{rec.get('request_id')}  {rec.get('route')}  {rec.get('customer_id')}  {rec.get('primary_model')}->"
+                      f"{rec.get('final_model')}  attempts={rec.get('attempts')}  reason={rec.get('fallback_reason')}  "
+                      f"status={rec.get('status')}  cost=${_fmt_usd(int(rec.get('cost_micro_usd') or 0))}")
+        return 0
+
+    return _with_redis(args, run)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from extproc import records
+
+    async def run(redis: Any) -> int:
+        rec = await records.find(redis, args.request_id)
+        if rec is None:
+            print(f"tollgate: no usage record for request {args.request_id!r} (refused before any upstream call, or unknown)",
+                  file=sys.stderr)
+            return 1
+        print(json.dumps(rec) if args.json else records.explain(rec))
         return 0
 
     return _with_redis(args, run)
@@ -191,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--workspace", required=True)
     kc.add_argument("--plan", required=True)
     kc.add_argument("--default-route")
+    kc.add_argument("--rpm", type=int, help="override the plan's requests per minute for this key")
+    kc.add_argument("--tpm", type=int, help="override the plan's tokens per minute for this key")
     kl = k.add_parser("list")
     kr = k.add_parser("revoke")
     kr.add_argument("key_id")
@@ -198,6 +292,42 @@ def build_parser() -> argparse.ArgumentParser:
         redis_opt(sp)
         sp.add_argument("--json", action="store_true")
         sp.set_defaults(fn=cmd_keys)
+
+    b = sub.add_parser("balance", help="prepaid balances").add_subparsers(dest="balance_cmd", required=True)
+    ba = b.add_parser("add")
+    ba.add_argument("--customer", required=True)
+    ba.add_argument("--usd", required=True, type=_usd_micro, help="amount in US dollars (negative to deduct)")
+    bs = b.add_parser("show")
+    bs.add_argument("--customer", required=True)
+    for sp in (ba, bs):
+        redis_opt(sp)
+        sp.add_argument("--json", action="store_true")
+        sp.set_defaults(fn=cmd_balance)
+
+    lim = sub.add_parser("limits", help="per-customer or per-workspace limit overrides").add_subparsers(dest="limits_cmd", required=True)
+    ls = lim.add_parser("set")
+    ls.add_argument("--customer", required=True)
+    ls.add_argument("--workspace", help="set the workspace's limits instead of the customer's")
+    ls.add_argument("--monthly-usd", type=_usd_micro, help="monthly spend limit in US dollars")
+    ls.add_argument("--clear-monthly", action="store_true", help="remove the monthly spend override")
+    ls.add_argument("--rpm", type=int, help="workspace requests per minute")
+    ls.add_argument("--tpm", type=int, help="workspace tokens per minute")
+    redis_opt(ls)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(fn=cmd_limits)
+
+    u = sub.add_parser("usage", help="usage records").add_subparsers(dest="usage_cmd", required=True)
+    ut = u.add_parser("tail", help="the last N usage records, oldest first")
+    ut.add_argument("-n", type=int, default=10)
+    redis_opt(ut)
+    ut.add_argument("--json", action="store_true")
+    ut.set_defaults(fn=cmd_usage_tail)
+
+    x = sub.add_parser("explain", help="why a request used the model it did, and what it cost")
+    x.add_argument("request_id")
+    redis_opt(x)
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(fn=cmd_explain)
 
     d = sub.add_parser("demo", help="start Redis, fake providers, the processor and Envoy; print a demo key")
     d.add_argument("--port", type=int, default=8080)

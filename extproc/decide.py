@@ -23,6 +23,8 @@ class KeyInfo:
     plan: str
     default_route: str | None = None
     active: bool = True
+    rpm: int | None = None  # per-key overrides of the plan's limits
+    tpm: int | None = None
 
 
 @dataclass(frozen=True)

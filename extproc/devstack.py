@@ -79,16 +79,20 @@ class Child:
 
 
 class RedisServer(Child):
-    def __init__(self, port: int | None = None, workdir: str | None = None) -> None:
+    """A throwaway redis-server; `durable=True` keeps data across a stop and start (AOF)."""
+
+    def __init__(self, port: int | None = None, workdir: str | None = None, durable: bool = False) -> None:
         self.port = port or free_port()
         self.workdir = workdir or tempfile.mkdtemp(prefix="tollgate-redis-")
+        self.durable = durable
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
+        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof,
                 "--dir", self.workdir, "--protected-mode", "no", "--loglevel", "warning"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, proc=self.proc)

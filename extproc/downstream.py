@@ -2,17 +2,23 @@
 
 Envoy sends four messages per request (request headers, request body, response headers,
 response body) on one gRPC stream; `Exchange` keeps what was learned in each phase and
-answers with mutations. Decisions come from pure functions (`decide`, `payload`); this module
-only gathers facts, calls them and translates the result into Envoy's protocol.
+answers with mutations. Decisions come from pure functions (`decide`, `payload`, `quota`
+estimates); this module gathers facts, calls them, and translates results into Envoy's protocol.
 
-  request headers  -> authenticate (key cache, Redis on a miss); GET /v1/models answered here
-  request body     -> validate, resolve route, choose the provider, rewrite model/credential
-  response headers -> streams switch to STREAMED mode; attribution headers for streams
-  response body    -> usage -> cost; attribution headers (with cost); records and metrics
+  request headers  -> authenticate (key cache; Redis on a miss); GET /v1/models answered here
+  request body     -> validate, resolve the route, check the plan, RESERVE quota (Redis, Lua),
+                      choose the provider, rewrite model and credential
+  response headers -> streams switch to STREAMED mode and get their attribution headers
+  response body    -> usage -> cost; FINISH (settle + record, Redis, Lua); attribution headers
+
+Redis round trips on the normal path: two (reserve, finish); the key lookup is cached.
+Every path that reserved money ends in exactly one `finish` — success, provider error,
+Envoy's own error, or the client going away (`close`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -25,9 +31,20 @@ from extproc.decide import KeyInfo, RouteChoice, authorize, resolve_route, visib
 from extproc.envoy_config import CLUSTER_HEADER
 from extproc.errors import ApiError
 from extproc.keys import KeyStore, secret_from_headers
-from extproc.payload import ENDPOINTS, ParsedRequest, SseUsageScanner, Usage, parse_request, rewrite_body, usage_from_body
+from extproc.payload import (
+    ENDPOINTS,
+    ParsedRequest,
+    SseUsageScanner,
+    Usage,
+    estimate_prompt_tokens,
+    parse_request,
+    rewrite_body,
+    usage_from_body,
+)
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.policy.model import Policy, Route
+from extproc.quota import Account, Limits, Quota, Reservation, estimate, month_of, reservation_ttl_ms, valid_id
+from extproc.records import Attempt, now_ms
 
 log = logging.getLogger("tollgate.downstream")
 
@@ -51,13 +68,26 @@ def _headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
     return {h.key: (h.raw_value or h.value.encode()).decode("latin-1") for h in msg.headers.headers}
 
 
+def outcome_of(status: int) -> str:
+    """The failure event of an upstream status (or 'ok')."""
+    if 200 <= status < 400:
+        return "ok"
+    if status == 429:
+        return "rate_limit"
+    if status >= 500:
+        return "provider_5xx"
+    return "client_error"
+
+
 @dataclass
 class Gateway:
-    """What every exchange of one process shares: the policy, the key store, provider secrets."""
+    """What every exchange of one process shares: the policy, stores, provider secrets."""
 
     policy: Policy
     keys: KeyStore
+    quota: Quota
     provider_secrets: dict[str, str] = field(default_factory=dict)
+    background: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class Exchange:
@@ -67,6 +97,7 @@ class Exchange:
         self.gw = gw
         self.policy = gw.policy  # one policy for the whole request, even across a reload
         self.started = time.monotonic()
+        self.started_ms = now_ms()
         self.path = ""
         self.request_id = ""
         self.key: KeyInfo | None = None
@@ -75,12 +106,17 @@ class Exchange:
         self.parsed: ParsedRequest | None = None
         self.route: Route | None = None  # known once resolved, even if then refused
         self.choice: RouteChoice | None = None
-        self.attempts = 0
+        self.reservation: Reservation | None = None
+        self.prompt_estimate = 0
+        self.rate_headers: dict[str, str] = {}
+        self.attempts: list[Attempt] = []
+        self.fallback_reason = "none"
         self.upstream_status = 0
         self.local_reply = False
         self.streaming = False
         self.scanner: SseUsageScanner | None = None
         self.pending_remove: list[str] = []
+        self.usage_source = "provider"
         self.finished = False
 
     # --- request path -------------------------------------------------------------------
@@ -106,6 +142,8 @@ class Exchange:
         self.key = key
         if is_models:
             return self.models_list(key)
+        if not valid_id(self.request_id):
+            return self.reject(errors.invalid_request("x-request-id must be 1-128 letters, digits or _ . : @ -.", param="x-request-id"))
         if msg.end_of_stream:
             return self.reject(errors.invalid_request("A JSON request body is required."))
         self.header_route = h.get(ROUTE_HEADER) or None
@@ -116,29 +154,31 @@ class Exchange:
         parsed = parse_request(self.path, msg.body)
         if isinstance(parsed, ApiError):
             return self.reject(parsed)
-        assert self.key is not None
-        route = resolve_route(self.policy, self.key, self.header_route, parsed.model)
+        key = self.key
+        assert key is not None
+        route = resolve_route(self.policy, key, self.header_route, parsed.model)
         if isinstance(route, ApiError):
             return self.reject(route)
         self.route = route
-        plan = authorize(self.policy, self.key, route)
+        plan = authorize(self.policy, key, route)
         if isinstance(plan, ApiError):
             return self.reject(plan)
         primary = self.policy.models[route.primary_model]
         choice = RouteChoice(route, plan, primary, primary, self.policy.providers[primary.provider])
         self.parsed, self.choice = parsed, choice
+
+        refusal = await self.reserve(parsed, choice, key)
+        if refusal is not None:
+            return self.reject(refusal)
+
         body = rewrite_body(parsed, self.path, choice.target.upstream_model)
-        set_headers = [
-            _opt(CLUSTER_HEADER, choice.provider.name),
-            _opt("content-length", str(len(body))),
-        ]
+        set_headers = [_opt(CLUSTER_HEADER, choice.provider.name), _opt("content-length", str(len(body)))]
         remove = ["api-key", *self.client_internal_headers]
         provider_secret = self.gw.provider_secrets.get(choice.provider.name)
         if provider_secret:
             set_headers.append(_opt("authorization", f"Bearer {provider_secret}"))
         else:
             remove.append("authorization")
-        self.attempts = 1
         return pb.ProcessingResponse(
             request_body=pb.BodyResponse(
                 response=pb.CommonResponse(
@@ -149,6 +189,38 @@ class Exchange:
             )
         )
 
+    async def reserve(self, parsed: ParsedRequest, choice: RouteChoice, key: KeyInfo) -> ApiError | None:
+        """Reserve the request's expected cost; an ApiError when it must not go upstream."""
+        route, plan = choice.route, choice.plan
+        self.prompt_estimate = estimate_prompt_tokens(parsed.prompt_chars)
+        est = estimate(self.prompt_estimate, parsed.max_tokens or route.default_max_tokens, [choice.target])
+        res = Reservation(Account(key.customer, key.workspace, key.key_id), self.request_id, month_of(time.time()),
+                          est.micro, est.tokens, plan.prepaid)
+        ttl = reservation_ttl_ms([choice.provider.timeout_s], route.max_attempts)
+        try:
+            result = await self.gw.quota.reserve(res, Limits.of(plan, key.rpm, key.tpm), ttl, self.record_base())
+        except RedisError:
+            metrics.REDIS_ERRORS.labels("reserve").inc()
+            return errors.quota_unavailable()
+        self.rate_headers = result.rate.headers()
+        if result.status == "duplicate":
+            return ApiError(409, "duplicate_request", f"The request id {self.request_id!r} was already used for a served request; "
+                            "send a new x-request-id.", param="x-request-id")
+        if result.status == "refused":
+            metrics.QUOTA_REJECTIONS.labels(route.name, result.reason).inc()
+            if result.reason in ("rpm", "tpm"):
+                self.fallback_reason = "rate_limit"
+                what = "requests" if result.reason == "rpm" else "tokens"
+                return errors.rate_limited(f"Rate limit reached for {what} per minute on this key or workspace.",
+                                           -(-result.retry_after_ms // 1000))
+            self.fallback_reason = "budget"
+            if result.reason == "balance":
+                return errors.insufficient_quota("Your prepaid balance is too low for this request. Add funds to continue.")
+            return errors.insufficient_quota("The monthly spend limit for this customer or workspace has been reached.")
+        self.reservation = res
+        self.attempts = [Attempt(choice.target.name, choice.provider.name, 0, "pending")]
+        return None
+
     # --- response path ------------------------------------------------------------------
 
     async def on_response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
@@ -156,23 +228,21 @@ class Exchange:
         self.upstream_status = int(h.get(":status", "0") or 0)
         # Envoy's router stamps every proxied response; a reply without it is Envoy's own.
         self.local_reply = "x-envoy-upstream-service-time" not in h
+        self.note_attempt_outcome()
         remove = [k for k in h if k.startswith(ATTRIBUTION_PREFIX)]  # providers cannot forge ours
         if msg.end_of_stream:
             if self.local_reply:
                 err = self.local_reply_error()
-                self.finish(None)
+                await self.finish(None)
                 return self.replace_response(err, phase="headers")
-            self.finish(None)
-            return self.headers_reply(self.attribution(cost_micro=0), remove)
+            cost = await self.finish(None)
+            return self.headers_reply(self.attribution(cost), remove)
         if not self.local_reply and "text/event-stream" in h.get("content-type", ""):
             self.streaming = True
             self.scanner = SseUsageScanner()
             resp = self.headers_reply(self.attribution(cost_micro=None), remove)
             resp.mode_override.CopyFrom(
-                pb.ProcessingMode(
-                    request_body_mode=pb.ProcessingMode.NONE,
-                    response_body_mode=pb.ProcessingMode.STREAMED,
-                )
+                pb.ProcessingMode(request_body_mode=pb.ProcessingMode.NONE, response_body_mode=pb.ProcessingMode.STREAMED)
             )
             return resp
         self.pending_remove = remove
@@ -184,52 +254,142 @@ class Exchange:
             self.scanner.feed(msg.body)
             if msg.end_of_stream:
                 self.scanner.finish()
-                self.finish(self.scanner.usage)
+                await self.finish(self.stream_usage())
             return pb.ProcessingResponse(response_body=pb.BodyResponse())
         if self.local_reply:
             err = self.local_reply_error()
-            self.finish(None)
+            await self.finish(None)
             return self.replace_response(err, phase="body")
         usage = usage_from_body(msg.body) if 200 <= self.upstream_status < 300 else None
-        cost = self.finish(usage)
+        cost = await self.finish(usage)
         mutation = pb.HeaderMutation(set_headers=self.attribution(cost), remove_headers=self.pending_remove)
         return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(header_mutation=mutation)))
 
     async def close(self) -> None:
-        """The stream ended (normally, or the client went away): nothing may stay open."""
-        if not self.finished and self.choice is not None:
-            self.finish(None, status=499)
+        """The stream ended. If the request was never accounted (the client went away, or
+        Envoy reset the stream), account for it now: nothing reserved may stay open."""
+        if self.finished or self.reservation is None:
+            return
+        if self.streaming:
+            await self.finish(self.stream_usage(), status=499)
+        else:
+            await self.finish(None, status=499)
 
-    # --- helpers ------------------------------------------------------------------------
+    # --- accounting ---------------------------------------------------------------------
 
-    def finish(self, usage: Usage | None, status: int | None = None) -> int:
-        """Account for the request once: cost, metrics. Returns the settled cost."""
+    def note_attempt_outcome(self) -> None:
+        if not self.attempts:
+            return
+        last = self.attempts[-1]
+        reason = "connect_failure" if self.local_reply and self.upstream_status in (502, 503) else outcome_of(self.upstream_status)
+        if self.local_reply and self.upstream_status == 504:
+            reason = "timeout"
+        self.attempts[-1] = Attempt(last.model, last.provider, self.upstream_status, reason)
+
+    def stream_usage(self) -> Usage | None:
+        """A stream's usage chunk; without one (cut short), an estimate from what was seen."""
+        assert self.scanner is not None
+        if self.scanner.usage is not None:
+            return self.scanner.usage
+        self.usage_source = "estimated"
+        return Usage(self.prompt_estimate, self.scanner.events)
+
+
+    async def finish(self, usage: Usage | None, status: int | None = None) -> int:
+        """Account for the request exactly once: cost, metrics, settle/release, record."""
         if self.finished or self.choice is None:
             return 0
         self.finished = True
         c = self.choice
+        final_status = status or self.upstream_status
+        served = usage is not None
         cost = c.target.price.cost_micro(usage.prompt_tokens, usage.completion_tokens) if usage else 0
-        code = str(status or self.upstream_status)
-        metrics.REQUESTS.labels(c.route.name, c.primary.name, c.target.name, code).inc()
+        kind = self.spend_kind()
+        metrics.REQUESTS.labels(c.route.name, c.primary.name, c.target.name, str(final_status)).inc()
+        for a in self.attempts:
+            metrics.UPSTREAM_ATTEMPTS.labels(c.route.name, a.model, a.provider, a.reason).inc()
         if usage is not None:
             metrics.TOKENS.labels(c.route.name, c.target.name, "prompt").inc(usage.prompt_tokens)
             metrics.TOKENS.labels(c.route.name, c.target.name, "completion").inc(usage.completion_tokens)
-            metrics.SPEND.labels(c.route.name, c.target.name, c.provider.name, "normal").inc(metrics.usd(cost))
+            metrics.SPEND.labels(c.route.name, c.target.name, c.provider.name, kind).inc(metrics.usd(cost))
+        if self.reservation is not None:
+            record = self.record_final(usage, cost, kind, final_status)
+            tokens = usage.prompt_tokens + usage.completion_tokens if usage else 0
+            await self.settle(self.reservation, cost, tokens, served, record)
         return cost
+
+    async def settle(self, res: Reservation, cost: int, tokens: int, served: bool, record: dict[str, str]) -> None:
+        """Settle now; if Redis fails, keep retrying in the background. The reservation stays
+        until then, so at worst the reaper turns it into an 'unsettled' record — never lost."""
+        try:
+            await self.gw.quota.finish(res, cost, tokens, served, record)
+            return
+        except RedisError:
+            metrics.REDIS_ERRORS.labels("finish").inc()
+
+        async def retry() -> None:
+            for delay in (0.5, 1, 2, 4, 8, 16, 32):
+                await asyncio.sleep(delay)
+                try:
+                    await self.gw.quota.finish(res, cost, tokens, served, record)
+                    return
+                except RedisError:
+                    metrics.REDIS_ERRORS.labels("finish").inc()
+            log.error("request %s: could not settle; its reservation will expire as an unsettled record", res.request_id)
+
+        task = asyncio.create_task(retry())
+        self.gw.background.add(task)
+        task.add_done_callback(self.gw.background.discard)
+
+    def spend_kind(self) -> str:
+        """normal: the first attempt served; retry: a later attempt on the same model;
+        fallback: another model served."""
+        if self.choice is None or len(self.attempts) <= 1:
+            return "normal"
+        return "retry" if self.choice.target.name == self.choice.primary.name else "fallback"
+
+    def record_base(self) -> dict[str, str]:
+        """The fields known before the upstream call (also what an unsettled record shows)."""
+        key, c = self.key, self.choice
+        assert key is not None and c is not None
+        return {
+            "request_id": self.request_id, "ts": str(self.started_ms), "route": c.route.name, "customer_id": key.customer,
+            "workspace_id": key.workspace, "api_key_id": key.key_id, "plan": c.plan.name, "primary_model": c.primary.name,
+            "final_model": c.target.name, "provider": c.provider.name, "attempts": "1", "fallback_reason": "none",
+            "stream": "true" if self.parsed and self.parsed.stream else "false", "endpoint": self.path,
+            "attempt_list": json.dumps([{"model": c.target.name, "provider": c.provider.name, "status": 0, "reason": "unknown"}]),
+        }
+
+    def record_final(self, usage: Usage | None, cost: int, kind: str, status: int) -> dict[str, str]:
+        c = self.choice
+        assert c is not None and self.reservation is not None
+        rec = self.record_base()
+        rec.update({
+            "final_model": c.target.name, "provider": c.provider.name, "attempts": str(len(self.attempts)),
+            "fallback_reason": self.fallback_reason, "status": str(status),
+            "prompt_tokens": str(usage.prompt_tokens if usage else 0),
+            "completion_tokens": str(usage.completion_tokens if usage else 0),
+            "cost_micro_usd": str(cost), "retry_cost_micro_usd": str(cost if kind == "retry" else 0),
+            "fallback_cost_micro_usd": str(cost if kind == "fallback" else 0),
+            "reserved_micro_usd": str(self.reservation.amount),
+            "usage_source": self.usage_source if usage else "none",
+            "latency_ms": str(int((time.monotonic() - self.started) * 1000)),
+            "attempt_list": json.dumps([a.as_dict() for a in self.attempts]),
+        })
+        return rec
+
+    # --- replies ------------------------------------------------------------------------
 
     def attribution(self, cost_micro: int | None) -> list[pb.HeaderValueOption]:
         out = [_opt("x-request-id", self.request_id)] if self.request_id else []
-        if self.key is not None:
-            out += [
-                _opt("x-tollgate-customer", self.key.customer),
-                _opt("x-tollgate-workspace", self.key.workspace),
-                _opt("x-tollgate-key-id", self.key.key_id),
-            ]
         if self.key is None:
             return out
         out += [
-            _opt("x-tollgate-attempts", str(self.attempts)),
-            _opt("x-tollgate-fallback-reason", "none"),
+            _opt("x-tollgate-customer", self.key.customer),
+            _opt("x-tollgate-workspace", self.key.workspace),
+            _opt("x-tollgate-key-id", self.key.key_id),
+            _opt("x-tollgate-attempts", str(len(self.attempts))),
+            _opt("x-tollgate-fallback-reason", self.fallback_reason),
             _opt("x-tollgate-provider", self.choice.provider.name if self.choice and self.attempts else "none"),
         ]
         if self.route is not None:
@@ -240,6 +400,7 @@ class Exchange:
             ]
         if cost_micro is not None:
             out.append(_opt("x-tollgate-cost-usd", format_usd(cost_micro)))
+        out += [_opt(k, v) for k, v in self.rate_headers.items()]
         return out
 
     def headers_reply(self, set_headers: list[pb.HeaderValueOption], remove: list[str]) -> pb.ProcessingResponse:
@@ -250,12 +411,10 @@ class Exchange:
         )
 
     def reject(self, err: ApiError) -> pb.ProcessingResponse:
-        """Answer from the gateway itself; Envoy sends nothing upstream."""
-        if self.choice is not None and not self.finished:
-            self.finish(None, status=err.status)
-        elif self.choice is None:
-            route, model = (self.route.name, self.route.primary_model) if self.route else ("unknown", "none")
-            metrics.REQUESTS.labels(route, model, model, str(err.status)).inc()
+        """Answer from the gateway itself; Envoy sends nothing upstream. Only called before any
+        reservation exists, so there is nothing to settle."""
+        route, model = (self.route.name, self.route.primary_model) if self.route else ("unknown", "none")
+        metrics.REQUESTS.labels(route, model, model, str(err.status)).inc()
         self.finished = True
         headers = [_opt("content-type", "application/json"), *self.attribution(cost_micro=0)]
         headers += [_opt(k, v) for k, v in err.headers.items()]
@@ -284,7 +443,6 @@ class Exchange:
         if self.upstream_status == 413:
             return errors.request_too_large()
         status = self.upstream_status if self.upstream_status in (502, 503, 504) else 503
-        self.attempts = max(self.attempts, 1) if self.choice is not None else 0
         return errors.upstream_unavailable(status, "No provider could serve the request.")
 
     def replace_response(self, err: ApiError, phase: str) -> pb.ProcessingResponse:

@@ -30,7 +30,8 @@ class Reply:
     status: int = 200
     delay_s: float = 0.0  # before the response headers
     chunk_delay_s: float = 0.0  # between streamed chunks
-    completion_tokens: int = 8
+    completion_tokens: int = 8  # at most the request's max_tokens
+    prompt_tokens: int | None = None  # None: about characters / 4 of the input
     close: bool = False  # drop the connection without answering
     retry_after: int | None = None
 
@@ -189,14 +190,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- OpenAI shapes --------------------------------------------------------------------
 
-    def _prompt_tokens(self, body: dict[str, Any]) -> int:
+    def _prompt_tokens(self, body: dict[str, Any], reply: Reply) -> int:
+        if reply.prompt_tokens is not None:
+            return reply.prompt_tokens
         text = json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")
         return max(1, len(text) // 4)
 
+    def _completion_tokens(self, body: dict[str, Any], reply: Reply) -> int:
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+        return min(reply.completion_tokens, limit) if isinstance(limit, int) else reply.completion_tokens
+
     def _complete(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
         model = body.get("model", "unknown")
-        prompt = self._prompt_tokens(body)
-        n = reply.completion_tokens
+        prompt = self._prompt_tokens(body, reply)
+        n = self._completion_tokens(body, reply)
         text = " ".join(_words(n))
         now = int(time.time())
         usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
@@ -230,8 +237,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
         model = body.get("model", "unknown")
-        prompt = self._prompt_tokens(body)
-        n = reply.completion_tokens
+        prompt = self._prompt_tokens(body, reply)
+        n = self._completion_tokens(body, reply)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
         for i, word in enumerate(_words(n)):

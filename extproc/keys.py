@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from extproc.decide import KeyInfo
+from extproc.quota import valid_id
 
 SECRET_PREFIX = "tg-"
 CACHE_TTL_S = 3.0
@@ -47,6 +48,8 @@ def _decode(fields: dict[bytes | str, bytes | str]) -> KeyInfo:
         plan=f["plan"],
         default_route=f.get("default_route") or None,
         active=f.get("status", "active") == "active",
+        rpm=int(f["rpm"]) if f.get("rpm") else None,
+        tpm=int(f["tpm"]) if f.get("tpm") else None,
     )
 
 
@@ -62,11 +65,15 @@ class KeyStore:
         self.cache_ttl_s = cache_ttl_s
         self._cache: dict[str, tuple[float, KeyInfo | None]] = {}
 
-    async def create(self, customer: str, workspace: str, plan: str, default_route: str | None = None) -> CreatedKey:
+    async def create(self, customer: str, workspace: str, plan: str, default_route: str | None = None,
+                     rpm: int | None = None, tpm: int | None = None) -> CreatedKey:
+        for what, value in (("customer", customer), ("workspace", workspace), ("plan", plan)):
+            if not valid_id(value):
+                raise ValueError(f"{what} must be 1-128 letters, digits or _ . : @ -, got {value!r}")
         key_id = "key_" + secrets.token_hex(8)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         digest = hash_secret(secret)
-        info = KeyInfo(key_id, customer, workspace, plan, default_route)
+        info = KeyInfo(key_id, customer, workspace, plan, default_route, rpm=rpm, tpm=tpm)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(
                 _record_key(digest),
@@ -78,6 +85,8 @@ class KeyStore:
                     "default_route": default_route or "",
                     "status": "active",
                     "created": str(int(time.time())),
+                    "rpm": "" if rpm is None else str(rpm),
+                    "tpm": "" if tpm is None else str(tpm),
                 },
             )
             pipe.set(f"tollgate:keyid:{key_id}", digest)

@@ -126,6 +126,7 @@ class SseUsageScanner:
     def __init__(self) -> None:
         self._tail = b""
         self.usage: Usage | None = None
+        self.events = 0  # data events seen: a fallback estimate of completion tokens
 
     def feed(self, chunk: bytes) -> None:
         data = self._tail + chunk
@@ -142,6 +143,8 @@ class SseUsageScanner:
             self._tail = b""
 
     def _line(self, line: bytes) -> None:
+        if line.startswith(b"data:") and not line.startswith(b"data: [DONE]"):
+            self.events += 1
         if line.startswith(b"data:") and b'"usage"' in line:
             try:
                 found = usage_from_json(json.loads(line[5:]))

@@ -27,6 +27,7 @@ from extproc.envoy_config import GrpcEndpoint, worker_endpoints
 from extproc.keys import KeyStore
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.policy import Policy, PolicyError, load_policy
+from extproc.quota import Quota
 
 log = logging.getLogger("tollgate.server")
 
@@ -64,7 +65,7 @@ class Processor:
         self.policy_paths = policy_paths
         policy = load_policy(policy_paths)
         self.redis = redis_client(redis_url)
-        self.gateway = Gateway(policy=policy, keys=KeyStore(self.redis), provider_secrets=provider_secrets(policy))
+        self.gateway = Gateway(policy=policy, keys=KeyStore(self.redis), quota=Quota(self.redis), provider_secrets=provider_secrets(policy))
         self._mtimes = self._stat()
 
     async def process(self, requests: AsyncIterator[pb.ProcessingRequest], context: Any) -> AsyncIterator[pb.ProcessingResponse]:
@@ -116,6 +117,22 @@ class Processor:
         log.info("policy reloaded: %d routes", len(policy.routes))
         return True
 
+    async def reap_reservations(self, interval_s: float) -> None:
+        """Every processor sweeps reservations past their deadline into 'unsettled' records
+        (the script is atomic, so several sweeping at once is harmless)."""
+        from redis.exceptions import RedisError
+
+        from extproc import metrics
+
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                n = await self.gateway.quota.expire_overdue()
+                if n:
+                    log.warning("expired %d overdue reservation(s) into unsettled usage records", n)
+            except RedisError:
+                metrics.REDIS_ERRORS.labels("reaper").inc()
+
     async def watch_policy(self, interval_s: float = 1.0) -> None:
         while True:
             await asyncio.sleep(interval_s)
@@ -146,11 +163,15 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, processor.reload)
-    watcher = asyncio.create_task(processor.watch_policy())
+    tasks = [asyncio.create_task(processor.watch_policy()),
+             asyncio.create_task(processor.reap_reservations(float(os.environ.get("TOLLGATE_REAPER_INTERVAL_S", "2"))))]
     await stop.wait()
     log.info("worker %d stopping: finishing streams in flight (up to %.0fs)", os.getpid(), grace_s)
-    watcher.cancel()
     await server.stop(grace_s)
+    if processor.gateway.background:
+        await asyncio.wait(processor.gateway.background, timeout=grace_s)
+    for t in tasks:
+        t.cancel()
     await processor.redis.aclose()
 
 
@@ -181,23 +202,25 @@ def serve(policy_paths: list[str], redis_url: str, listen: str, metrics_port: in
     stopping = False
 
     def forward(signum: int, _frame: Any) -> None:
+        """SIGHUP reloads every worker's policy; SIGTERM/SIGINT stop them gracefully."""
         nonlocal stopping
-        stopping = True
+        if signum != signal.SIGHUP:
+            stopping = True
         for p in procs:
             if p.pid is not None and p.is_alive():
-                os.kill(p.pid, signal.SIGTERM if signum != signal.SIGHUP else signal.SIGHUP)
-        if signum == signal.SIGHUP:
-            stopping = False
+                os.kill(p.pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, forward)
-    status = 0
-    while any(p.is_alive() for p in procs):
-        for p in procs:
-            p.join(timeout=0.5)
-            if not p.is_alive() and not stopping and p.exitcode not in (0, None):
-                log.error("worker %s exited with %s; stopping all workers", p.pid, p.exitcode)
-                status = 1
-                forward(signal.SIGTERM, None)
-        time.sleep(0.05)
-    return status
+    # A worker that dies is replaced (its in-flight reservations are swept by the reapers).
+    while not stopping or any(p.is_alive() for p in procs):
+        for i, p in enumerate(procs):
+            p.join(timeout=0.2)
+            if not p.is_alive() and not stopping:
+                log.error("worker %s on %s exited with %s; starting a new one", p.pid, endpoints[i], p.exitcode)
+                time.sleep(1.0)  # no tight loop if a worker cannot start
+                procs[i] = ctx.Process(target=_worker_main, args=(policy_paths, redis_url, str(endpoints[i]), log_level))
+                procs[i].start()
+        if stopping and not any(p.is_alive() for p in procs):
+            break
+    return 0

@@ -7,6 +7,7 @@ test makes its own customer keys, and the fake providers are reset before every 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -55,6 +56,8 @@ def catalog(fakes: dict[str, FakeProvider]) -> dict[str, Any]:
             "premium": {"routes": "*", "requests_per_minute": 10000, "monthly_budget_usd": 5000,
                         "fallback": {"allow": ["same_tier", "downgrade", "upgrade"], "max_cost_multiplier": 3}},
             "embeddings_only": {"routes": ["embeddings"]},
+            "prepaid": {"routes": "*", "requests_per_minute": 100000, "prepaid": True},
+            "tiny_budget": {"routes": "*", "monthly_budget_usd": 0.0001},
         },
         "routes": [
             {"route": "legal_summary", "primary_model": "strong_reasoning",
@@ -94,32 +97,61 @@ class Stack:
         return openai.OpenAI(base_url=self.base_url, api_key=secret, max_retries=0, timeout=30, **kw)
 
 
-@pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
-    logdir = Path(os.environ.get("TOLLGATE_TEST_LOGS") or tempfile.mkdtemp(prefix="tollgate-test-logs-"))
-    logdir.mkdir(parents=True, exist_ok=True)
-    fakes = {n: FakeProvider(n).start() for n in ("p1", "p2", "p3")}
+def logdir() -> Path:
+    d = Path(os.environ.get("TOLLGATE_TEST_LOGS") or tempfile.mkdtemp(prefix="tollgate-test-logs-"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def write_policy(fakes: dict[str, FakeProvider]) -> Path:
     policy_dir = Path(tempfile.mkdtemp(prefix="tollgate-test-policy-"))
     (policy_dir / "00-catalog.yaml").write_text(yaml.safe_dump(catalog(fakes), sort_keys=False))
     (policy_dir / "10-support_draft.yaml").write_text(SEED.read_text())
-    r = RedisServer().start()
+    return policy_dir
+
+
+@contextlib.contextmanager
+def running_stack(fakes: dict[str, FakeProvider], policy_dir: Path, *, workers: int = 2, redis_server: RedisServer | None = None,
+                  env: dict[str, str] | None = None, name: str = "stack") -> Iterator[Stack]:
+    """Redis (unless given), `tollgate serve` and Envoy; all stopped on exit."""
+    logs = logdir()
+    r = redis_server or RedisServer().start()
     proc = envoy = None
     try:
-        proc = Processor([str(policy_dir)], r.url, workers=2, env=PROVIDER_SECRETS, log_path=str(logdir / "extproc.log")).start()
-        envoy = Envoy([str(policy_dir)], proc.endpoints, log_path=str(logdir / "envoy.log"), access_log=True).start()
+        proc = Processor([str(policy_dir)], r.url, workers=workers, env={**PROVIDER_SECRETS, **(env or {})},
+                         log_path=str(logs / f"{name}-extproc.log")).start()
+        envoy = Envoy([str(policy_dir)], proc.endpoints, log_path=str(logs / f"{name}-envoy.log"), access_log=True).start()
         yield Stack(r, fakes, proc, envoy, policy_dir)
     finally:
         for part in (envoy, proc, r):
             if part is not None:
                 part.stop()
-        for f in fakes.values():
-            f.stop()
+
+
+@pytest.fixture(scope="session")
+def fakes() -> Iterator[dict[str, FakeProvider]]:
+    started = {n: FakeProvider(n).start() for n in ("p1", "p2", "p3")}
+    yield started
+    for f in started.values():
+        f.stop()
+
+
+@pytest.fixture(scope="session")
+def policy_dir(fakes: dict[str, FakeProvider]) -> Path:
+    return write_policy(fakes)
+
+
+@pytest.fixture(scope="session")
+def stack(fakes: dict[str, FakeProvider], policy_dir: Path) -> Iterator[Stack]:
+    """The shared stack: two processor workers, so every test also crosses processes."""
+    with running_stack(fakes, policy_dir, workers=2, name="shared") as s:
+        yield s
 
 
 @pytest.fixture(autouse=True)
 def _reset_fakes(request: pytest.FixtureRequest) -> None:
-    if "stack" in request.fixturenames:
-        for f in request.getfixturevalue("stack").fakes.values():
+    if "fakes" in request.fixturenames or "stack" in request.fixturenames:
+        for f in request.getfixturevalue("fakes").values():
             f.reset()
 
 

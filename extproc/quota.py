@@ -1,0 +1,254 @@
+"""Quotas and money: reserve before the upstream call, settle from `usage`, release on failure.
+
+All arithmetic on money happens in Redis Lua scripts (`lua/*.lua`, loaded once, run with
+EVALSHA) on integer micro-dollars, so concurrent requests from any number of processor
+processes can never overspend: a check and its charge are one atomic step.
+
+Redis layout. Everything about one customer shares the hash tag `{c:<customer>}` so that each
+script's keys live in one Redis Cluster slot:
+  tollgate:{c:C}:balance                 prepaid balance (micro-USD)
+  tollgate:{c:C}:reserved                sum of reservations in flight
+  tollgate:{c:C}:spend:YYYYMM            settled spend this month (UTC)
+  tollgate:{c:C}:limits                  hash: monthly_budget_micro override
+  tollgate:{c:C}:ws:W:{reserved,spend:YYYYMM,limits,rpm,tpm}   the same per workspace
+  tollgate:{c:C}:key:K:{rpm,tpm}         token buckets per API key
+  tollgate:{c:C}:req:ID                  request-id marker (inflight / settled / unsettled)
+  tollgate:{c:C}:resv:ID                 one reservation: amount, tokens, deadline, record
+  tollgate:reservations                  zset of reservations by deadline (for the reaper)
+  tollgate:usage                         the usage stream (SPEC §6)
+  tollgate:request:ID                    request id -> stream entry id (for `explain`)
+
+The estimate (what is reserved) is deliberately bounded and documented in the README:
+prompt tokens are estimated as characters / 3, completion tokens as the request's
+max_tokens or the route's `default_max_tokens`, priced at the most expensive model the request
+may end on. It is refunded to the real cost when the response's `usage` arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from extproc.policy.model import Model, Plan
+
+USAGE_STREAM = "tollgate:usage"
+RESERVATIONS = "tollgate:reservations"
+MARKER_TTL_S = 7 * 24 * 3600
+ID_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+
+
+def valid_id(value: str) -> bool:
+    """Customer, workspace and request ids become parts of Redis keys: keep them plain."""
+    return bool(ID_RE.match(value))
+
+
+def load_script(name: str) -> str:
+    return resources.files("extproc").joinpath("lua", f"{name}.lua").read_text()
+
+
+# --- pure parts ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    micro: int
+    tokens: int
+
+
+def estimate(prompt_tokens: int, max_tokens: int, candidates: list[Model]) -> Estimate:
+    """The reservation: the dearest candidate model's price for the prompt plus max_tokens."""
+    micro = max(m.price.cost_micro(prompt_tokens, max_tokens) for m in candidates)
+    return Estimate(micro, prompt_tokens + max_tokens)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits one request is held to (plan values, with per-key overrides)."""
+
+    prepaid: bool
+    monthly_budget_micro: int | None
+    rpm: int | None
+    tpm: int | None
+    key_rpm: int | None = None
+    key_tpm: int | None = None
+
+    @classmethod
+    def of(cls, plan: Plan, key_rpm: int | None = None, key_tpm: int | None = None) -> Limits:
+        return cls(plan.prepaid, plan.monthly_budget_micro, plan.requests_per_minute, plan.tokens_per_minute, key_rpm, key_tpm)
+
+
+@dataclass(frozen=True)
+class Account:
+    customer: str
+    workspace: str
+    key_id: str
+
+    def k(self, suffix: str) -> str:
+        return f"tollgate:{{c:{self.customer}}}:{suffix}"
+
+    def w(self, suffix: str) -> str:
+        return self.k(f"ws:{self.workspace}:{suffix}")
+
+
+def month_of(ts: float) -> str:
+    return time.strftime("%Y%m", time.gmtime(ts))
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What `finish` needs to settle exactly what `reserve` took."""
+
+    account: Account
+    request_id: str
+    month: str
+    amount: int
+    tokens: int
+    prepaid: bool
+
+    @property
+    def member(self) -> str:
+        return json.dumps([self.account.customer, self.account.workspace, self.request_id])
+
+
+@dataclass(frozen=True)
+class RateInfo:
+    rpm_limit: int
+    rpm_remaining: int
+    rpm_reset_ms: int
+    tpm_limit: int
+    tpm_remaining: int
+    tpm_reset_ms: int
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers (only for limits that exist)."""
+        out: dict[str, str] = {}
+        for kind, limit, left, reset in (("requests", self.rpm_limit, self.rpm_remaining, self.rpm_reset_ms),
+                                         ("tokens", self.tpm_limit, self.tpm_remaining, self.tpm_reset_ms)):
+            if limit >= 0:
+                out[f"x-ratelimit-limit-{kind}"] = str(limit)
+                out[f"x-ratelimit-remaining-{kind}"] = str(left)
+                out[f"x-ratelimit-reset-{kind}"] = format_duration(reset)
+        return out
+
+
+def format_duration(ms: int) -> str:
+    """OpenAI's reset format: '20ms', '1.5s', '6m0s'."""
+    if ms < 1000:
+        return f"{max(0, ms)}ms"
+    if ms < 60_000:
+        return f"{round(ms / 1000, 3):g}s"
+    m, s = divmod(round(ms / 1000), 60)
+    return f"{m}m{s}s"
+
+
+@dataclass(frozen=True)
+class ReserveResult:
+    status: str  # "ok", "refused", "duplicate"
+    reason: str  # "ok", "rpm", "tpm", "balance", "budget", "duplicate"
+    retry_after_ms: int
+    rate: RateInfo
+
+
+def _opt(v: int | None) -> str:
+    return "-1" if v is None else str(v)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+# --- Redis edge --------------------------------------------------------------------------------
+
+
+class Quota:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._reserve = redis.register_script(load_script("reserve"))
+        self._finish = redis.register_script(load_script("finish"))
+        self._expire = redis.register_script(load_script("expire"))
+
+    async def reserve(self, res: Reservation, limits: Limits, ttl_ms: int, record: dict[str, str]) -> ReserveResult:
+        a = res.account
+        keys = [
+            a.k(f"req:{res.request_id}"), a.k(f"resv:{res.request_id}"), RESERVATIONS,
+            a.k("balance"), a.k("reserved"), a.k(f"spend:{res.month}"), a.k("limits"),
+            a.w("reserved"), a.w(f"spend:{res.month}"), a.w("limits"),
+            a.k(f"key:{a.key_id}:rpm"), a.k(f"key:{a.key_id}:tpm"), a.w("rpm"), a.w("tpm"),
+        ]
+        args: list[str | int] = [
+            res.amount, res.tokens, int(limits.prepaid), _opt(limits.monthly_budget_micro), _opt(limits.rpm),
+            _opt(limits.tpm), _opt(limits.key_rpm), _opt(limits.key_tpm), ttl_ms, res.member, json.dumps(record),
+        ]
+        r = await self._reserve(keys=keys, args=args)
+        code = int(r[0])
+        rate = RateInfo(*(int(float(x)) for x in r[3:9]))
+        status = {1: "ok", 0: "refused", -1: "duplicate"}[code]
+        return ReserveResult(status, _s(r[1]), int(r[2]), rate)
+
+    async def finish(self, res: Reservation, cost_micro: int, actual_tokens: int, served: bool, record: dict[str, str]) -> str | None:
+        """Settle (or release, with cost 0) and append the usage record. None if already finished."""
+        a = res.account
+        keys = [
+            a.k(f"req:{res.request_id}"), a.k(f"resv:{res.request_id}"), RESERVATIONS, a.k("balance"),
+            a.k("reserved"), a.k(f"spend:{res.month}"), a.w("reserved"), a.w(f"spend:{res.month}"),
+            a.k(f"key:{a.key_id}:tpm"), a.w("tpm"), USAGE_STREAM, f"tollgate:request:{res.request_id}",
+        ]
+        args: list[Any] = [cost_micro, int(res.prepaid), actual_tokens, res.member, MARKER_TTL_S, int(served)]
+        for k, v in record.items():
+            args += [k, v]
+        r = await self._finish(keys=keys, args=args)
+        return _s(r[1]) if int(r[0]) == 1 else None
+
+    async def expire_overdue(self, limit: int = 200) -> int:
+        """Turn reservations past their deadline into 'unsettled' records; returns how many."""
+        secs, micros = await self.redis.time()
+        now_ms = int(secs) * 1000 + int(micros) // 1000
+        members = await self.redis.zrangebyscore(RESERVATIONS, "-inf", now_ms, start=0, num=limit)
+        done = 0
+        for m in members:
+            customer, workspace, request_id = json.loads(_s(m))
+            a = Account(customer, workspace, "")
+            keys = [a.k(f"req:{request_id}"), a.k(f"resv:{request_id}"), RESERVATIONS, a.k("reserved"), a.w("reserved"),
+                    USAGE_STREAM, f"tollgate:request:{request_id}"]
+            if _s(await self._expire(keys=keys, args=[_s(m), now_ms, MARKER_TTL_S])):
+                done += 1
+        return done
+
+    # --- accounts (CLI) ---------------------------------------------------------------------
+
+    async def balance_add(self, customer: str, micro: int) -> int:
+        return int(await self.redis.incrby(Account(customer, "", "").k("balance"), micro))
+
+    async def account_show(self, customer: str) -> dict[str, int]:
+        """Balance, money in flight and this month's spend of one customer (micro-USD)."""
+        a = Account(customer, "", "")
+        month = month_of(time.time())
+        balance, reserved, spend = (int(v or 0) for v in await self.redis.mget(a.k("balance"), a.k("reserved"), a.k(f"spend:{month}")))
+        budget = await self.redis.hget(a.k("limits"), "monthly_budget_micro")
+        return {"balance_micro": balance, "reserved_micro": reserved, "available_micro": balance - reserved,
+                "month_spend_micro": spend, "monthly_budget_override_micro": int(budget) if budget is not None else -1}
+
+    async def set_limits(self, customer: str, workspace: str | None, **fields: int | None) -> None:
+        a = Account(customer, workspace or "", "")
+        target = a.w("limits") if workspace else a.k("limits")
+        for name, value in fields.items():
+            if value is None:
+                continue
+            if value < 0:
+                await self.redis.hdel(target, name)
+            else:
+                await self.redis.hset(target, name, value)
+
+
+def reservation_ttl_ms(timeouts_s: list[float], max_attempts: int) -> int:
+    """How long a reservation may stay in flight before the reaper calls it unsettled:
+    every attempt timing out, plus a grace (TOLLGATE_RESERVATION_GRACE_S, default 60 s)."""
+    grace = float(os.environ.get("TOLLGATE_RESERVATION_GRACE_S", "60"))
+    return int((max(timeouts_s) * max_attempts + grace) * 1000)
