@@ -19,17 +19,21 @@ Envoy's own error, or the client going away (`close`).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.exceptions import RedisError
 
 from extproc import errors, metrics
+from extproc.chains import all_candidates, first_step
 from extproc.decide import KeyInfo, RouteChoice, authorize, resolve_route, visible_routes
-from extproc.envoy_config import CLUSTER_HEADER
+from extproc.envoy_config import CLUSTER_HEADER, NS_ATTEMPTS, NS_REQUEST, chain_cluster
 from extproc.errors import ApiError
+from extproc.health import Health
 from extproc.keys import KeyStore, secret_from_headers
 from extproc.payload import (
     ENDPOINTS,
@@ -43,14 +47,20 @@ from extproc.payload import (
 )
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.policy.model import Policy, Route
+from extproc.protocol import header as _opt
+from extproc.protocol import headers_of as _headers_of
+from extproc.protocol import immediate, metadata, namespace
 from extproc.quota import Account, Limits, Quota, Reservation, estimate, month_of, reservation_ttl_ms, valid_id
 from extproc.records import Attempt, now_ms
 
 log = logging.getLogger("tollgate.downstream")
 
-OVERWRITE = pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 ATTRIBUTION_PREFIX = "x-tollgate-"
 ROUTE_HEADER = "x-tollgate-route"
+STOP_HEADER = "x-tollgate-stop-reason"  # set by the upstream processor when it ends a chain
+# A 429 says the provider is alive but throttling this account: it does not count against health.
+HEALTH_FAILURES = ("provider_5xx", "timeout", "connect_failure")
+FAILURE_STATUS = {"provider_5xx": 502, "rate_limit": 503, "timeout": 504, "connect_failure": 502, "provider_unhealthy": 503}
 
 
 def format_usd(micro: int) -> str:
@@ -58,14 +68,6 @@ def format_usd(micro: int) -> str:
     sign = "-" if micro < 0 else ""
     micro = abs(micro)
     return f"{sign}{micro // 1_000_000}.{micro % 1_000_000:06d}"
-
-
-def _opt(key: str, value: str) -> pb.HeaderValueOption:
-    return pb.HeaderValueOption(header=pb.HeaderValue(key=key, raw_value=value.encode()), append_action=OVERWRITE)
-
-
-def _headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
-    return {h.key: (h.raw_value or h.value.encode()).decode("latin-1") for h in msg.headers.headers}
 
 
 def outcome_of(status: int) -> str:
@@ -86,8 +88,15 @@ class Gateway:
     policy: Policy
     keys: KeyStore
     quota: Quota
+    health: Health
     provider_secrets: dict[str, str] = field(default_factory=dict)
     background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, coro: Any) -> None:
+        """Run work the reply need not wait for, keeping a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
 
 class Exchange:
@@ -110,6 +119,11 @@ class Exchange:
         self.prompt_estimate = 0
         self.rate_headers: dict[str, str] = {}
         self.attempts: list[Attempt] = []
+        self.skipped: Attempt | None = None  # the primary, when its circuit was open
+        self.chained = False
+        self.rule = ""
+        self.replacement: ApiError | None = None  # a failed final answer, rewritten as ours
+        self.stop_reason: str | None = None
         self.fallback_reason = "none"
         self.upstream_status = 0
         self.local_reply = False
@@ -147,7 +161,9 @@ class Exchange:
         if msg.end_of_stream:
             return self.reject(errors.invalid_request("A JSON request body is required."))
         self.header_route = h.get(ROUTE_HEADER) or None
-        self.client_internal_headers = [k for k in h if k.startswith(ATTRIBUTION_PREFIX) and k != CLUSTER_HEADER]
+        # Client-sent internal and Envoy control headers (retries, timeouts) never go on.
+        self.client_internal_headers = [k for k in h if (k.startswith(ATTRIBUTION_PREFIX) and k != CLUSTER_HEADER)
+                                        or k.startswith("x-envoy-")]
         return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 
     async def on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
@@ -164,21 +180,39 @@ class Exchange:
         if isinstance(plan, ApiError):
             return self.reject(plan)
         primary = self.policy.models[route.primary_model]
-        choice = RouteChoice(route, plan, primary, primary, self.policy.providers[primary.provider])
+        step, skipped = first_step(self.policy, route, plan, self.gw.health.unhealthy)
+        if skipped:
+            self.skipped = Attempt(skipped[0].model, skipped[0].provider, 0, "provider_unhealthy")
+            self.fallback_reason = "provider_unhealthy"
+        if not step.go:
+            self.rule = step.rule
+            return self.reject(errors.upstream_unavailable(503, f"The route's provider is unhealthy and its policy allows no fallback ({step.rule})."))
+        target = self.policy.models[step.model]
+        choice = RouteChoice(route, plan, primary, target, self.policy.providers[target.provider])
         self.parsed, self.choice = parsed, choice
 
         refusal = await self.reserve(parsed, choice, key)
         if refusal is not None:
             return self.reject(refusal)
 
-        body = rewrite_body(parsed, self.path, choice.target.upstream_model)
-        set_headers = [_opt(CLUSTER_HEADER, choice.provider.name), _opt("content-length", str(len(body)))]
+        self.chained = route.max_attempts > 1
+        body = rewrite_body(parsed, self.path, target.upstream_model)
+        cluster = chain_cluster(choice.provider.name) if self.chained else choice.provider.name
+        set_headers = [_opt(CLUSTER_HEADER, cluster), _opt("content-length", str(len(body)))]
         remove = ["api-key", *self.client_internal_headers]
         provider_secret = self.gw.provider_secrets.get(choice.provider.name)
         if provider_secret:
             set_headers.append(_opt("authorization", f"Bearer {provider_secret}"))
         else:
             remove.append("authorization")
+        dynamic = None
+        if self.chained:
+            set_headers.append(_opt("x-envoy-max-retries", str(route.max_attempts - 1)))
+            dynamic = metadata({NS_REQUEST: {
+                "route": route.name, "plan": plan.name, "m1": target.name, "p1": choice.provider.name,
+                "unhealthy": ",".join(sorted(self.gw.health.unhealthy)),
+                **({"skip": skipped[0].model, "skip_p": skipped[0].provider} if skipped else {}),
+            }})
         return pb.ProcessingResponse(
             request_body=pb.BodyResponse(
                 response=pb.CommonResponse(
@@ -186,14 +220,15 @@ class Exchange:
                     body_mutation=pb.BodyMutation(body=body),
                     clear_route_cache=True,
                 )
-            )
+            ),
+            dynamic_metadata=dynamic,
         )
 
     async def reserve(self, parsed: ParsedRequest, choice: RouteChoice, key: KeyInfo) -> ApiError | None:
         """Reserve the request's expected cost; an ApiError when it must not go upstream."""
         route, plan = choice.route, choice.plan
         self.prompt_estimate = estimate_prompt_tokens(parsed.prompt_chars)
-        est = estimate(self.prompt_estimate, parsed.max_tokens or route.default_max_tokens, [choice.target])
+        est = estimate(self.prompt_estimate, parsed.max_tokens or route.default_max_tokens, all_candidates(self.policy, route, plan))
         res = Reservation(Account(key.customer, key.workspace, key.key_id), self.request_id, month_of(time.time()),
                           est.micro, est.tokens, plan.prepaid)
         ttl = reservation_ttl_ms([choice.provider.timeout_s], route.max_attempts)
@@ -218,26 +253,30 @@ class Exchange:
                 return errors.insufficient_quota("Your prepaid balance is too low for this request. Add funds to continue.")
             return errors.insufficient_quota("The monthly spend limit for this customer or workspace has been reached.")
         self.reservation = res
-        self.attempts = [Attempt(choice.target.name, choice.provider.name, 0, "pending")]
+        self.attempts = [Attempt(choice.target.name, choice.provider.name, 0, "unknown")]
         return None
 
     # --- response path ------------------------------------------------------------------
 
-    async def on_response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+    async def on_response_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        msg = req.response_headers
         h = _headers_of(msg)
         self.upstream_status = int(h.get(":status", "0") or 0)
         # Envoy's router stamps every proxied response; a reply without it is Envoy's own.
         self.local_reply = "x-envoy-upstream-service-time" not in h
-        self.note_attempt_outcome()
+        self.stop_reason = h.get(STOP_HEADER)
+        self.learn_attempts(req, self.stop_reason)
         remove = [k for k in h if k.startswith(ATTRIBUTION_PREFIX)]  # providers cannot forge ours
+        if self.choice is not None and self.stop_reason is None and self.final_failed():
+            self.replacement = self.failure_error()
         if msg.end_of_stream:
-            if self.local_reply:
-                err = self.local_reply_error()
+            if self.replacement is not None or (self.local_reply and self.stop_reason is None):
+                err = self.replacement or self.local_reply_error()
                 await self.finish(None)
                 return self.replace_response(err, phase="headers")
             cost = await self.finish(None)
             return self.headers_reply(self.attribution(cost), remove)
-        if not self.local_reply and "text/event-stream" in h.get("content-type", ""):
+        if self.replacement is None and not self.local_reply and "text/event-stream" in h.get("content-type", ""):
             self.streaming = True
             self.scanner = SseUsageScanner()
             resp = self.headers_reply(self.attribution(cost_micro=None), remove)
@@ -248,6 +287,57 @@ class Exchange:
         self.pending_remove = remove
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 
+    def learn_attempts(self, req: pb.ProcessingRequest, stop_reason: str | None) -> None:
+        """Every attempt and how it ended: from the upstream processor's notes (chains) and
+        the final response itself."""
+        c = self.choice
+        if c is None:
+            return
+        entries = namespace(req, NS_ATTEMPTS) if self.chained else {}
+        stop = entries.pop("stop", None)
+        attempts: list[Attempt] = []
+        for k in sorted(int(x) for x in entries if x.isdigit()):
+            e = entries[str(k)]
+            model = str(e.get("m") or (c.target.name if k == 1 else ""))
+            provider = str(e.get("p") or (c.provider.name if k == 1 else ""))
+            attempts.append(Attempt(model, provider, int(e.get("s", 0) or 0), str(e.get("o", "unknown"))))
+            if e.get("rule"):
+                self.rule = str(e["rule"])
+        if not attempts:
+            attempts = [Attempt(c.target.name, c.provider.name, 0, "unknown")]
+        if stop_reason is None:
+            # The final response belongs to the last attempt.
+            last = attempts[-1]
+            attempts[-1] = Attempt(last.model, last.provider, self.upstream_status, self.final_outcome())
+        self.attempts = attempts
+        failures = [a.reason for a in attempts if a.reason not in ("ok", "unknown", "client_error")]
+        if self.skipped is None:
+            self.fallback_reason = failures[0] if failures else "none"
+        if isinstance(stop, dict):
+            self.rule = str(stop.get("rule", self.rule))
+            if stop.get("reason") == "policy":
+                self.fallback_reason = "policy"
+        model_by_name = self.policy.models.get(attempts[-1].model)
+        if model_by_name is not None and attempts[-1].model != c.target.name:
+            self.choice = RouteChoice(c.route, c.plan, c.primary, model_by_name, self.policy.providers[model_by_name.provider])
+
+    def final_outcome(self) -> str:
+        s = self.upstream_status
+        if self.local_reply:
+            return {504: "timeout", 413: "client_error"}.get(s, "connect_failure")
+        return outcome_of(s)
+
+    def final_failed(self) -> bool:
+        return self.attempts[-1].reason in FAILURE_STATUS if self.attempts else False
+
+    def failure_error(self) -> ApiError:
+        """Every allowed attempt failed (or the route fails closed): SPEC §4's upstream_unavailable."""
+        reason = self.attempts[-1].reason
+        n = len(self.attempts)
+        why = f"; {self.rule}" if self.rule else ""
+        return errors.upstream_unavailable(FAILURE_STATUS.get(reason, 502),
+                                           f"No provider could serve the request after {n} attempt(s) ({reason}){why}.")
+
     async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
         if self.streaming:
             assert self.scanner is not None
@@ -256,7 +346,10 @@ class Exchange:
                 self.scanner.finish()
                 await self.finish(self.stream_usage())
             return pb.ProcessingResponse(response_body=pb.BodyResponse())
-        if self.local_reply:
+        if self.replacement is not None:
+            await self.finish(None)
+            return self.replace_response(self.replacement, phase="body")
+        if self.local_reply and self.stop_reason is None:
             err = self.local_reply_error()
             await self.finish(None)
             return self.replace_response(err, phase="body")
@@ -276,15 +369,6 @@ class Exchange:
             await self.finish(None, status=499)
 
     # --- accounting ---------------------------------------------------------------------
-
-    def note_attempt_outcome(self) -> None:
-        if not self.attempts:
-            return
-        last = self.attempts[-1]
-        reason = "connect_failure" if self.local_reply and self.upstream_status in (502, 503) else outcome_of(self.upstream_status)
-        if self.local_reply and self.upstream_status == 504:
-            reason = "timeout"
-        self.attempts[-1] = Attempt(last.model, last.provider, self.upstream_status, reason)
 
     def stream_usage(self) -> Usage | None:
         """A stream's usage chunk; without one (cut short), an estimate from what was seen."""
@@ -306,8 +390,13 @@ class Exchange:
         cost = c.target.price.cost_micro(usage.prompt_tokens, usage.completion_tokens) if usage else 0
         kind = self.spend_kind()
         metrics.REQUESTS.labels(c.route.name, c.primary.name, c.target.name, str(final_status)).inc()
+        chain = ([self.skipped] if self.skipped else []) + self.attempts
         for a in self.attempts:
             metrics.UPSTREAM_ATTEMPTS.labels(c.route.name, a.model, a.provider, a.reason).inc()
+        for before, after in itertools.pairwise(chain):
+            metrics.FALLBACKS.labels(c.route.name, before.model, after.model, before.reason).inc()
+        if self.attempts and self.attempts[-1].reason in HEALTH_FAILURES:
+            self.gw.spawn(self.gw.health.record_failure(self.attempts[-1].provider))
         if usage is not None:
             metrics.TOKENS.labels(c.route.name, c.target.name, "prompt").inc(usage.prompt_tokens)
             metrics.TOKENS.labels(c.route.name, c.target.name, "completion").inc(usage.completion_tokens)
@@ -337,16 +426,16 @@ class Exchange:
                     metrics.REDIS_ERRORS.labels("finish").inc()
             log.error("request %s: could not settle; its reservation will expire as an unsettled record", res.request_id)
 
-        task = asyncio.create_task(retry())
-        self.gw.background.add(task)
-        task.add_done_callback(self.gw.background.discard)
+        self.gw.spawn(retry())
 
     def spend_kind(self) -> str:
-        """normal: the first attempt served; retry: a later attempt on the same model;
-        fallback: another model served."""
-        if self.choice is None or len(self.attempts) <= 1:
+        """normal: the primary served on the first attempt; retry: a later attempt on the
+        primary; fallback: another model served."""
+        if self.choice is None:
             return "normal"
-        return "retry" if self.choice.target.name == self.choice.primary.name else "fallback"
+        if self.choice.target.name != self.choice.primary.name:
+            return "fallback"
+        return "normal" if len(self.attempts) <= 1 else "retry"
 
     def record_base(self) -> dict[str, str]:
         """The fields known before the upstream call (also what an unsettled record shows)."""
@@ -372,9 +461,9 @@ class Exchange:
             "cost_micro_usd": str(cost), "retry_cost_micro_usd": str(cost if kind == "retry" else 0),
             "fallback_cost_micro_usd": str(cost if kind == "fallback" else 0),
             "reserved_micro_usd": str(self.reservation.amount),
-            "usage_source": self.usage_source if usage else "none",
+            "usage_source": self.usage_source if usage else "none", "rule": self.rule,
             "latency_ms": str(int((time.monotonic() - self.started) * 1000)),
-            "attempt_list": json.dumps([a.as_dict() for a in self.attempts]),
+            "attempt_list": json.dumps([a.as_dict() for a in ([self.skipped] if self.skipped else []) + self.attempts]),
         })
         return rec
 
@@ -388,7 +477,7 @@ class Exchange:
             _opt("x-tollgate-customer", self.key.customer),
             _opt("x-tollgate-workspace", self.key.workspace),
             _opt("x-tollgate-key-id", self.key.key_id),
-            _opt("x-tollgate-attempts", str(len(self.attempts))),
+            _opt("x-tollgate-attempts", str(len(self.attempts))),  # real upstream attempts only
             _opt("x-tollgate-fallback-reason", self.fallback_reason),
             _opt("x-tollgate-provider", self.choice.provider.name if self.choice and self.attempts else "none"),
         ]
@@ -416,16 +505,7 @@ class Exchange:
         route, model = (self.route.name, self.route.primary_model) if self.route else ("unknown", "none")
         metrics.REQUESTS.labels(route, model, model, str(err.status)).inc()
         self.finished = True
-        headers = [_opt("content-type", "application/json"), *self.attribution(cost_micro=0)]
-        headers += [_opt(k, v) for k, v in err.headers.items()]
-        return pb.ProcessingResponse(
-            immediate_response=pb.ImmediateResponse(
-                status=pb.HttpStatus(code=err.status),
-                headers=pb.HeaderMutation(set_headers=headers),
-                body=err.body(),
-                details=f"tollgate_{err.code}",
-            )
-        )
+        return pb.ProcessingResponse(immediate_response=immediate(err, self.attribution(cost_micro=0)))
 
     def models_list(self, key: KeyInfo) -> pb.ProcessingResponse:
         data = [{"id": r, "object": "model", "created": 0, "owned_by": "tollgate"} for r in visible_routes(self.policy, key)]

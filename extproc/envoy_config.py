@@ -17,9 +17,35 @@ from extproc.errors import ApiError
 from extproc.policy.model import Policy, Provider
 
 CLUSTER_HEADER = "x-tollgate-cluster"
+TARGET_HEADER = "x-tollgate-target"  # which provider the relay sends a later attempt to
 EXTPROC_CLUSTER = "tollgate_extproc"
+RELAY_LISTENER = "tollgate_relay"
 # Internal headers no client may send: stripped by Envoy before anything reads them.
-INTERNAL_HEADERS = (CLUSTER_HEADER,)
+INTERNAL_HEADERS = (CLUSTER_HEADER, TARGET_HEADER)
+# Dynamic metadata namespaces: request context (downstream -> upstream processor), the
+# attempts so far (upstream processor -> later attempts and the downstream processor), and
+# the last attempt's status (written by a Lua upstream filter at no gRPC cost).
+NS_REQUEST = "tollgate.request"
+NS_ATTEMPTS = "tollgate.attempts"
+NS_LAST = "tollgate.last"
+
+# Records each attempt's status (and the relay's response flags) for the next attempt.
+STATUS_RECORDER_LUA = """
+function envoy_on_response(handle)
+  local md = handle:streamInfo():dynamicMetadata()
+  md:set("tollgate.last", "status", handle:headers():get(":status"))
+  md:set("tollgate.last", "flags", handle:headers():get("x-tollgate-relay-flags") or "")
+end
+"""
+
+
+def chain_cluster(provider: str) -> str:
+    """The aggregate cluster whose first attempt goes to `provider` and later ones to the relay."""
+    return f"via_{provider}"
+
+
+def relay_cluster(slot: int) -> str:
+    return f"tollgate_relay_{slot}"
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -112,6 +138,148 @@ def _provider_route(p: Provider) -> dict[str, Any]:
     }
 
 
+def _chain_route(p: Provider, per_try_timeout_s: float) -> dict[str, Any]:
+    """Attempt 1 goes straight to the provider; Envoy retries onto the relay slots in order
+    (previous_priorities) and the upstream processor decides what each retry is."""
+    return {
+        "name": f"chain:{p.name}",
+        "match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": chain_cluster(p.name)}}]},
+        "route": {
+            "cluster": chain_cluster(p.name),
+            "timeout": "0s",
+            "auto_host_rewrite": True,
+            "retry_policy": {
+                "retry_on": "5xx,reset,connect-failure,retriable-status-codes",
+                "retriable_status_codes": [429],
+                "num_retries": 9,
+                "per_try_timeout": f"{per_try_timeout_s:g}s",
+                "retry_priority": {
+                    "name": "envoy.retry_priorities.previous_priorities",
+                    "typed_config": {
+                        "@type": _T + "extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                        "update_frequency": 1,
+                    },
+                },
+                "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.05s"},
+            },
+        },
+        "request_headers_to_remove": [CLUSTER_HEADER],
+    }
+
+
+def _upstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "envoy.filters.http.lua",
+            "typed_config": {
+                "@type": _T + "extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": STATUS_RECORDER_LUA},
+            },
+        },
+        {
+            "name": "envoy.filters.http.ext_proc",
+            "typed_config": {
+                "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": f"{message_timeout_s:g}s"},
+                "failure_mode_allow": False,
+                "status_on_error": {"code": 503},
+                "message_timeout": f"{message_timeout_s:g}s",
+                "allow_mode_override": True,
+                "processing_mode": {
+                    "request_header_mode": "SEND",
+                    "response_header_mode": "SKIP",
+                    "request_body_mode": "NONE",
+                    "response_body_mode": "NONE",
+                    "request_trailer_mode": "SKIP",
+                    "response_trailer_mode": "SKIP",
+                },
+                "request_attributes": ["upstream.request_attempt_count"],
+                "metadata_options": {
+                    "forwarding_namespaces": {"untyped": [NS_REQUEST, NS_ATTEMPTS, NS_LAST]},
+                    "receiving_namespaces": {"untyped": [NS_ATTEMPTS, NS_LAST]},
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {"@type": _T + "extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
+        },
+    ]
+
+
+def _aggregate_cluster(p: Provider, slots: int, message_timeout_s: float) -> dict[str, Any]:
+    return {
+        "name": chain_cluster(p.name),
+        "connect_timeout": "5s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {
+            "name": "envoy.clusters.aggregate",
+            "typed_config": {
+                "@type": _T + "extensions.clusters.aggregate.v3.ClusterConfig",
+                "clusters": [p.name, *(relay_cluster(i) for i in range(1, slots))],
+            },
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "http_filters": _upstream_filters(message_timeout_s),
+            }
+        },
+        # Envoy's default allows 3 concurrent retries per cluster: under load most fallbacks
+        # would be refused (UO). Fallback is the point of a chain, so allow as many as requests.
+        "circuit_breakers": {
+            "thresholds": [{"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000, "max_retries": 100000}]
+        },
+    }
+
+
+def _relay_cluster(slot: int, max_body: int) -> dict[str, Any]:
+    name = relay_cluster(slot)
+    return {
+        "name": name,
+        "connect_timeout": "1s",
+        "per_connection_buffer_limit_bytes": max_body,
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"envoy_internal_address": {"server_listener_name": RELAY_LISTENER}}}}]}],
+        },
+        "circuit_breakers": {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000}]},
+    }
+
+
+def _relay_listener(policy: Policy, max_body: int) -> dict[str, Any]:
+    """An Envoy internal listener (unreachable from any socket) that sends a later attempt to
+    the provider the upstream processor named in `x-tollgate-target`, with that provider's
+    own timeout, and reports its own failures (connect, timeout) in a response header."""
+    routes = [
+        {
+            "name": f"relay:{p.name}",
+            "match": {"prefix": "/", "headers": [{"name": TARGET_HEADER, "string_match": {"exact": p.name}}]},
+            "route": {"cluster": p.name, "timeout": f"{p.timeout_s:g}s", "auto_host_rewrite": True},
+            "request_headers_to_remove": [TARGET_HEADER],
+        }
+        for p in policy.providers.values()
+    ]
+    routes.append({"name": "relay:none", "match": {"prefix": "/"}, "direct_response": {"status": 503}})
+    hcm = {
+        "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "tollgate_relay",
+        "route_config": {
+            "name": "relay",
+            "response_headers_to_add": [{"header": {"key": "x-tollgate-relay-flags", "value": "%RESPONSE_FLAGS%"}}],
+            "virtual_hosts": [{"name": "relay", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"}}],
+    }
+    return {
+        "name": RELAY_LISTENER,
+        "internal_listener": {},
+        "per_connection_buffer_limit_bytes": max_body,
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    }
+
+
 def render_bootstrap(
     policy: Policy,
     extproc: list[GrpcEndpoint],
@@ -126,6 +294,10 @@ def render_bootstrap(
 ) -> dict[str, Any]:
     """A complete Envoy bootstrap as a plain dict (dump it as YAML or JSON)."""
     no_route = ApiError(503, "upstream_unavailable", "The gateway did not select a provider.", type="server_error")
+    from extproc.chains import max_chain_attempts
+
+    slots = max_chain_attempts(policy)
+    per_try = max((p.timeout_s for p in policy.providers.values()), default=30.0)
     routes: list[dict[str, Any]] = [
         {
             "name": "healthz",
@@ -139,6 +311,7 @@ def render_bootstrap(
             },
         },
         *(_provider_route(p) for p in policy.providers.values()),
+        *(_chain_route(p, per_try) for p in (policy.providers.values() if slots > 1 else ())),
         {
             "name": "unselected",
             "match": {"prefix": "/"},
@@ -180,6 +353,10 @@ def render_bootstrap(
                         "request_trailer_mode": "SKIP",
                         "response_trailer_mode": "SKIP",
                     },
+                    "metadata_options": {
+                        "forwarding_namespaces": {"untyped": [NS_ATTEMPTS]},
+                        "receiving_namespaces": {"untyped": [NS_REQUEST]},
+                    },
                 },
             },
             {"name": "envoy.filters.http.router", "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"}},
@@ -217,8 +394,20 @@ def render_bootstrap(
         },
         "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096, "max_requests": 100000}]},
     }
+    chain_clusters: list[dict[str, Any]] = []
+    listeners: list[dict[str, Any]] = []
+    bootstrap_extensions: list[dict[str, Any]] = []
+    if slots > 1:
+        chain_clusters = [_relay_cluster(i, max_body_bytes) for i in range(1, slots)]
+        chain_clusters += [_aggregate_cluster(p, slots, message_timeout_s) for p in policy.providers.values()]
+        listeners = [_relay_listener(policy, max_body_bytes)]
+        bootstrap_extensions = [{
+            "name": "envoy.bootstrap.internal_listener",
+            "typed_config": {"@type": _T + "extensions.bootstrap.internal_listener.v3.InternalListener"},
+        }]
     return {
         "admin": {"address": {"socket_address": {"address": admin_address, "port_value": admin_port}}},
+        **({"bootstrap_extensions": bootstrap_extensions} if bootstrap_extensions else {}),
         "static_resources": {
             "listeners": [
                 {
@@ -228,9 +417,14 @@ def render_bootstrap(
                     "filter_chains": [
                         {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
                     ],
-                }
+                },
+                *listeners,
             ],
-            "clusters": [extproc_cluster, *(_provider_cluster(p, max_body_bytes) for p in policy.providers.values())],
+            "clusters": [
+                extproc_cluster,
+                *(_provider_cluster(p, max_body_bytes) for p in policy.providers.values()),
+                *chain_clusters,
+            ],
         },
     }
 

@@ -97,7 +97,7 @@ class FakeProvider:
         class Handler(_Handler):
             fake = provider
 
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self._server = _QuietServer((self.host, self.port), Handler)
         self._server.daemon_threads = True
         self._server.request_queue_size = 1024
         self.port = self._server.server_address[1]
@@ -111,6 +111,15 @@ class FakeProvider:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up (Envoy's per-try timeout) is expected, not an error."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
 
 
 def _words(n: int) -> list[str]:

@@ -24,14 +24,30 @@ import redis.asyncio as aioredis
 
 from extproc.downstream import Exchange, Gateway
 from extproc.envoy_config import GrpcEndpoint, worker_endpoints
+from extproc.health import Health
 from extproc.keys import KeyStore
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.policy import Policy, PolicyError, load_policy
+from extproc.protocol import attribute
 from extproc.quota import Quota
+from extproc.upstream import AttemptExchange
 
 log = logging.getLogger("tollgate.server")
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+
+
+def _empty_reply(kind: str | None) -> pb.ProcessingResponse:
+    """Continue unchanged (phases Tollgate does not act on)."""
+    if kind == "request_trailers":
+        return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+    if kind == "response_trailers":
+        return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+    if kind == "response_headers":
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+    if kind == "response_body":
+        return pb.ProcessingResponse(response_body=pb.BodyResponse())
+    return pb.ProcessingResponse(request_body=pb.BodyResponse())
 
 
 def provider_secrets(policy: Policy) -> dict[str, str]:
@@ -65,28 +81,47 @@ class Processor:
         self.policy_paths = policy_paths
         policy = load_policy(policy_paths)
         self.redis = redis_client(redis_url)
-        self.gateway = Gateway(policy=policy, keys=KeyStore(self.redis), quota=Quota(self.redis), provider_secrets=provider_secrets(policy))
+        self.gateway = Gateway(policy=policy, keys=KeyStore(self.redis), quota=Quota(self.redis), health=Health(self.redis, policy),
+                               provider_secrets=provider_secrets(policy))
         self._mtimes = self._stat()
 
     async def process(self, requests: AsyncIterator[pb.ProcessingRequest], context: Any) -> AsyncIterator[pb.ProcessingResponse]:
-        ex = Exchange(self.gateway)
+        """One stream: a downstream request (four phases) or one upstream attempt. Envoy's
+        upstream filter announces itself with the `upstream.request_attempt_count` attribute."""
+        first = True
+        ex: Exchange | None = None
+        attempt: AttemptExchange | None = None
         try:
             async for req in requests:
                 kind = req.WhichOneof("request")
+                if first:
+                    first = False
+                    if attribute(req, "upstream.request_attempt_count") is not None:
+                        attempt = AttemptExchange(self.gateway)
+                    else:
+                        ex = Exchange(self.gateway)
+                if attempt is not None:
+                    if kind == "request_headers":
+                        yield await attempt.on_request_headers(req)
+                    elif kind == "request_body":
+                        yield await attempt.on_request_body(req.request_body)
+                    else:
+                        yield _empty_reply(kind)
+                    continue
+                assert ex is not None
                 if kind == "request_headers":
                     yield await ex.on_request_headers(req.request_headers)
                 elif kind == "request_body":
                     yield await ex.on_request_body(req.request_body)
                 elif kind == "response_headers":
-                    yield await ex.on_response_headers(req.response_headers)
+                    yield await ex.on_response_headers(req)
                 elif kind == "response_body":
                     yield await ex.on_response_body(req.response_body)
-                elif kind == "request_trailers":
-                    yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-                elif kind == "response_trailers":
-                    yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                else:
+                    yield _empty_reply(kind)
         finally:
-            await ex.close()
+            if ex is not None:
+                await ex.close()
 
     # --- policy reload ------------------------------------------------------------------
 
@@ -112,6 +147,7 @@ class Processor:
             log.error("policy reload rejected, keeping the last good policy: %s", exc)
             return False
         self.gateway.policy = policy
+        self.gateway.health.policy = policy
         self.gateway.provider_secrets = provider_secrets(policy)
         metrics.POLICY_RELOADS.labels("ok").inc()
         log.info("policy reloaded: %d routes", len(policy.routes))
@@ -164,6 +200,7 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, processor.reload)
     tasks = [asyncio.create_task(processor.watch_policy()),
+             asyncio.create_task(processor.gateway.health.run()),
              asyncio.create_task(processor.reap_reservations(float(os.environ.get("TOLLGATE_REAPER_INTERVAL_S", "2"))))]
     await stop.wait()
     log.info("worker %d stopping: finishing streams in flight (up to %.0fs)", os.getpid(), grace_s)

@@ -25,8 +25,23 @@ from extproc.fakeprovider import FakeProvider
 from extproc.keys import KeyStore
 from extproc.server import redis_client
 
-PROVIDER_SECRETS = {"TG_TEST_P1_KEY": "sk-provider-one", "TG_TEST_P2_KEY": "sk-provider-two", "TG_TEST_P3_KEY": "sk-provider-three"}
+PROVIDER_SECRETS = {"TG_TEST_P1_KEY": "sk-provider-one", "TG_TEST_P2_KEY": "sk-provider-two", "TG_TEST_P3_KEY": "sk-provider-three",
+                    "TG_TEST_P4_KEY": "sk-provider-four"}
+FAKE_NAMES = ("p1", "p2", "p3", "p4")
 SEED = Path(__file__).resolve().parent.parent / "extproc" / "examples" / "policy" / "support_draft.yaml"
+
+
+# The shared providers' circuits never open: tests that make them fail must not affect others.
+NEVER_OPENS = {"circuit": {"failures": 100000}}
+
+
+def _dead_port() -> int:
+    from extproc.devstack import free_port
+
+    return free_port()
+
+
+DEAD_PORT = _dead_port()
 
 
 def catalog(fakes: dict[str, FakeProvider]) -> dict[str, Any]:
@@ -34,9 +49,14 @@ def catalog(fakes: dict[str, FakeProvider]) -> dict[str, Any]:
     return {
         "tiers": ["low", "standard", "premium"],
         "providers": {
-            "p1": {"address": fakes["p1"].address, "tls": False, "api_key_env": "TG_TEST_P1_KEY", "timeout_s": 5},
-            "p2": {"address": fakes["p2"].address, "tls": False, "api_key_env": "TG_TEST_P2_KEY", "timeout_s": 5},
-            "p3": {"address": fakes["p3"].address, "tls": False, "api_key_env": "TG_TEST_P3_KEY", "timeout_s": 5},
+            "p1": {"address": fakes["p1"].address, "tls": False, "api_key_env": "TG_TEST_P1_KEY", "timeout_s": 2, **NEVER_OPENS},
+            "p2": {"address": fakes["p2"].address, "tls": False, "api_key_env": "TG_TEST_P2_KEY", "timeout_s": 2, **NEVER_OPENS},
+            "p3": {"address": fakes["p3"].address, "tls": False, "api_key_env": "TG_TEST_P3_KEY", "timeout_s": 2, **NEVER_OPENS},
+            # Only the circuit tests use p4; it opens after 2 failures and recovers after 2 s.
+            "p4": {"address": fakes["p4"].address, "tls": False, "api_key_env": "TG_TEST_P4_KEY", "timeout_s": 2,
+                   "circuit": {"failures": 2, "window_s": 30, "cooldown_s": 2}},
+            # Nothing listens here: every connection is refused.
+            "dead": {"address": f"127.0.0.1:{DEAD_PORT}", "tls": False, "timeout_s": 2, "circuit": {"failures": 100000}},
         },
         "models": {
             "low_cost_chat": {"provider": "p1", "upstream_model": "gpt-4o-mini", "tier": "low",
@@ -47,6 +67,12 @@ def catalog(fakes: dict[str, FakeProvider]) -> dict[str, Any]:
                               "price": {"input_per_mtok_usd": 0.40, "output_per_mtok_usd": 1.60}},
             "strong_reasoning": {"provider": "p3", "upstream_model": "o3", "tier": "premium",
                                  "price": {"input_per_mtok_usd": 2.00, "output_per_mtok_usd": 8.00}},
+            "premium_lite": {"provider": "p3", "upstream_model": "o3-lite", "tier": "premium",
+                             "price": {"input_per_mtok_usd": 1.00, "output_per_mtok_usd": 4.00}},
+            "flaky_chat": {"provider": "p4", "upstream_model": "flaky-1", "tier": "low",
+                           "price": {"input_per_mtok_usd": 0.15, "output_per_mtok_usd": 0.60}},
+            "dead_chat": {"provider": "dead", "upstream_model": "dead-1", "tier": "low",
+                          "price": {"input_per_mtok_usd": 0.15, "output_per_mtok_usd": 0.60}},
             "embed_small": {"provider": "p1", "upstream_model": "text-embedding-3-small", "tier": "low",
                             "price": {"input_per_mtok_usd": 0.02, "output_per_mtok_usd": 0}},
         },
@@ -56,6 +82,8 @@ def catalog(fakes: dict[str, FakeProvider]) -> dict[str, Any]:
             "premium": {"routes": "*", "requests_per_minute": 10000, "monthly_budget_usd": 5000,
                         "fallback": {"allow": ["same_tier", "downgrade", "upgrade"], "max_cost_multiplier": 3}},
             "embeddings_only": {"routes": ["embeddings"]},
+            "starter_down": {"routes": "*", "fallback": {"allow": ["same_tier", "downgrade"]}},
+            "premium_no_down": {"routes": "*", "fallback": {"allow": ["same_tier"]}},
             "prepaid": {"routes": "*", "requests_per_minute": 100000, "prepaid": True},
             "tiny_budget": {"routes": "*", "monthly_budget_usd": 0.0001},
         },
@@ -63,6 +91,19 @@ def catalog(fakes: dict[str, FakeProvider]) -> dict[str, Any]:
             {"route": "legal_summary", "primary_model": "strong_reasoning",
              "fallback": {"on_provider_5xx": "fail_closed", "on_rate_limit": "fail_closed", "max_attempts": 1}},
             {"route": "embeddings", "primary_model": "embed_small", "fallback": {"max_attempts": 1}},
+            {"route": "switch_all", "primary_model": "low_cost_chat", "fallback": {
+                "on_provider_5xx": "switch_same_price_tier", "on_rate_limit": "switch_same_price_tier",
+                "on_timeout": "switch_same_price_tier", "on_connect_failure": "switch_same_price_tier", "max_attempts": 3,
+                "models": ["low_cost_chat", "low_cost_chat_backup"]}},
+            {"route": "retry_twice", "primary_model": "low_cost_chat", "fallback": {
+                "on_provider_5xx": {"action": "retry_same", "count": 2}, "max_attempts": 3}},
+            {"route": "downgrade_route", "primary_model": "standard_chat", "fallback": {"on_provider_5xx": "downgrade", "max_attempts": 2}},
+            {"route": "upgrade_route", "primary_model": "standard_chat", "fallback": {"on_provider_5xx": "upgrade", "max_attempts": 2}},
+            {"route": "dead_primary", "primary_model": "dead_chat", "fallback": {
+                "on_connect_failure": "switch_same_price_tier", "max_attempts": 2, "models": ["low_cost_chat"]}},
+            {"route": "flaky", "primary_model": "flaky_chat", "fallback": {
+                "on_provider_5xx": "switch_same_price_tier", "on_provider_unhealthy": "switch_same_price_tier", "max_attempts": 2,
+                "models": ["low_cost_chat"]}},
         ],
     }
 
@@ -130,7 +171,7 @@ def running_stack(fakes: dict[str, FakeProvider], policy_dir: Path, *, workers: 
 
 @pytest.fixture(scope="session")
 def fakes() -> Iterator[dict[str, FakeProvider]]:
-    started = {n: FakeProvider(n).start() for n in ("p1", "p2", "p3")}
+    started = {n: FakeProvider(n).start() for n in FAKE_NAMES}
     yield started
     for f in started.values():
         f.stop()

@@ -47,7 +47,25 @@ def test_one_cluster_per_provider_and_the_processor_cluster() -> None:
     policy = load_policy([EXAMPLES])
     bootstrap = render_bootstrap(policy, [GrpcEndpoint.parse("127.0.0.1:50051")])
     names = [c["name"] for c in bootstrap["static_resources"]["clusters"]]
-    assert names == ["tollgate_extproc", *policy.providers]
+    assert names[: 1 + len(policy.providers)] == ["tollgate_extproc", *policy.providers]
+
+
+def test_fallback_chains_render_an_aggregate_per_first_provider_with_relay_slots() -> None:
+    policy = load_policy([EXAMPLES])  # support_draft: max_attempts 2
+    clusters = {c["name"]: c for c in render_bootstrap(policy, [GrpcEndpoint.parse("127.0.0.1:50051")])["static_resources"]["clusters"]}
+    chain = clusters["via_primary_openai"]["cluster_type"]["typed_config"]["clusters"]
+    assert chain == ["primary_openai", "tollgate_relay_1"]
+    limits = clusters["via_primary_openai"]["circuit_breakers"]["thresholds"][0]
+    assert limits["max_retries"] >= 10000  # Envoy's default of 3 would refuse fallbacks under load
+
+
+def test_a_policy_without_fallback_renders_no_chains(tmp_path: Path) -> None:
+    text = (EXAMPLES / "catalog.yaml").read_text().replace("max_attempts: 2", "max_attempts: 1")
+    (tmp_path / "c.yaml").write_text(text)
+    (tmp_path / "r.yaml").write_text((EXAMPLES / "support_draft.yaml").read_text().replace("max_attempts: 2", "max_attempts: 1"))
+    bootstrap = render_bootstrap(load_policy([tmp_path / "c.yaml", tmp_path / "r.yaml"]), [GrpcEndpoint.parse("127.0.0.1:50051")])
+    assert not any(c["name"].startswith("via_") for c in bootstrap["static_resources"]["clusters"])
+    assert len(bootstrap["static_resources"]["listeners"]) == 1
 
 
 def test_internal_cluster_header_is_stripped_before_any_filter() -> None:

@@ -62,10 +62,10 @@ def exact_cost(stack: Stack, model: str, max_tokens: int) -> int:
     return load_policy([str(stack.policy_dir)]).models[model].price.cost_micro(prompt, max_tokens)
 
 
-def test_race_concurrent_requests_never_overspend_the_balance(stack: Stack, customer: str) -> None:
-    k, n = 5, 50
+def race(stack: Stack, customer: str, route: str, model: str, k: int, n: int) -> tuple[list[int], int]:
+    """n concurrent requests from a prepaid customer whose balance covers exactly k of them."""
     _, secret = stack.create_key(customer, plan="prepaid")
-    cost = exact_cost(stack, "low_cost_chat", 16)
+    cost = exact_cost(stack, model, 16)
     assert tollgate(stack, "balance", "add", "--customer", customer, "--usd", f"{k * cost / 1e6:.6f}").returncode == 0
     client = stack.client(secret)
     start = threading.Barrier(n)
@@ -73,7 +73,7 @@ def test_race_concurrent_requests_never_overspend_the_balance(stack: Stack, cust
     def one(_: int) -> int:
         start.wait()
         try:
-            client.chat.completions.create(model="support_draft", messages=MESSAGES, max_tokens=16)
+            client.chat.completions.create(model=route, messages=MESSAGES, max_tokens=16)
             return 200
         except openai.APIStatusError as exc:
             assert exc.response.json()["error"]["code"] == "insufficient_quota"
@@ -81,16 +81,39 @@ def test_race_concurrent_requests_never_overspend_the_balance(stack: Stack, cust
 
     with ThreadPoolExecutor(n) as pool:
         statuses = list(pool.map(one, range(n)))
-    served = statuses.count(200)
-    assert served == k and statuses.count(429) == n - k
-    assert stack.fakes["p1"].calls() == k
+    return statuses, cost
+
+
+def assert_nothing_left_over(stack: Stack, customer: str, served: int, cost: int) -> None:
     m = money(stack, customer)
-    assert m["spend"] == k * cost <= k * cost  # settled spend equals, never exceeds, the balance
-    assert m["balance"] == 0 and m["reserved"] == 0 and m["ws_reserved"] == 0
+    assert m["spend"] == served * cost
+    assert m["reserved"] == 0 and m["ws_reserved"] == 0
     assert reservations_of(stack, customer) == []
     recs = records_of(stack, customer)
-    assert len(recs) == k and len({r["request_id"] for r in recs}) == k
+    assert len(recs) == served and len({r["request_id"] for r in recs}) == served
     assert all(r["status"] == "200" and int(r["cost_micro_usd"]) == cost for r in recs)
+
+
+def test_race_concurrent_requests_are_served_exactly_up_to_the_balance(stack: Stack, customer: str) -> None:
+    """legal_summary has one model, so the reservation equals the real cost: exactly k pass."""
+    k, n = 5, 50
+    statuses, cost = race(stack, customer, "legal_summary", "strong_reasoning", k, n)
+    assert statuses.count(200) == k and statuses.count(429) == n - k
+    assert stack.fakes["p3"].calls() == k
+    assert money(stack, customer)["balance"] == 0  # settled spend equals the balance, never more
+    assert_nothing_left_over(stack, customer, k, cost)
+
+
+def test_race_with_fallback_reservations_never_overspends(stack: Stack, customer: str) -> None:
+    """support_draft may fall back to a dearer model, so each request reserves more than it
+    costs: at most k pass, and the customer is never charged beyond the balance."""
+    k, n = 5, 50
+    statuses, cost = race(stack, customer, "support_draft", "low_cost_chat", k, n)
+    served = statuses.count(200)
+    assert 1 <= served <= k and statuses.count(429) == n - served
+    assert stack.fakes["p1"].calls() == served
+    assert money(stack, customer)["balance"] >= 0
+    assert_nothing_left_over(stack, customer, served, cost)
 
 
 def test_usage_record_has_every_field_of_the_spec(stack: Stack, customer: str) -> None:

@@ -249,7 +249,7 @@ def _parse_providers(c: _Checker, raw: LocDict) -> dict[str, Provider]:
         pd = c.mapping(d, section, key, name)  # type: ignore[arg-type]
         if pd is None:
             continue
-        c.known_keys(pd, key, {"address", "tls", "api_key_env", "api_key_file", "timeout_s"})
+        c.known_keys(pd, key, {"address", "tls", "api_key_env", "api_key_file", "timeout_s", "circuit"})
         address = pd.get("address")
         m = re.match(r"^\[?([A-Za-z0-9.:-]+?)\]?:(\d{1,5})$", str(address)) if isinstance(address, str) else None
         if m is None or not 0 < int(m.group(2)) < 65536:
@@ -264,6 +264,15 @@ def _parse_providers(c: _Checker, raw: LocDict) -> dict[str, Provider]:
         for f, v in (("api_key_env", key_env), ("api_key_file", key_file)):
             if v is not None and not isinstance(v, str):
                 c.error(pd, f"{key}.{f}", f"must be a string, got {v!r}", f)
+        circuit: dict[str, int] = {}
+        if "circuit" in pd:
+            cd = c.mapping(pd["circuit"], pd, f"{key}.circuit", "circuit")
+            if cd is not None:
+                c.known_keys(cd, f"{key}.circuit", {"failures", "window_s", "cooldown_s"})
+                for f in ("failures", "window_s", "cooldown_s"):
+                    v = _int(c, cd, f"{key}.circuit", f, 1)
+                    if v is not None:
+                        circuit[f"circuit_{f}"] = v
         out[name] = Provider(
             name=name,
             host=host,
@@ -272,6 +281,7 @@ def _parse_providers(c: _Checker, raw: LocDict) -> dict[str, Provider]:
             api_key_env=key_env if isinstance(key_env, str) else None,
             api_key_file=key_file if isinstance(key_file, str) else None,
             timeout_s=float(timeout),
+            **circuit,
         )
     return out
 

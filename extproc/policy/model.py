@@ -40,6 +40,9 @@ class Provider:
     api_key_env: str | None = None
     api_key_file: str | None = None
     timeout_s: float = 30.0
+    circuit_failures: int = 5  # failures within the window that open the circuit
+    circuit_window_s: int = 30
+    circuit_cooldown_s: int = 30  # how long an open circuit skips the provider
 
 
 @dataclass(frozen=True)

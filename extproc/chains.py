@@ -1,0 +1,182 @@
+"""Fallback chains: policy -> which model serves each attempt (pure, no I/O).
+
+Shared by the downstream processor (first attempt, reservation estimate), the upstream
+processor (every later attempt) and `envoy_config` (how many relay slots to render).
+
+A route's rule for an event (SPEC §5) becomes a *sequence* of models tried after the
+primary. The first failure's event picks the sequence; every later failure must itself be
+allowed to fall back (its own rule is not `fail_closed`), and `max_attempts` caps all
+attempts together. Candidates whose provider's circuit is open are skipped.
+
+  retry_once_then_switch_same_price_tier  [primary] + same tier
+  switch_same_price_tier                  same tier
+  retry_same (count n)                    [primary] * n
+  downgrade / upgrade                     the nearest cheaper / dearer tier with models
+  fail_closed                             nothing
+
+"Same tier" = the other models of the primary's tier on a *different* provider, in the order
+`models` lists them (narrowed by the route's `fallback.models`). Switching tier needs the key's
+plan to allow it; an upgrade also needs both prices within the plan's `max_cost_multiplier`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from extproc.policy.model import Model, Plan, Policy, Route
+
+# Failure outcomes of an attempt, each the name of a policy event without its "on_" prefix.
+OUTCOMES = ("provider_5xx", "rate_limit", "timeout", "connect_failure", "provider_unhealthy")
+
+
+@dataclass(frozen=True)
+class Tried:
+    """One earlier attempt (or a candidate skipped as unhealthy) and how it ended."""
+
+    model: str
+    provider: str
+    outcome: str  # one of OUTCOMES, or "ok"
+    real: bool = True  # False: skipped without an upstream call (provider_unhealthy)
+
+
+@dataclass(frozen=True)
+class Step:
+    """The decision for the next attempt: go to `model`, or stop."""
+
+    go: bool
+    model: str = ""
+    reason: str = "none"  # the fallback reason (the first failure's event, or "policy")
+    rule: str = ""  # the policy rule that applied, for explanations
+
+
+def _same_tier(policy: Policy, route: Route, primary: Model) -> list[Model]:
+    pool = _pool(policy, route)
+    return [m for m in pool if m.tier == primary.tier and m.provider != primary.provider and m.name != primary.name]
+
+
+def _pool(policy: Policy, route: Route) -> list[Model]:
+    if route.fallback.models is not None:
+        return [policy.models[n] for n in route.fallback.models if n in policy.models]
+    return list(policy.models.values())
+
+
+def _tier_step(policy: Policy, route: Route, primary: Model, direction: int) -> list[Model]:
+    """Models of the nearest tier left (-1) or right (+1) of the primary's that has any."""
+    pool = _pool(policy, route)
+    i = policy.tiers.index(primary.tier) + direction
+    while 0 <= i < len(policy.tiers):
+        found = [m for m in pool if m.tier == policy.tiers[i]]
+        if found:
+            return found
+        i += direction
+    return []
+
+
+def _within_multiplier(candidate: Model, primary: Model, multiplier: str | None) -> bool:
+    if multiplier is None:
+        return False
+    cap = Decimal(multiplier)
+    return (candidate.price.input_micro_per_mtok <= cap * primary.price.input_micro_per_mtok
+            and candidate.price.output_micro_per_mtok <= cap * primary.price.output_micro_per_mtok)
+
+
+def sequence(policy: Policy, route: Route, plan: Plan, event: str) -> tuple[tuple[str, ...], bool]:
+    """The models tried after the primary when the first failure is `event`.
+    Returns (models, refused_by_plan): the second is True when the rule named a fallback
+    the plan does not allow (the reason then is "policy")."""
+    return _sequence(policy, route.name, plan.name, event)
+
+
+def _sequence(policy: Policy, route_name: str, plan_name: str, event: str) -> tuple[tuple[str, ...], bool]:
+    cache = _cache_of(policy)
+    key = (route_name, plan_name, event)
+    if key not in cache:
+        cache[key] = _compute_sequence(policy, policy.routes[route_name], policy.plans[plan_name], event)
+    return cache[key]
+
+
+_CACHES: dict[int, tuple[Policy, dict[tuple[str, str, str], tuple[tuple[str, ...], bool]]]] = {}
+
+
+def _cache_of(policy: Policy) -> dict[tuple[str, str, str], tuple[tuple[str, ...], bool]]:
+    """Sequences are computed once per policy object (a reload makes a new object)."""
+    entry = _CACHES.get(id(policy))
+    if entry is None or entry[0] is not policy:
+        if len(_CACHES) > 8:
+            _CACHES.clear()
+        entry = (policy, {})
+        _CACHES[id(policy)] = entry
+    return entry[1]
+
+
+def _compute_sequence(policy: Policy, route: Route, plan: Plan, event: str) -> tuple[tuple[str, ...], bool]:
+    rule = route.fallback.rule(f"on_{event}")
+    primary = policy.models[route.primary_model]
+    action = rule.action
+    if action == "fail_closed":
+        return (), False
+    if action == "retry_same":
+        return (primary.name,) * rule.count, False
+    if action in ("switch_same_price_tier", "retry_once_then_switch_same_price_tier"):
+        head = (primary.name,) if action.startswith("retry_once") else ()
+        if "same_tier" not in plan.fallback_allow:
+            return head, True
+        return head + tuple(m.name for m in _same_tier(policy, route, primary)), False
+    if action == "downgrade":
+        if "downgrade" not in plan.fallback_allow:
+            return (), True
+        return tuple(m.name for m in _tier_step(policy, route, primary, -1)), False
+    # upgrade
+    if "upgrade" not in plan.fallback_allow:
+        return (), True
+    allowed = [m for m in _tier_step(policy, route, primary, +1) if _within_multiplier(m, primary, plan.max_cost_multiplier)]
+    return tuple(m.name for m in allowed), not allowed
+
+
+def all_candidates(policy: Policy, route: Route, plan: Plan) -> list[Model]:
+    """Every model a request on this route may end on (for the reservation estimate)."""
+    names = [route.primary_model]
+    for outcome in OUTCOMES:
+        names += sequence(policy, route, plan, outcome)[0]
+    return [policy.models[n] for n in dict.fromkeys(names)]
+
+
+def first_step(policy: Policy, route: Route, plan: Plan, unhealthy: frozenset[str]) -> tuple[Step, list[Tried]]:
+    """Where the first attempt goes: the primary, unless its provider's circuit is open; then
+    the route's `on_provider_unhealthy` rule decides (unnamed: fail closed)."""
+    primary = policy.models[route.primary_model]
+    if primary.provider not in unhealthy:
+        return Step(True, primary.name), []
+    skipped = [Tried(primary.name, primary.provider, "provider_unhealthy", real=False)]
+    return next_step(policy, route, plan, skipped, unhealthy), skipped
+
+
+def next_step(policy: Policy, route: Route, plan: Plan, history: list[Tried], unhealthy: frozenset[str]) -> Step:
+    """After the attempts in `history` failed, where does the next one go?"""
+    real = sum(1 for t in history if t.real)
+    first, last = history[0].outcome, history[-1].outcome
+    rule_text = f"on_{first}: {route.fallback.rule(f'on_{first}').action}"
+    if real >= route.max_attempts:
+        return Step(False, reason=first, rule=f"{rule_text}; max_attempts {route.max_attempts} reached")
+    if route.fallback.rule(f"on_{last}").action == "fail_closed":
+        return Step(False, reason=first, rule=f"on_{last}: fail_closed")
+    models, refused = sequence(policy, route, plan, first)
+    position = 0  # the attempts after the first walked the sequence in order, maybe skipping
+    for tried in history[1:]:
+        while position < len(models) and models[position] != tried.model:
+            position += 1
+        position += 1
+    for name in models[position:]:
+        model = policy.models.get(name)
+        if model is None or model.provider in unhealthy:
+            continue
+        return Step(True, name, reason=first, rule=rule_text)
+    if refused:
+        return Step(False, reason="policy", rule=f"{rule_text}, not allowed by plan {plan.name}")
+    return Step(False, reason=first, rule=f"{rule_text}; no candidate left")
+
+
+def max_chain_attempts(policy: Policy) -> int:
+    """The most attempts any route may make: how many relay slots Envoy needs."""
+    return max((r.max_attempts for r in policy.routes.values()), default=1)

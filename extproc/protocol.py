@@ -1,0 +1,72 @@
+"""Small helpers for Envoy's ext_proc messages, shared by the downstream and upstream processors.
+
+No `MessageToDict` on the hot path: header maps and the few small metadata structs are read
+field by field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from extproc.errors import ApiError
+from extproc.pb import ext_proc_pb2 as pb
+
+OVERWRITE = pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def header(key: str, value: str) -> pb.HeaderValueOption:
+    """Set (overwrite) one header."""
+    return pb.HeaderValueOption(header=pb.HeaderValue(key=key, raw_value=value.encode()), append_action=OVERWRITE)
+
+
+def headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
+    return {h.key: (h.raw_value or h.value.encode()).decode("latin-1") for h in msg.headers.headers}
+
+
+def _value(v: struct_pb2.Value) -> Any:
+    kind = v.WhichOneof("kind")
+    if kind == "string_value":
+        return v.string_value
+    if kind == "number_value":
+        return v.number_value
+    if kind == "bool_value":
+        return v.bool_value
+    if kind == "struct_value":
+        return {k: _value(x) for k, x in v.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_value(x) for x in v.list_value.values]
+    return None
+
+
+def namespace(req: pb.ProcessingRequest, name: str) -> dict[str, Any]:
+    """One dynamic metadata namespace Envoy forwarded, as plain Python values."""
+    md = req.metadata_context.filter_metadata
+    if name not in md:
+        return {}
+    return {k: _value(v) for k, v in md[name].fields.items()}
+
+
+def attribute(req: pb.ProcessingRequest, name: str) -> Any:
+    for struct in req.attributes.values():
+        if name in struct.fields:
+            return _value(struct.fields[name])
+    return None
+
+
+def metadata(namespaces: dict[str, dict[str, Any]]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(namespaces)
+    return s
+
+
+def immediate(err: ApiError, headers: list[pb.HeaderValueOption]) -> pb.ImmediateResponse:
+    all_headers = [header("content-type", "application/json"), *headers]
+    all_headers += [header(k, v) for k, v in err.headers.items()]
+    return pb.ImmediateResponse(
+        status=pb.HttpStatus(code=err.status),
+        headers=pb.HeaderMutation(set_headers=all_headers),
+        body=err.body(),
+        details=f"tollgate_{err.code}",
+    )

@@ -1,0 +1,143 @@
+"""The upstream (per-attempt) ext_proc filter's processor: one `AttemptExchange` per attempt.
+
+It runs on the aggregate cluster of a fallback chain (`envoy_config`): attempt 1 goes straight
+to the first provider and costs one message, which only notes when the attempt started.
+Every later attempt reaches the relay; this processor learns how the earlier attempts ended
+(from dynamic metadata: its own notes and the Lua recorder's status), asks `chains.next_step`
+where the next attempt goes, and either rewrites the attempt (target provider, credential,
+body `model`) or stops the chain with an OpenAI-shaped error.
+
+It is stateless across attempts: an attempt's stream may land on any processor process, so
+everything it needs travels in dynamic metadata, the policy and the re-sent body.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from extproc import errors
+from extproc.chains import Step, Tried, next_step
+from extproc.downstream import HEALTH_FAILURES, Gateway
+from extproc.envoy_config import NS_ATTEMPTS, NS_LAST, NS_REQUEST, TARGET_HEADER
+from extproc.errors import ApiError
+from extproc.pb import ext_proc_pb2 as pb
+from extproc.protocol import attribute, header, immediate, metadata, namespace
+
+STOP_HEADER = "x-tollgate-stop-reason"
+STATUS_OF_OUTCOME = {"provider_5xx": 502, "rate_limit": 503, "timeout": 504, "connect_failure": 502, "provider_unhealthy": 503}
+
+
+def outcome_of(entry: dict[str, Any], last: dict[str, Any], now_ms: int, timeout_s: float) -> str:
+    """How an attempt without a recorded outcome ended, from what Envoy left behind."""
+    status = str(last.get("status") or "")
+    flags = str(last.get("flags") or "")
+    if not status:
+        # No response at all: the per-try timer fired, or the connection was reset.
+        started = float(entry.get("t", now_ms))
+        return "timeout" if now_ms - started >= 0.8 * timeout_s * 1000 else "connect_failure"
+    if "UT" in flags:
+        return "timeout"
+    if any(f in flags for f in ("UF", "UH", "UC", "LR", "URX")):
+        return "connect_failure"
+    code = int(status)
+    if code == 429:
+        return "rate_limit"
+    if code == 504:
+        return "timeout"
+    return "provider_5xx" if code >= 500 else "client_error"
+
+
+def error_for(step: Step, last_outcome: str, attempts: int) -> ApiError:
+    status = STATUS_OF_OUTCOME.get(last_outcome, 502)
+    return errors.upstream_unavailable(
+        status, f"No provider could serve the request after {attempts} attempt(s) ({last_outcome}); {step.rule}."
+    )
+
+
+class AttemptExchange:
+    def __init__(self, gw: Gateway) -> None:
+        self.ctx = gw
+        self.upstream_model = ""
+
+    async def on_request_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        now = int(time.time() * 1000)
+        n = int(attribute(req, "upstream.request_attempt_count") or 1)
+        request = namespace(req, NS_REQUEST)
+        if n == 1:
+            entry = {"m": request.get("m1", ""), "p": request.get("p1", ""), "t": now}
+            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(), dynamic_metadata=metadata({NS_ATTEMPTS: {"1": entry}}))
+        return await self.later_attempt(req, n, now, request)
+
+    async def later_attempt(self, req: pb.ProcessingRequest, n: int, now: int, request: dict[str, Any]) -> pb.ProcessingResponse:
+        policy = self.ctx.policy
+        entries = namespace(req, NS_ATTEMPTS)
+        last = namespace(req, NS_LAST)
+        # Complete the record of every earlier attempt; the one just before may lack its outcome.
+        for k in range(1, n):
+            e = entries.get(str(k))
+            if e is None:  # the attempt never reached this filter: its connection failed
+                e = {"m": request.get("m1", "") if k == 1 else "", "p": request.get("p1", "") if k == 1 else "", "o": "connect_failure"}
+            elif "o" not in e:
+                p = policy.providers.get(str(e.get("p", "")))
+                e = {**e, "o": outcome_of(e, last, now, p.timeout_s if p else 30.0), "s": int(last.get("status") or 0)}
+                if e["o"] in HEALTH_FAILURES:
+                    self.note_failure(str(e.get("p", "")))
+            entries[str(k)] = e
+        history: list[Tried] = []
+        if request.get("skip"):
+            history.append(Tried(str(request["skip"]), str(request.get("skip_p", "")), "provider_unhealthy", real=False))
+        history += [Tried(str(entries[str(k)].get("m", "")), str(entries[str(k)].get("p", "")), str(entries[str(k)]["o"]))
+                    for k in range(1, n)]
+        route = policy.routes.get(str(request.get("route", "")))
+        plan = policy.plans.get(str(request.get("plan", "")))
+        unhealthy = frozenset(str(request.get("unhealthy", "")).split(",")) - {""}
+        if route is None or plan is None:
+            step = Step(False, reason="policy", rule="route or plan no longer in the policy")
+        else:
+            step = next_step(policy, route, plan, history, unhealthy)
+        if not step.go:
+            entries["stop"] = {"reason": step.reason, "rule": step.rule}
+            err = error_for(step, history[-1].outcome, n - 1)
+            return pb.ProcessingResponse(
+                immediate_response=immediate(err, [header(STOP_HEADER, step.reason)]),
+                dynamic_metadata=metadata({NS_ATTEMPTS: entries}),
+            )
+        model = policy.models[step.model]
+        entries[str(n)] = {"m": model.name, "p": model.provider, "t": now, "rule": step.rule, "reason": step.reason}
+        self.upstream_model = model.upstream_model
+        set_headers = [header(TARGET_HEADER, model.provider)]
+        remove: list[str] = []
+        secret = self.ctx.provider_secrets.get(model.provider)
+        if secret:
+            set_headers.append(header("authorization", f"Bearer {secret}"))
+        else:
+            remove.append("authorization")
+        resp = pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(
+                response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove))
+            ),
+            dynamic_metadata=metadata({NS_ATTEMPTS: entries, NS_LAST: {"status": "", "flags": ""}}),
+        )
+        # The re-sent body is needed to rewrite `model`: ask for it for this attempt only.
+        resp.mode_override.CopyFrom(pb.ProcessingMode(request_body_mode=pb.ProcessingMode.BUFFERED,
+                                                      response_body_mode=pb.ProcessingMode.NONE))
+        return resp
+
+    async def on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        body = json.loads(msg.body)
+        body["model"] = self.upstream_model
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        return pb.ProcessingResponse(
+            request_body=pb.BodyResponse(
+                response=pb.CommonResponse(
+                    header_mutation=pb.HeaderMutation(set_headers=[header("content-length", str(len(data)))]),
+                    body_mutation=pb.BodyMutation(body=data),
+                )
+            )
+        )
+
+    def note_failure(self, provider: str) -> None:
+        if provider:
+            self.ctx.spawn(self.ctx.health.record_failure(provider))
