@@ -130,15 +130,19 @@ class Processor(Child):
 
 
 def _free_port_run(n: int) -> int:
-    """A first port such that the next n ports are free too (for N workers)."""
-    for _ in range(50):
-        first = free_port()
+    """A first port such that the next n ports are free too (for N workers). Drawn from below
+    the kernel's ephemeral range, where outgoing connections do not take ports in sequence."""
+    import random
+
+    for _ in range(200):
+        first = random.randrange(20000, 32000 - n)
+        socks: list[socket.socket] = []
         try:
-            socks = []
             for i in range(n):
                 s = socket.socket()
-                s.bind(("127.0.0.1", first + i))
                 socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", first + i))
             return first
         except OSError:
             continue

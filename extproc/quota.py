@@ -200,9 +200,7 @@ class Quota:
             a.k("reserved"), a.k(f"spend:{res.month}"), a.w("reserved"), a.w(f"spend:{res.month}"),
             a.k(f"key:{a.key_id}:tpm"), a.w("tpm"), USAGE_STREAM, f"tollgate:request:{res.request_id}",
         ]
-        args: list[Any] = [cost_micro, int(res.prepaid), actual_tokens, res.member, MARKER_TTL_S, int(served)]
-        for k, v in record.items():
-            args += [k, v]
+        args: list[Any] = [cost_micro, int(res.prepaid), actual_tokens, res.member, MARKER_TTL_S, int(served), json.dumps(record)]
         r = await self._finish(keys=keys, args=args)
         return _s(r[1]) if int(r[0]) == 1 else None
 

@@ -157,14 +157,16 @@ def running_stack(fakes: dict[str, FakeProvider], policy_dir: Path, *, workers: 
     """Redis (unless given), `tollgate serve` and Envoy; all stopped on exit."""
     logs = logdir()
     r = redis_server or RedisServer().start()
-    proc = envoy = None
+    proc = envoy = stack = None
     try:
         proc = Processor([str(policy_dir)], r.url, workers=workers, env={**PROVIDER_SECRETS, **(env or {})},
                          log_path=str(logs / f"{name}-extproc.log")).start()
         envoy = Envoy([str(policy_dir)], proc.endpoints, log_path=str(logs / f"{name}-envoy.log"), access_log=True).start()
-        yield Stack(r, fakes, proc, envoy, policy_dir)
+        stack = Stack(r, fakes, proc, envoy, policy_dir)
+        yield stack
     finally:
-        for part in (envoy, proc, r):
+        # A test may have replaced the processor (restarts): stop the one running now too.
+        for part in (envoy, stack.processor if stack else None, proc, r):
             if part is not None:
                 part.stop()
 
