@@ -21,6 +21,8 @@ from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.downstream import Exchange, Gateway
 from extproc.envoy_config import GrpcEndpoint, worker_endpoints
@@ -189,10 +191,15 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("envoy.service.ext_proc.v3.ExternalProcessor", {"Process": handler})]
     )
+    # The standard gRPC health service: Kubernetes' grpc probes and `grpc_health_probe` use it.
+    health_service = grpc_health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     if endpoint.unix_path and os.path.exists(endpoint.unix_path):
         os.unlink(endpoint.unix_path)
     server.add_insecure_port(str(endpoint) if endpoint.unix_path else f"{endpoint.host}:{endpoint.port}")
     await server.start()
+    for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+        await health_service.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("worker %d listening on %s", os.getpid(), endpoint)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -204,6 +211,7 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
              asyncio.create_task(processor.reap_reservations(float(os.environ.get("TOLLGATE_REAPER_INTERVAL_S", "2"))))]
     await stop.wait()
     log.info("worker %d stopping: finishing streams in flight (up to %.0fs)", os.getpid(), grace_s)
+    await health_service.enter_graceful_shutdown()  # probes see NOT_SERVING from now on
     await server.stop(grace_s)
     if processor.gateway.background:
         await asyncio.wait(processor.gateway.background, timeout=grace_s)
