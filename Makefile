@@ -2,7 +2,7 @@
 VENV := .venv/bin
 POLICY := extproc/examples/policy
 
-.PHONY: setup demo test lint unit protos envoy-example bench clean
+.PHONY: setup demo test lint protos envoy-example deploy-config bench clean
 
 setup:
 	@scripts/setup.sh
@@ -22,6 +22,9 @@ protos: setup
 
 envoy-example: setup
 	$(VENV)/tollgate envoy-config --policy $(POLICY) > envoy/envoy.yaml
+
+deploy-config: setup
+	$(VENV)/python -m scripts.render_deploy
 
 bench: setup
 	@TOLLGATE_APT_EXTRA=wrk scripts/setup.sh

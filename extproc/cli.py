@@ -74,7 +74,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         return 2
     bootstrap = envoy_config.render_bootstrap(
         policy, endpoints, port=args.port, admin_port=args.admin_port, listen_address=args.address,
-        max_body_bytes=args.max_body_bytes, access_log=args.access_log,
+        max_body_bytes=args.max_body_bytes, access_log=args.access_log, stats_port=args.stats_port,
     )
     text = json.dumps(bootstrap, indent=2) if args.json else envoy_config.dump(bootstrap)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -268,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--address", default="0.0.0.0", help="listener address")
     e.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     e.add_argument("--access-log", action="store_true")
+    e.add_argument("--stats-port", type=int, help="a listener exposing only /stats/prometheus and /ready")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_envoy_config)
 

@@ -280,6 +280,34 @@ def _relay_listener(policy: Policy, max_body: int) -> dict[str, Any]:
     }
 
 
+def _stats_listener(address: str, port: int) -> dict[str, Any]:
+    routes = [{"match": {"path": path}, "route": {"cluster": "tollgate_envoy_admin"}} for path in ("/stats/prometheus", "/ready")]
+    routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
+    hcm = {
+        "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "tollgate_stats",
+        "route_config": {"name": "stats", "virtual_hosts": [{"name": "stats", "domains": ["*"], "routes": routes}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"}}],
+    }
+    return {
+        "name": "tollgate_stats",
+        "address": {"socket_address": {"address": address, "port_value": port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    }
+
+
+def _admin_cluster(address: str, port: int) -> dict[str, Any]:
+    return {
+        "name": "tollgate_envoy_admin",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "tollgate_envoy_admin",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": address, "port_value": port}}}}]}],
+        },
+    }
+
+
 def render_bootstrap(
     policy: Policy,
     extproc: list[GrpcEndpoint],
@@ -291,8 +319,13 @@ def render_bootstrap(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     message_timeout_s: float = 5.0,
     access_log: bool = False,
+    stats_port: int | None = None,
+    drain_timeout_s: float = 15.0,
 ) -> dict[str, Any]:
-    """A complete Envoy bootstrap as a plain dict (dump it as YAML or JSON)."""
+    """A complete Envoy bootstrap as a plain dict (dump it as YAML or JSON).
+
+    `stats_port` adds a listener that exposes only the admin's /stats/prometheus and /ready,
+    so Prometheus and probes can reach them while the admin itself stays on loopback."""
     no_route = ApiError(503, "upstream_unavailable", "The gateway did not select a provider.", type="server_error")
     from extproc.chains import max_chain_attempts
 
@@ -325,6 +358,9 @@ def render_bootstrap(
         "codec_type": "AUTO",
         "preserve_external_request_id": True,
         "always_set_request_id_in_response": True,
+        # On drain (SIGTERM after /drain_listeners, or hot restart) connections are closed
+        # gracefully within this time, matching the processor's grace for streams in flight.
+        "drain_timeout": f"{drain_timeout_s:g}s",
         "early_header_mutation_extensions": [
             {
                 "name": "envoy.http.early_header_mutation.header_mutation",
@@ -405,6 +441,9 @@ def render_bootstrap(
             "name": "envoy.bootstrap.internal_listener",
             "typed_config": {"@type": _T + "extensions.bootstrap.internal_listener.v3.InternalListener"},
         }]
+    if stats_port:
+        listeners.append(_stats_listener(listen_address, stats_port))
+        chain_clusters.append(_admin_cluster("127.0.0.1" if admin_address == "0.0.0.0" else admin_address, admin_port))
     return {
         "admin": {"address": {"socket_address": {"address": admin_address, "port_value": admin_port}}},
         **({"bootstrap_extensions": bootstrap_extensions} if bootstrap_extensions else {}),

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 apt_missing=()
 command -v redis-server >/dev/null 2>&1 || apt_missing+=(redis-server)
+command -v promtool >/dev/null 2>&1 || apt_missing+=(prometheus)  # the scrape test and rule checks
 for extra in ${TOLLGATE_APT_EXTRA:-}; do command -v "$extra" >/dev/null 2>&1 || apt_missing+=("$extra"); done
 if ((${#apt_missing[@]})); then
   echo "setup: installing ${apt_missing[*]} (Debian packages)"
