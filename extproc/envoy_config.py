@@ -281,7 +281,7 @@ def _relay_listener(policy: Policy, max_body: int) -> dict[str, Any]:
 
 
 def _stats_listener(address: str, port: int) -> dict[str, Any]:
-    routes = [{"match": {"path": path}, "route": {"cluster": "tollgate_envoy_admin"}} for path in ("/stats/prometheus", "/ready")]
+    routes: list[dict[str, Any]] = [{"match": {"path": path}, "route": {"cluster": "tollgate_envoy_admin"}} for path in ("/stats/prometheus", "/ready")]
     routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
     hcm = {
         "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
