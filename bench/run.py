@@ -29,7 +29,7 @@ import yaml
 
 from extproc.devstack import Envoy, Processor, RedisServer, envoy_binary, free_port, wait_for_port
 from extproc.keys import KeyStore
-from extproc.server import redis_client
+from extproc.store import redis_client
 
 DURATION_S = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))

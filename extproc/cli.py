@@ -26,7 +26,7 @@ def _redis_url(args: argparse.Namespace) -> str:
 def _with_redis(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int]]) -> int:
     from redis.exceptions import RedisError
 
-    from extproc.server import redis_client
+    from extproc.store import redis_client
 
     async def run() -> int:
         client = redis_client(_redis_url(args))

@@ -23,7 +23,7 @@ DEMO_SECRETS = {"OPENAI_API_KEY": "sk-demo-primary-provider", "BACKUP_API_KEY": 
 
 
 async def _create_key(redis_url: str) -> tuple[str, str]:
-    from extproc.server import redis_client
+    from extproc.store import redis_client
 
     client = redis_client(redis_url)
     try:

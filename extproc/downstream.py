@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +132,7 @@ class Exchange:
         self.scanner: SseUsageScanner | None = None
         self.pending_remove: list[str] = []
         self.usage_source = "provider"
+        self.record_id = uuid.uuid4().hex  # publishes the usage record exactly once
         self.finished = False
 
     # --- request path -------------------------------------------------------------------
@@ -241,6 +243,8 @@ class Exchange:
         if result.status == "duplicate":
             return ApiError(409, "duplicate_request", f"The request id {self.request_id!r} was already used for a served request; "
                             "send a new x-request-id.", param="x-request-id")
+        if result.status != "ok":
+            self.gw.spawn(self.gw.quota.forget_hint(res))
         if result.status == "refused":
             metrics.QUOTA_REJECTIONS.labels(route.name, result.reason).inc()
             if result.reason in ("rpm", "tpm"):
@@ -446,6 +450,7 @@ class Exchange:
             "workspace_id": key.workspace, "api_key_id": key.key_id, "plan": c.plan.name, "primary_model": c.primary.name,
             "final_model": c.target.name, "provider": c.provider.name, "attempts": "1", "fallback_reason": "none",
             "stream": "true" if self.parsed and self.parsed.stream else "false", "endpoint": self.path,
+            "record_id": self.record_id,
             "attempt_list": json.dumps([{"model": c.target.name, "provider": c.provider.name, "status": 0, "reason": "unknown"}]),
         }
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from extproc import metrics
 from extproc.policy.model import Policy
-from extproc.quota import load_script
+from extproc.store import RedisLike, Scripts
 
 log = logging.getLogger("tollgate.health")
 
@@ -27,18 +26,18 @@ def _keys(provider: str) -> tuple[str, str]:
 
 
 class Health:
-    def __init__(self, redis: aioredis.Redis, policy: Policy) -> None:
+    def __init__(self, redis: RedisLike, policy: Policy) -> None:
         self.redis = redis
         self.policy = policy
         self.unhealthy: frozenset[str] = frozenset()
-        self._fail = redis.register_script(load_script("health_fail"))
+        self.scripts = Scripts(redis, "health_fail")
 
     async def record_failure(self, provider: str) -> None:
         p = self.policy.providers.get(provider)
         if p is None:
             return
         try:
-            opened = await self._fail(keys=list(_keys(provider)), args=[p.circuit_window_s, p.circuit_failures, p.circuit_cooldown_s])
+            opened = await self.scripts.eval("health_fail", list(_keys(provider)), [p.circuit_window_s, p.circuit_failures, p.circuit_cooldown_s])
         except RedisError:
             metrics.REDIS_ERRORS.labels("health").inc()
             return
@@ -51,7 +50,10 @@ class Health:
         if not names:
             self.unhealthy = frozenset()
             return
-        flags = await self.redis.mget([_keys(n)[1] for n in names])
+        pipe = self.redis.pipeline(transaction=False)  # one key per provider: different cluster slots
+        for n in names:
+            pipe.get(_keys(n)[1])
+        flags = await pipe.execute()
         self.unhealthy = frozenset(n for n, f in zip(names, flags, strict=True) if f is not None)
 
     async def run(self, interval_s: float = 1.0) -> None:

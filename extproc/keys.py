@@ -17,10 +17,9 @@ import secrets
 import time
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from extproc.decide import KeyInfo
 from extproc.quota import valid_id
+from extproc.store import RedisLike
 
 SECRET_PREFIX = "tg-"
 CACHE_TTL_S = 3.0
@@ -60,7 +59,7 @@ class CreatedKey:
 
 
 class KeyStore:
-    def __init__(self, redis: aioredis.Redis, cache_ttl_s: float = CACHE_TTL_S) -> None:
+    def __init__(self, redis: RedisLike, cache_ttl_s: float = CACHE_TTL_S) -> None:
         self.redis = redis
         self.cache_ttl_s = cache_ttl_s
         self._cache: dict[str, tuple[float, KeyInfo | None]] = {}

@@ -14,9 +14,13 @@ script's keys live in one Redis Cluster slot:
   tollgate:{c:C}:key:K:{rpm,tpm}         token buckets per API key
   tollgate:{c:C}:req:ID                  request-id marker (inflight / settled / unsettled)
   tollgate:{c:C}:resv:ID                 one reservation: amount, tokens, deadline, record
-  tollgate:reservations                  zset of reservations by deadline (for the reaper)
+  tollgate:{c:C}:resv-index              the customer's reservations by deadline
+  tollgate:{c:C}:outbox                  records written with the money, not yet in the stream
   tollgate:usage                         the usage stream (SPEC §6)
-  tollgate:request:ID                    request id -> stream entry id (for `explain`)
+  {tollgate:usage}:uid:U, :request:ID    publish-once marks and request id -> entry (same slot)
+  tollgate:reservations, tollgate:outboxes  hints (global zsets) so the reaper and the drainer
+                                         find what a crashed processor left; written before,
+                                         removed after the real work, never trusted alone
 
 The estimate (what is reserved) is deliberately bounded and documented in the README:
 prompt tokens are estimated as characters / 3, completion tokens as the request's
@@ -30,13 +34,12 @@ import json
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from extproc.policy.model import Model, Plan
+from extproc.store import RedisLike, Scripts, is_cluster
 
 USAGE_STREAM = "tollgate:usage"
 RESERVATIONS = "tollgate:reservations"
@@ -47,10 +50,6 @@ ID_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 def valid_id(value: str) -> bool:
     """Customer, workspace and request ids become parts of Redis keys: keep them plain."""
     return bool(ID_RE.match(value))
-
-
-def load_script(name: str) -> str:
-    return resources.files("extproc").joinpath("lua", f"{name}.lua").read_text()
 
 
 # --- pure parts ----------------------------------------------------------------------------
@@ -166,57 +165,129 @@ def _s(v: Any) -> str:
 
 # --- Redis edge --------------------------------------------------------------------------------
 
+RESERVATION_HINTS = "tollgate:reservations"
+OUTBOX_HINTS = "tollgate:outboxes"
+
+
+def uid_key(uid: str) -> str:
+    return f"{{{USAGE_STREAM}}}:uid:{uid}"
+
+
+def request_key(request_id: str) -> str:
+    """Where `explain` finds a request's record (in the usage stream's hash slot)."""
+    return f"{{{USAGE_STREAM}}}:request:{request_id}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
 
 class Quota:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: RedisLike) -> None:
         self.redis = redis
-        self._reserve = redis.register_script(load_script("reserve"))
-        self._finish = redis.register_script(load_script("finish"))
-        self._expire = redis.register_script(load_script("expire"))
+        self.cluster = is_cluster(redis)
+        self.scripts = Scripts(redis, "reserve", "finish", "expire", "publish", "hint_done")
 
     async def reserve(self, res: Reservation, limits: Limits, ttl_ms: int, record: dict[str, str]) -> ReserveResult:
         a = res.account
         keys = [
-            a.k(f"req:{res.request_id}"), a.k(f"resv:{res.request_id}"), RESERVATIONS,
+            a.k(f"req:{res.request_id}"), a.k(f"resv:{res.request_id}"), a.k("resv-index"),
             a.k("balance"), a.k("reserved"), a.k(f"spend:{res.month}"), a.k("limits"),
             a.w("reserved"), a.w(f"spend:{res.month}"), a.w("limits"),
             a.k(f"key:{a.key_id}:rpm"), a.k(f"key:{a.key_id}:tpm"), a.w("rpm"), a.w("tpm"),
         ]
         args: list[str | int] = [
             res.amount, res.tokens, int(limits.prepaid), _opt(limits.monthly_budget_micro), _opt(limits.rpm),
-            _opt(limits.tpm), _opt(limits.key_rpm), _opt(limits.key_tpm), ttl_ms, res.member, json.dumps(record),
+            _opt(limits.tpm), _opt(limits.key_rpm), _opt(limits.key_tpm), ttl_ms, res.request_id, json.dumps(record),
         ]
-        r = await self._reserve(keys=keys, args=args)
+
+        async def run() -> Any:
+            # The hint goes first: a reservation that exists always has one.
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(RESERVATION_HINTS, {res.member: _now_ms() + ttl_ms + 1000})
+            self.scripts.call(pipe, "reserve", keys, args)
+            return (await pipe.execute())[1]
+
+        r = await self.scripts.run(run)
         code = int(r[0])
         rate = RateInfo(*(int(float(x)) for x in r[3:9]))
         status = {1: "ok", 0: "refused", -1: "duplicate"}[code]
         return ReserveResult(status, _s(r[1]), int(r[2]), rate)
 
-    async def finish(self, res: Reservation, cost_micro: int, actual_tokens: int, served: bool, record: dict[str, str]) -> str | None:
-        """Settle (or release, with cost 0) and append the usage record. None if already finished."""
+    async def forget_hint(self, res: Reservation) -> None:
+        """A refused reservation leaves its hint behind; drop it (off the reply path)."""
+        await self.redis.zrem(RESERVATION_HINTS, res.member)
+
+    async def finish(self, res: Reservation, cost_micro: int, actual_tokens: int, served: bool, record: dict[str, str]) -> None:
+        """Settle (or release, with cost 0), then publish the record exactly once. One round
+        trip on one Redis; on a cluster the publish waits for the settlement (two)."""
         a = res.account
+        uid = record["record_id"]
         keys = [
-            a.k(f"req:{res.request_id}"), a.k(f"resv:{res.request_id}"), RESERVATIONS, a.k("balance"),
+            a.k(f"req:{res.request_id}"), a.k(f"resv:{res.request_id}"), a.k("resv-index"), a.k("balance"),
             a.k("reserved"), a.k(f"spend:{res.month}"), a.w("reserved"), a.w(f"spend:{res.month}"),
-            a.k(f"key:{a.key_id}:tpm"), a.w("tpm"), USAGE_STREAM, f"tollgate:request:{res.request_id}",
+            a.k(f"key:{a.key_id}:tpm"), a.w("tpm"), a.k("outbox"),
         ]
-        args: list[Any] = [cost_micro, int(res.prepaid), actual_tokens, res.member, MARKER_TTL_S, int(served), json.dumps(record)]
-        r = await self._finish(keys=keys, args=args)
-        return _s(r[1]) if int(r[0]) == 1 else None
+        body = json.dumps(record)
+        args: list[Any] = [cost_micro, int(res.prepaid), actual_tokens, res.request_id, MARKER_TTL_S, int(served), uid, body]
+
+        async def run() -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(OUTBOX_HINTS, {a.customer: _now_ms()})
+            self.scripts.call(pipe, "finish", keys, args)
+            if self.cluster:  # commands to other nodes are not ordered after the settlement
+                await pipe.execute()
+                pipe = self.redis.pipeline(transaction=False)
+            self._publish(pipe, uid, res.request_id, body)
+            pipe.hdel(a.k("outbox"), uid)
+            pipe.zrem(RESERVATION_HINTS, res.member)
+            await pipe.execute()
+
+        await self.scripts.run(run)
+
+    def _publish(self, client: Any, uid: str, request_id: str, body: str) -> Any:
+        return self.scripts.call(client, "publish", *self._publish_args(uid, request_id, body))
+
+    @staticmethod
+    def _publish_args(uid: str, request_id: str, body: str) -> tuple[list[str], list[Any]]:
+        return [USAGE_STREAM, uid_key(uid), request_key(request_id)], [body, MARKER_TTL_S]
+
+    async def drain_outboxes(self, older_than_ms: int = 5000, limit: int = 100) -> int:
+        """Publish records a processor settled but did not publish (it died in between)."""
+        hints = await self.redis.zrangebyscore(OUTBOX_HINTS, "-inf", _now_ms() - older_than_ms, start=0, num=limit, withscores=True)
+        published = 0
+        for member, score in hints:  # type: ignore[str-unpack]
+            customer = _s(member)
+            outbox = Account(customer, "", "").k("outbox")
+            for uid, body in (await self.redis.hgetall(outbox)).items():
+                text = _s(body)
+                await self.scripts.eval("publish", *self._publish_args(_s(uid), json.loads(text).get("request_id", ""), text))
+                await self.redis.hdel(outbox, uid)
+                published += 1
+            if not await self.redis.hlen(outbox):
+                await self.scripts.eval("hint_done", [OUTBOX_HINTS], [customer, repr(score)])
+        return published
 
     async def expire_overdue(self, limit: int = 200) -> int:
         """Turn reservations past their deadline into 'unsettled' records; returns how many."""
-        secs, micros = await self.redis.time()
-        now_ms = int(secs) * 1000 + int(micros) // 1000
-        members = await self.redis.zrangebyscore(RESERVATIONS, "-inf", now_ms, start=0, num=limit)
+        members = await self.redis.zrangebyscore(RESERVATION_HINTS, "-inf", _now_ms(), start=0, num=limit)
         done = 0
         for m in members:
             customer, workspace, request_id = json.loads(_s(m))
             a = Account(customer, workspace, "")
-            keys = [a.k(f"req:{request_id}"), a.k(f"resv:{request_id}"), RESERVATIONS, a.k("reserved"), a.w("reserved"),
-                    USAGE_STREAM, f"tollgate:request:{request_id}"]
-            if _s(await self._expire(keys=keys, args=[_s(m), now_ms, MARKER_TTL_S])):
+            uid = uuid.uuid4().hex
+            await self.redis.zadd(OUTBOX_HINTS, {customer: _now_ms()})
+            keys = [a.k(f"req:{request_id}"), a.k(f"resv:{request_id}"), a.k("resv-index"), a.k("reserved"), a.w("reserved"),
+                    a.k("outbox")]
+            state = int(await self.scripts.eval("expire", keys, [request_id, MARKER_TTL_S, uid]))
+            if state == 1:
+                body = await self.redis.hget(a.k("outbox"), uid)
+                if body is not None:
+                    await self.scripts.eval("publish", *self._publish_args(uid, request_id, _s(body)))
+                    await self.redis.hdel(a.k("outbox"), uid)
                 done += 1
+            if state in (0, 1):
+                await self.redis.zrem(RESERVATION_HINTS, _s(m))
         return done
 
     # --- accounts (CLI) ---------------------------------------------------------------------

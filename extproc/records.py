@@ -14,9 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from extproc.quota import USAGE_STREAM
+from extproc.quota import USAGE_STREAM, request_key
+from extproc.store import RedisLike
 
 
 @dataclass(frozen=True)
@@ -46,14 +45,14 @@ def decode_entry(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
     return rec
 
 
-async def tail(redis: aioredis.Redis, n: int) -> list[dict[str, Any]]:
+async def tail(redis: RedisLike, n: int) -> list[dict[str, Any]]:
     """The last n records, oldest first."""
     entries: list[Any] = await redis.xrevrange(USAGE_STREAM, count=n) or []
     return [decode_entry(i, f) for i, f in reversed(entries)]
 
 
-async def find(redis: aioredis.Redis, request_id: str) -> dict[str, Any] | None:
-    entry_id = await redis.get(f"tollgate:request:{request_id}")
+async def find(redis: RedisLike, request_id: str) -> dict[str, Any] | None:
+    entry_id = await redis.get(request_key(request_id))
     if entry_id is None:
         return None
     entries: list[Any] = await redis.xrange(USAGE_STREAM, min=entry_id, max=entry_id) or []

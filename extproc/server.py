@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -32,6 +31,7 @@ from extproc.pb import ext_proc_pb2 as pb
 from extproc.policy import Policy, PolicyError, load_policy
 from extproc.protocol import attribute
 from extproc.quota import Quota
+from extproc.store import redis_client
 from extproc.upstream import AttemptExchange
 
 log = logging.getLogger("tollgate.server")
@@ -69,11 +69,6 @@ def provider_secrets(policy: Policy) -> dict[str, str]:
         else:
             log.warning("provider %s: no API key configured (%s); requests go without credentials", p.name, p.api_key_env or p.api_key_file)
     return out
-
-
-def redis_client(url: str) -> aioredis.Redis:
-    """Short timeouts: a dead Redis must turn into a fast 503, not a stuck request."""
-    return aioredis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=5)
 
 
 class Processor:
@@ -168,6 +163,9 @@ class Processor:
                 n = await self.gateway.quota.expire_overdue()
                 if n:
                     log.warning("expired %d overdue reservation(s) into unsettled usage records", n)
+                n = await self.gateway.quota.drain_outboxes()
+                if n:
+                    log.warning("published %d usage record(s) a stopped processor had settled", n)
             except RedisError:
                 metrics.REDIS_ERRORS.labels("reaper").inc()
 

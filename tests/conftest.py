@@ -23,7 +23,7 @@ import yaml
 from extproc.devstack import Envoy, Processor, RedisServer
 from extproc.fakeprovider import FakeProvider
 from extproc.keys import KeyStore
-from extproc.server import redis_client
+from extproc.store import redis_client
 
 PROVIDER_SECRETS = {"TG_TEST_P1_KEY": "sk-provider-one", "TG_TEST_P2_KEY": "sk-provider-two", "TG_TEST_P3_KEY": "sk-provider-three",
                     "TG_TEST_P4_KEY": "sk-provider-four"}

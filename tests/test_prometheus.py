@@ -132,6 +132,8 @@ def test_promql_answers_match_the_usage_records(fakes: dict[str, FakeProvider], 
         wait_for(prom, "sum by (reason) (tollgate_quota_rejections_total)", {"budget": 3})
 
         # Envoy's own stats are scraped too (the processor-errors alert reads them)
-        started = query(prom, 'sum(envoy_http_ext_proc_streams_started{envoy_http_conn_manager_prefix="tollgate"})')
-        assert started[""] >= 14
+        deadline = time.monotonic() + 30
+        while query(prom, 'sum(envoy_http_ext_proc_streams_started{envoy_http_conn_manager_prefix="tollgate"})').get("", 0) < 14:
+            assert time.monotonic() < deadline, "Envoy's ext_proc stats were not scraped"
+            time.sleep(0.5)
         assert query(prom, 'sum(envoy_http_ext_proc_streams_failed{envoy_http_conn_manager_prefix="tollgate"})') == {"": 0.0}

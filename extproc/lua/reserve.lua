@@ -1,13 +1,14 @@
 -- Reserve the expected cost of one request, atomically, before any upstream byte.
 -- Every limit is checked first; only if all pass is anything charged.
 --
--- KEYS: 1 marker (req id)   2 reservation hash   3 reservation index (zset by deadline)
+-- KEYS: 1 marker (req id)   2 reservation hash   3 the customer's reservation index (zset by deadline)
 --       4 balance           5 customer reserved  6 customer month spend  7 customer limits hash
 --       8 workspace reserved 9 workspace month spend 10 workspace limits hash
 --       11 key rpm bucket   12 key tpm bucket    13 workspace rpm bucket 14 workspace tpm bucket
 -- ARGV: 1 estimate micro-USD  2 estimate tokens  3 prepaid (0/1)  4 plan monthly budget micro (-1: none)
 --       5 plan rpm (-1)  6 plan tpm (-1)  7 key rpm override (-1)  8 key tpm override (-1)
---       9 reservation ttl ms  10 index member  11 record json (for an unsettled record)
+--       9 reservation ttl ms  10 request id  11 record json (for an unsettled record)
+-- Every key is in the customer's hash slot ({c:<customer>}): Redis Cluster runs it on one node.
 -- Returns {status, reason, retry_after_ms, rpm_limit, rpm_remaining, rpm_reset_ms, tpm_limit, tpm_remaining, tpm_reset_ms}
 --   status 1 reserved, 0 refused (reason rpm|tpm|balance|budget), -1 duplicate request id
 
