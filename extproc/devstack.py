@@ -99,6 +99,44 @@ class RedisServer(Child):
         return self
 
 
+class RedisClusterServer:
+    """A throwaway Redis Cluster of `masters` primaries on loopback (no replicas), created
+    with `redis-cli --cluster create`; its URL uses the `redis+cluster://` scheme."""
+
+    def __init__(self, masters: int = 3) -> None:
+        first = _free_port_run(masters, bus_offset=10000)
+        self.workdir = tempfile.mkdtemp(prefix="tollgate-redis-cluster-")
+        self.nodes = [RedisServer(first + i, workdir=self.workdir) for i in range(masters)]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self) -> RedisClusterServer:
+        for n in self.nodes:
+            args = [redis_binary(), "--port", str(n.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                    "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{n.port}.conf", "--dir", self.workdir,
+                    "--protected-mode", "no", "--loglevel", "warning"]
+            n.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_for_port(n.port, proc=n.proc)
+        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes), "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while True:
+            states = [subprocess.run([cli, "-p", str(n.port), "cluster", "info"], capture_output=True, text=True).stdout
+                      for n in self.nodes]
+            if all("cluster_state:ok" in s for s in states):
+                return self
+            if time.monotonic() > deadline:
+                raise TimeoutError("redis cluster did not become ok")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+
 class Processor(Child):
     """`tollgate serve` as a child process (the same command a user runs)."""
 
@@ -129,20 +167,21 @@ class Processor(Child):
         return self
 
 
-def _free_port_run(n: int) -> int:
-    """A first port such that the next n ports are free too (for N workers). Drawn from below
-    the kernel's ephemeral range, where outgoing connections do not take ports in sequence."""
+def _free_port_run(n: int, bus_offset: int = 0) -> int:
+    """A first port such that the next n ports are free too (for N workers; with `bus_offset`
+    also port+offset, Redis Cluster's bus). Drawn from below the kernel's ephemeral range,
+    where outgoing connections do not take ports in sequence."""
     import random
 
     for _ in range(200):
         first = random.randrange(20000, 32000 - n)
         socks: list[socket.socket] = []
         try:
-            for i in range(n):
+            for port in [first + i for i in range(n)] + ([first + i + bus_offset for i in range(n)] if bus_offset else []):
                 s = socket.socket()
                 socks.append(s)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", first + i))
+                s.bind(("127.0.0.1", port))
             return first
         except OSError:
             continue

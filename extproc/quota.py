@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.policy.model import Model, Plan
-from extproc.store import RedisLike, Scripts, is_cluster
+from extproc.store import RedisLike, Scripts
 
 USAGE_STREAM = "tollgate:usage"
 RESERVATIONS = "tollgate:reservations"
@@ -185,7 +185,6 @@ def _now_ms() -> int:
 class Quota:
     def __init__(self, redis: RedisLike) -> None:
         self.redis = redis
-        self.cluster = is_cluster(redis)
         self.scripts = Scripts(redis, "reserve", "finish", "expire", "publish", "hint_done")
 
     async def reserve(self, res: Reservation, limits: Limits, ttl_ms: int, record: dict[str, str]) -> ReserveResult:
@@ -201,14 +200,11 @@ class Quota:
             _opt(limits.tpm), _opt(limits.key_rpm), _opt(limits.key_tpm), ttl_ms, res.request_id, json.dumps(record),
         ]
 
-        async def run() -> Any:
-            # The hint goes first: a reservation that exists always has one.
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zadd(RESERVATION_HINTS, {res.member: _now_ms() + ttl_ms + 1000})
-            self.scripts.call(pipe, "reserve", keys, args)
-            return (await pipe.execute())[1]
-
-        r = await self.scripts.run(run)
+        # The hint goes first: a reservation that exists always has one.
+        _, r = await self.scripts.batch(
+            lambda c: c.zadd(RESERVATION_HINTS, {res.member: _now_ms() + ttl_ms + 1000}),
+            lambda c: self.scripts.call(c, "reserve", keys, args),
+        )
         code = int(r[0])
         rate = RateInfo(*(int(float(x)) for x in r[3:9]))
         status = {1: "ok", 0: "refused", -1: "duplicate"}[code]
@@ -220,7 +216,7 @@ class Quota:
 
     async def finish(self, res: Reservation, cost_micro: int, actual_tokens: int, served: bool, record: dict[str, str]) -> None:
         """Settle (or release, with cost 0), then publish the record exactly once. One round
-        trip on one Redis; on a cluster the publish waits for the settlement (two)."""
+        trip on one Redis; on a cluster the commands run in order, one after another."""
         a = res.account
         uid = record["record_id"]
         keys = [
@@ -231,19 +227,13 @@ class Quota:
         body = json.dumps(record)
         args: list[Any] = [cost_micro, int(res.prepaid), actual_tokens, res.request_id, MARKER_TTL_S, int(served), uid, body]
 
-        async def run() -> None:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zadd(OUTBOX_HINTS, {a.customer: _now_ms()})
-            self.scripts.call(pipe, "finish", keys, args)
-            if self.cluster:  # commands to other nodes are not ordered after the settlement
-                await pipe.execute()
-                pipe = self.redis.pipeline(transaction=False)
-            self._publish(pipe, uid, res.request_id, body)
-            pipe.hdel(a.k("outbox"), uid)
-            pipe.zrem(RESERVATION_HINTS, res.member)
-            await pipe.execute()
-
-        await self.scripts.run(run)
+        await self.scripts.batch(
+            lambda c: c.zadd(OUTBOX_HINTS, {a.customer: _now_ms()}),  # before the record exists
+            lambda c: self.scripts.call(c, "finish", keys, args),
+            lambda c: self._publish(c, uid, res.request_id, body),
+            lambda c: c.hdel(a.k("outbox"), uid),
+            lambda c: c.zrem(RESERVATION_HINTS, res.member),
+        )
 
     def _publish(self, client: Any, uid: str, request_id: str, body: str) -> Any:
         return self.scripts.call(client, "publish", *self._publish_args(uid, request_id, body))

@@ -25,11 +25,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.downstream import Exchange, Gateway
 from extproc.envoy_config import GrpcEndpoint, worker_endpoints
+from extproc.errors import ApiError
 from extproc.health import Health
 from extproc.keys import KeyStore
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.policy import Policy, PolicyError, load_policy
-from extproc.protocol import attribute
+from extproc.protocol import attribute, immediate
 from extproc.quota import Quota
 from extproc.store import redis_client
 from extproc.upstream import AttemptExchange
@@ -50,6 +51,16 @@ def _empty_reply(kind: str | None) -> pb.ProcessingResponse:
     if kind == "response_body":
         return pb.ProcessingResponse(response_body=pb.BodyResponse())
     return pb.ProcessingResponse(request_body=pb.BodyResponse())
+
+
+def _failure_reply(kind: str | None) -> pb.ProcessingResponse:
+    """Before the upstream call: refuse in OpenAI's shape (fail closed). After it: let the
+    response through unchanged rather than break it."""
+    if kind in ("request_headers", "request_body"):
+        err = ApiError(500, "gateway_error", "The gateway failed to process the request; it was not sent to any provider.",
+                       type="server_error")
+        return pb.ProcessingResponse(immediate_response=immediate(err, []))
+    return _empty_reply(kind)
 
 
 def provider_secrets(policy: Policy) -> dict[str, str]:
@@ -85,40 +96,43 @@ class Processor:
     async def process(self, requests: AsyncIterator[pb.ProcessingRequest], context: Any) -> AsyncIterator[pb.ProcessingResponse]:
         """One stream: a downstream request (four phases) or one upstream attempt. Envoy's
         upstream filter announces itself with the `upstream.request_attempt_count` attribute."""
-        first = True
         ex: Exchange | None = None
         attempt: AttemptExchange | None = None
         try:
             async for req in requests:
                 kind = req.WhichOneof("request")
-                if first:
-                    first = False
+                if ex is None and attempt is None:
                     if attribute(req, "upstream.request_attempt_count") is not None:
                         attempt = AttemptExchange(self.gateway)
                     else:
                         ex = Exchange(self.gateway)
-                if attempt is not None:
-                    if kind == "request_headers":
-                        yield await attempt.on_request_headers(req)
-                    elif kind == "request_body":
-                        yield await attempt.on_request_body(req.request_body)
-                    else:
-                        yield _empty_reply(kind)
-                    continue
-                assert ex is not None
-                if kind == "request_headers":
-                    yield await ex.on_request_headers(req.request_headers)
-                elif kind == "request_body":
-                    yield await ex.on_request_body(req.request_body)
-                elif kind == "response_headers":
-                    yield await ex.on_response_headers(req)
-                elif kind == "response_body":
-                    yield await ex.on_response_body(req.response_body)
-                else:
-                    yield _empty_reply(kind)
+                try:
+                    yield await self.dispatch(ex, attempt, kind, req)
+                except Exception:  # a bug or an unexpected failure must not drop the stream
+                    log.exception("processing %s failed", kind)
+                    yield _failure_reply(kind)
         finally:
             if ex is not None:
                 await ex.close()
+
+    async def dispatch(self, ex: Exchange | None, attempt: AttemptExchange | None, kind: str | None,
+                       req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        if attempt is not None:
+            if kind == "request_headers":
+                return await attempt.on_request_headers(req)
+            if kind == "request_body":
+                return await attempt.on_request_body(req.request_body)
+            return _empty_reply(kind)
+        assert ex is not None
+        if kind == "request_headers":
+            return await ex.on_request_headers(req.request_headers)
+        if kind == "request_body":
+            return await ex.on_request_body(req.request_body)
+        if kind == "response_headers":
+            return await ex.on_response_headers(req)
+        if kind == "response_body":
+            return await ex.on_response_body(req.response_body)
+        return _empty_reply(kind)
 
     # --- policy reload ------------------------------------------------------------------
 

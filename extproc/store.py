@@ -59,6 +59,21 @@ class Scripts:
             await self.load()
             return await fn()
 
+    async def batch(self, *commands: Any) -> list[Any]:
+        """Run commands (functions of a client) in order: pipelined in one round trip on one
+        Redis; one after another on a cluster, where pipelines may not carry scripts and
+        commands to different nodes would not keep their order."""
+
+        async def run() -> list[Any]:
+            if is_cluster(self.redis):
+                return [await command(self.redis) for command in commands]
+            pipe = self.redis.pipeline(transaction=False)
+            for command in commands:
+                command(pipe)
+            return list(await pipe.execute())
+
+        return list(await self.run(run))
+
     async def eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run one script on its own."""
         return await self.run(lambda: self.call(self.redis, name, keys, args))

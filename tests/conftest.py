@@ -110,7 +110,7 @@ def catalog(fakes: dict[str, FakeProvider]) -> dict[str, Any]:
 
 @dataclass
 class Stack:
-    redis: RedisServer
+    redis: Any  # RedisServer or RedisClusterServer
     fakes: dict[str, FakeProvider]
     processor: Processor
     envoy: Envoy
@@ -120,7 +120,9 @@ class Stack:
     def base_url(self) -> str:
         return self.envoy.base_url + "/v1"
 
-    def redis_sync(self) -> redis.Redis:
+    def redis_sync(self) -> Any:
+        if self.redis.url.startswith("redis+cluster://"):
+            return redis.RedisCluster.from_url("redis://" + self.redis.url.removeprefix("redis+cluster://"))
         return redis.Redis.from_url(self.redis.url)
 
     def create_key(self, customer: str, plan: str = "premium", workspace: str | None = None, default_route: str | None = None) -> tuple[str, str]:
@@ -152,7 +154,7 @@ def write_policy(fakes: dict[str, FakeProvider]) -> Path:
 
 
 @contextlib.contextmanager
-def running_stack(fakes: dict[str, FakeProvider], policy_dir: Path, *, workers: int = 2, redis_server: RedisServer | None = None,
+def running_stack(fakes: dict[str, FakeProvider], policy_dir: Path, *, workers: int = 2, redis_server: Any = None,
                   env: dict[str, str] | None = None, name: str = "stack") -> Iterator[Stack]:
     """Redis (unless given), `tollgate serve` and Envoy; all stopped on exit."""
     logs = logdir()
