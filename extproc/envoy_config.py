@@ -167,6 +167,27 @@ def _chain_route(p: Provider, per_try_timeout_s: float) -> dict[str, Any]:
     }
 
 
+ROUTER_FILTER = {"name": "envoy.filters.http.router", "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"}}
+
+
+def _ext_proc_filter(message_timeout_s: float, modes: dict[str, str], *, forwarding: list[str], receiving: list[str],
+                     request_attributes: list[str] | None = None) -> dict[str, Any]:
+    """Tollgate's ext_proc filter: fails closed (503 when the processor is down or slow)."""
+    config: dict[str, Any] = {
+        "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": f"{message_timeout_s:g}s"},
+        "failure_mode_allow": False,
+        "status_on_error": {"code": 503},
+        "message_timeout": f"{message_timeout_s:g}s",
+        "allow_mode_override": True,
+        "processing_mode": {**modes, "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
+        "metadata_options": {"forwarding_namespaces": {"untyped": forwarding}, "receiving_namespaces": {"untyped": receiving}},
+    }
+    if request_attributes:
+        config["request_attributes"] = request_attributes
+    return {"name": "envoy.filters.http.ext_proc", "typed_config": config}
+
+
 def _upstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
     return [
         {
@@ -176,30 +197,14 @@ def _upstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
                 "default_source_code": {"inline_string": STATUS_RECORDER_LUA},
             },
         },
-        {
-            "name": "envoy.filters.http.ext_proc",
-            "typed_config": {
-                "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
-                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": f"{message_timeout_s:g}s"},
-                "failure_mode_allow": False,
-                "status_on_error": {"code": 503},
-                "message_timeout": f"{message_timeout_s:g}s",
-                "allow_mode_override": True,
-                "processing_mode": {
-                    "request_header_mode": "SEND",
-                    "response_header_mode": "SKIP",
-                    "request_body_mode": "NONE",
-                    "response_body_mode": "NONE",
-                    "request_trailer_mode": "SKIP",
-                    "response_trailer_mode": "SKIP",
-                },
-                "request_attributes": ["upstream.request_attempt_count"],
-                "metadata_options": {
-                    "forwarding_namespaces": {"untyped": [NS_REQUEST, NS_ATTEMPTS, NS_LAST]},
-                    "receiving_namespaces": {"untyped": [NS_ATTEMPTS, NS_LAST]},
-                },
-            },
-        },
+        _ext_proc_filter(
+            message_timeout_s,
+            # One message on a first attempt; retries ask for the body by mode override.
+            {"request_header_mode": "SEND", "response_header_mode": "SKIP", "request_body_mode": "NONE", "response_body_mode": "NONE"},
+            forwarding=[NS_REQUEST, NS_ATTEMPTS, NS_LAST],
+            receiving=[NS_ATTEMPTS, NS_LAST],
+            request_attributes=["upstream.request_attempt_count"],
+        ),
         {
             "name": "envoy.filters.http.upstream_codec",
             "typed_config": {"@type": _T + "extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
@@ -270,7 +275,7 @@ def _relay_listener(policy: Policy, max_body: int) -> dict[str, Any]:
             "response_headers_to_add": [{"header": {"key": "x-tollgate-relay-flags", "value": "%RESPONSE_FLAGS%"}}],
             "virtual_hosts": [{"name": "relay", "domains": ["*"], "routes": routes}],
         },
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"}}],
+        "http_filters": [ROUTER_FILTER],
     }
     return {
         "name": RELAY_LISTENER,
@@ -287,7 +292,7 @@ def _stats_listener(address: str, port: int) -> dict[str, Any]:
         "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "tollgate_stats",
         "route_config": {"name": "stats", "virtual_hosts": [{"name": "stats", "domains": ["*"], "routes": routes}]},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"}}],
+        "http_filters": [ROUTER_FILTER],
     }
     return {
         "name": "tollgate_stats",
@@ -372,30 +377,16 @@ def render_bootstrap(
         ],
         "route_config": {"name": "tollgate", "virtual_hosts": [{"name": "tollgate", "domains": ["*"], "routes": routes}]},
         "http_filters": [
-            {
-                "name": "envoy.filters.http.ext_proc",
-                "typed_config": {
-                    "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
-                    "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": f"{message_timeout_s:g}s"},
-                    "failure_mode_allow": False,
-                    "status_on_error": {"code": 503},
-                    "message_timeout": f"{message_timeout_s:g}s",
-                    "allow_mode_override": True,
-                    "processing_mode": {
-                        "request_header_mode": "SEND",
-                        "response_header_mode": "SEND",
-                        "request_body_mode": "BUFFERED",
-                        "response_body_mode": "BUFFERED",
-                        "request_trailer_mode": "SKIP",
-                        "response_trailer_mode": "SKIP",
-                    },
-                    "metadata_options": {
-                        "forwarding_namespaces": {"untyped": [NS_ATTEMPTS]},
-                        "receiving_namespaces": {"untyped": [NS_REQUEST]},
-                    },
-                },
-            },
-            {"name": "envoy.filters.http.router", "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"}},
+            _ext_proc_filter(
+                message_timeout_s,
+                # Routing from the body needs the header phases (mutations in body replies
+                # are applied only then); usage and attribution need the response phases.
+                {"request_header_mode": "SEND", "response_header_mode": "SEND", "request_body_mode": "BUFFERED",
+                 "response_body_mode": "BUFFERED"},
+                forwarding=[NS_ATTEMPTS],
+                receiving=[NS_REQUEST],
+            ),
+            ROUTER_FILTER,
         ],
     }
     if access_log:

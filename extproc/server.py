@@ -53,6 +53,20 @@ def _empty_reply(kind: str | None) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(request_body=pb.BodyResponse())
 
 
+_PHASE_TIMERS: dict[str, Any] = {}
+
+
+def _phase_timer(kind: str | None, upstream: bool) -> Any:
+    """tollgate_decision_seconds{phase}: request_headers, ..., upstream_request_headers."""
+    phase = f"upstream_{kind}" if upstream else str(kind)
+    timer = _PHASE_TIMERS.get(phase)
+    if timer is None:
+        from extproc import metrics
+
+        timer = _PHASE_TIMERS[phase] = metrics.DECISION_SECONDS.labels(phase)
+    return timer
+
+
 def _failure_reply(kind: str | None) -> pb.ProcessingResponse:
     """Before the upstream call: refuse in OpenAI's shape (fail closed). After it: let the
     response through unchanged rather than break it."""
@@ -106,11 +120,14 @@ class Processor:
                         attempt = AttemptExchange(self.gateway)
                     else:
                         ex = Exchange(self.gateway)
+                started = time.perf_counter()
                 try:
-                    yield await self.dispatch(ex, attempt, kind, req)
+                    reply = await self.dispatch(ex, attempt, kind, req)
                 except Exception:  # a bug or an unexpected failure must not drop the stream
                     log.exception("processing %s failed", kind)
-                    yield _failure_reply(kind)
+                    reply = _failure_reply(kind)
+                _phase_timer(kind, attempt is not None).observe(time.perf_counter() - started)
+                yield reply
         finally:
             if ex is not None:
                 await ex.close()
