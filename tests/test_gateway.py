@@ -278,3 +278,13 @@ def test_metrics_count_requests_and_tokens(stack: Stack, customer: str) -> None:
     for phase in ("request_headers", "request_body", "response_headers", "response_body", "upstream_request_headers"):
         assert f'tollgate_decision_seconds_count{{phase="{phase}"}}' in text
     assert secret not in text
+
+
+def test_body_over_the_limit_is_413_request_too_large(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer)
+    big = json.dumps({"model": "support_draft", "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]}).encode()
+    status, headers, err = post(stack, "/v1/chat/completions", big, {"authorization": f"Bearer {secret}"})
+    assert status == 413
+    assert err["error"]["code"] == "request_too_large"
+    assert headers["x-tollgate-customer"] == customer
+    assert sum(f.calls() for f in stack.fakes.values()) == 0
