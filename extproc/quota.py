@@ -11,6 +11,7 @@ script's keys live in one Redis Cluster slot:
   tollgate:{c:C}:spend:YYYYMM            settled spend this month (UTC)
   tollgate:{c:C}:limits                  hash: monthly_budget_micro override
   tollgate:{c:C}:ws:W:{reserved,spend:YYYYMM,limits,rpm,tpm}   the same per workspace
+  tollgate:{c:C}:{rpm,tpm}               token buckets per customer (limits: plan, or limits hash)
   tollgate:{c:C}:key:K:{rpm,tpm}         token buckets per API key
   tollgate:{c:C}:req:ID                  request-id marker (inflight / settled / unsettled)
   tollgate:{c:C}:resv:ID                 one reservation: amount, tokens, deadline, record
@@ -193,7 +194,7 @@ class Quota:
             a.k(f"req:{res.request_id}"), a.k(f"resv:{res.request_id}"), a.k("resv-index"),
             a.k("balance"), a.k("reserved"), a.k(f"spend:{res.month}"), a.k("limits"),
             a.w("reserved"), a.w(f"spend:{res.month}"), a.w("limits"),
-            a.k(f"key:{a.key_id}:rpm"), a.k(f"key:{a.key_id}:tpm"), a.w("rpm"), a.w("tpm"),
+            a.k(f"key:{a.key_id}:rpm"), a.k(f"key:{a.key_id}:tpm"), a.w("rpm"), a.w("tpm"), a.k("rpm"), a.k("tpm"),
         ]
         args: list[str | int] = [
             res.amount, res.tokens, int(limits.prepaid), _opt(limits.monthly_budget_micro), _opt(limits.rpm),
@@ -222,7 +223,7 @@ class Quota:
         keys = [
             a.k(f"req:{res.request_id}"), a.k(f"resv:{res.request_id}"), a.k("resv-index"), a.k("balance"),
             a.k("reserved"), a.k(f"spend:{res.month}"), a.w("reserved"), a.w(f"spend:{res.month}"),
-            a.k(f"key:{a.key_id}:tpm"), a.w("tpm"), a.k("outbox"),
+            a.k(f"key:{a.key_id}:tpm"), a.w("tpm"), a.k("outbox"), a.k("tpm"),
         ]
         body = json.dumps(record)
         args: list[Any] = [cost_micro, int(res.prepaid), actual_tokens, res.request_id, MARKER_TTL_S, int(served), uid, body]

@@ -237,6 +237,18 @@ def test_requests_per_minute_limit_is_429_rate_limit_exceeded_with_retry_after(s
     assert stack.fakes["p1"].calls() == 2
 
 
+def test_customer_requests_per_minute_limit_spans_all_its_keys_and_workspaces(stack: Stack, customer: str) -> None:
+    _, first = stack.create_key(customer, workspace="one")
+    _, second = stack.create_key(customer, workspace="two")
+    assert tollgate(stack, "limits", "set", "--customer", customer, "--rpm", "3").returncode == 0
+    for secret in (first, second, first):
+        stack.client(secret).chat.completions.create(model="support_draft", messages=MESSAGES)
+    with pytest.raises(openai.RateLimitError) as info:
+        stack.client(second).chat.completions.create(model="support_draft", messages=MESSAGES)
+    assert info.value.response.json()["error"]["code"] == "rate_limit_exceeded"
+    assert stack.fakes["p1"].calls() == 3
+
+
 def test_tokens_per_minute_limit_is_429_rate_limit_exceeded(stack: Stack, customer: str) -> None:
     out = tollgate(stack, "keys", "create", "--customer", customer, "--workspace", "w", "--plan", "premium", "--tpm", "1000", "--json")
     client = stack.client(json.loads(out.stdout)["secret"])

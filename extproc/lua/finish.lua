@@ -7,6 +7,7 @@
 -- KEYS: 1 marker  2 reservation hash  3 the customer's reservation index  4 balance
 --       5 customer reserved  6 customer month spend  7 workspace reserved  8 workspace month spend
 --       9 key tpm bucket  10 workspace tpm bucket  11 the customer's outbox (hash uid -> record json)
+--       12 customer tpm bucket
 -- ARGV: 1 cost micro-USD  2 prepaid (0/1)  3 actual tokens  4 request id  5 marker ttl s
 --       6 served (1: the id is spent; 0: nothing was served, a retry may reuse the id)
 --       7 record uid  8 the usage record as a JSON object of strings
@@ -27,7 +28,7 @@ if reserved then
   -- Give back the tokens-per-minute the estimate took beyond what was used.
   local unused = tonumber(r[2]) - tonumber(ARGV[3])
   if unused ~= 0 then
-    for _, k in ipairs({KEYS[9], KEYS[10]}) do
+    for _, k in ipairs({KEYS[9], KEYS[10], KEYS[12]}) do
       local b = redis.call('HGET', k, 'tokens')
       if b then redis.call('HSET', k, 'tokens', tostring(tonumber(b) + unused)) end
     end

@@ -5,6 +5,7 @@
 --       4 balance           5 customer reserved  6 customer month spend  7 customer limits hash
 --       8 workspace reserved 9 workspace month spend 10 workspace limits hash
 --       11 key rpm bucket   12 key tpm bucket    13 workspace rpm bucket 14 workspace tpm bucket
+--       15 customer rpm bucket  16 customer tpm bucket
 -- ARGV: 1 estimate micro-USD  2 estimate tokens  3 prepaid (0/1)  4 plan monthly budget micro (-1: none)
 --       5 plan rpm (-1)  6 plan tpm (-1)  7 key rpm override (-1)  8 key tpm override (-1)
 --       9 reservation ttl ms  10 request id  11 record json (for an unsettled record)
@@ -51,11 +52,15 @@ end
 
 local ws_rpm = override(KEYS[10], 'rpm', tonumber(ARGV[5]))
 local ws_tpm = override(KEYS[10], 'tpm', tonumber(ARGV[6]))
+local cust_rpm = override(KEYS[7], 'rpm', tonumber(ARGV[5]))
+local cust_tpm = override(KEYS[7], 'tpm', tonumber(ARGV[6]))
 local key_rpm = tonumber(ARGV[7]) >= 0 and tonumber(ARGV[7]) or tonumber(ARGV[5])
 local key_tpm = tonumber(ARGV[8]) >= 0 and tonumber(ARGV[8]) or tonumber(ARGV[6])
 
-local rpm_buckets = {bucket(KEYS[11], key_rpm), bucket(KEYS[13], ws_rpm)}
-local tpm_buckets = {bucket(KEYS[12], key_tpm), bucket(KEYS[14], ws_tpm)}
+-- Limits apply per key, per workspace and per customer: each has its own bucket, and every
+-- one of them must have room.
+local rpm_buckets = {bucket(KEYS[11], key_rpm), bucket(KEYS[13], ws_rpm), bucket(KEYS[15], cust_rpm)}
+local tpm_buckets = {bucket(KEYS[12], key_tpm), bucket(KEYS[14], ws_tpm), bucket(KEYS[16], cust_tpm)}
 
 -- The headers report the tightest bucket of each kind.
 local function report(buckets, cost)
