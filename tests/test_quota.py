@@ -350,3 +350,29 @@ def test_processor_killed_mid_request_leaves_an_unsettled_record(fakes: dict[str
         assert int(rec["reserved_micro_usd"]) > 0
         assert money(s, customer)["reserved"] == 0
         assert reservations_of(s, customer) == []
+
+
+def test_stream_abandoned_by_the_client_is_billed_from_the_chunks_that_went_out(stack: Stack, customer: str) -> None:
+    import http.client
+
+    _, secret = stack.create_key(customer)
+    stack.fakes["p1"].script(Reply(completion_tokens=40, chunk_delay_s=0.2))
+    body = json.dumps({"model": "support_draft", "messages": MESSAGES, "stream": True})
+    conn = http.client.HTTPConnection("127.0.0.1", stack.envoy.port, timeout=10)
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"authorization": f"Bearer {secret}",
+                                                                      "content-type": "application/json"})
+    resp = conn.getresponse()
+    rid = resp.headers["x-request-id"]
+    seen = 0
+    while seen < 3:
+        if resp.readline().startswith(b"data:"):
+            seen += 1
+    conn.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 15
+    while not [r for r in records_of(stack, customer) if r["request_id"] == rid]:
+        assert time.monotonic() < deadline, "the abandoned stream left no record"
+        time.sleep(0.1)
+    (rec,) = records_of(stack, customer)
+    assert rec["usage_source"] == "estimated" and rec["status"] == "499"
+    assert 3 <= int(rec["completion_tokens"]) < 40 and int(rec["cost_micro_usd"]) > 0
+    assert money(stack, customer)["reserved"] == 0
