@@ -211,7 +211,7 @@ class Exchange:
         if self.chained:
             set_headers.append(_opt("x-envoy-max-retries", str(route.max_attempts - 1)))
             dynamic = metadata({NS_REQUEST: {
-                "route": route.name, "plan": plan.name, "m1": target.name, "p1": choice.provider.name,
+                "route": route.name, "plan": plan.name, "m1": target.name, "p1": choice.provider.name, "t1": now_ms(),
                 "unhealthy": ",".join(sorted(self.gw.health.unhealthy)),
                 **({"skip": skipped[0].model, "skip_p": skipped[0].provider} if skipped else {}),
             }})

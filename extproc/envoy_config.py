@@ -188,6 +188,29 @@ def _ext_proc_filter(message_timeout_s: float, modes: dict[str, str], *, forward
     return {"name": "envoy.filters.http.ext_proc", "typed_config": config}
 
 
+def _retries_only(filter_config: dict[str, Any]) -> dict[str, Any]:
+    """Run a filter on retries only (composite filter matching `x-envoy-attempt-count`), so the
+    first attempt, the normal path, costs no per-attempt message at all."""
+    return {
+        "name": "tollgate.retries_only",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": {"name": "composite", "typed_config": {"@type": _T + "extensions.filters.http.composite.v3.Composite"}},
+            "xds_matcher": {"matcher_list": {"matchers": [{
+                "predicate": {"not_matcher": {"single_predicate": {
+                    "input": {"name": "attempt", "typed_config": {"@type": _T + "type.matcher.v3.HttpRequestHeaderMatchInput",
+                                                                  "header_name": "x-envoy-attempt-count"}},
+                    "value_match": {"exact": "1"},
+                }}},
+                "on_match": {"action": {"name": "on_retry", "typed_config": {
+                    "@type": _T + "extensions.filters.http.composite.v3.ExecuteFilterAction",
+                    "typed_config": filter_config,
+                }}},
+            }]}},
+        },
+    }
+
+
 def _upstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
     return [
         {
@@ -197,14 +220,14 @@ def _upstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
                 "default_source_code": {"inline_string": STATUS_RECORDER_LUA},
             },
         },
-        _ext_proc_filter(
+        _retries_only(_ext_proc_filter(
             message_timeout_s,
-            # One message on a first attempt; retries ask for the body by mode override.
+            # Retries ask for the body (to rewrite `model`) by mode override.
             {"request_header_mode": "SEND", "response_header_mode": "SKIP", "request_body_mode": "NONE", "response_body_mode": "NONE"},
             forwarding=[NS_REQUEST, NS_ATTEMPTS, NS_LAST],
             receiving=[NS_ATTEMPTS, NS_LAST],
             request_attributes=["upstream.request_attempt_count"],
-        ),
+        )),
         {
             "name": "envoy.filters.http.upstream_codec",
             "typed_config": {"@type": _T + "extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
@@ -375,7 +398,10 @@ def render_bootstrap(
                 },
             }
         ],
-        "route_config": {"name": "tollgate", "virtual_hosts": [{"name": "tollgate", "domains": ["*"], "routes": routes}]},
+        "route_config": {"name": "tollgate", "virtual_hosts": [{
+            "name": "tollgate", "domains": ["*"], "routes": routes,
+            "include_request_attempt_count": True,  # the upstream filter runs on retries only
+        }]},
         "http_filters": [
             _ext_proc_filter(
                 message_timeout_s,

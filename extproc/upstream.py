@@ -1,8 +1,8 @@
-"""The upstream (per-attempt) ext_proc filter's processor: one `AttemptExchange` per attempt.
+"""The upstream (per-attempt) ext_proc filter's processor: one `AttemptExchange` per retry.
 
-It runs on the aggregate cluster of a fallback chain (`envoy_config`): attempt 1 goes straight
-to the first provider and costs one message, which only notes when the attempt started.
-Every later attempt reaches the relay; this processor learns how the earlier attempts ended
+It runs on the aggregate cluster of a fallback chain (`envoy_config`), on retries only: attempt
+1 goes straight to the first provider without it (the downstream processor notes what and
+when). Every later attempt reaches the relay; this processor learns how the earlier attempts ended
 (from dynamic metadata: its own notes and the Lua recorder's status), asks `chains.next_step`
 where the next attempt goes, and either rewrites the attempt (target provider, credential,
 body `model`) or stops the chain with an OpenAI-shaped error.
@@ -77,9 +77,11 @@ class AttemptExchange:
         # Complete the record of every earlier attempt; the one just before may lack its outcome.
         for k in range(1, n):
             e = entries.get(str(k))
-            if e is None:  # the attempt never reached this filter: its connection failed
-                e = {"m": request.get("m1", "") if k == 1 else "", "p": request.get("p1", "") if k == 1 else "", "o": "connect_failure"}
-            elif "o" not in e:
+            if e is None and k == 1:  # attempt 1 runs without this filter: the downstream noted it
+                e = {"m": request.get("m1", ""), "p": request.get("p1", ""), "t": request.get("t1", now)}
+            if e is None:
+                e = {"m": "", "p": "", "o": "connect_failure"}
+            if "o" not in e:
                 p = policy.providers.get(str(e.get("p", "")))
                 e = {**e, "o": outcome_of(e, last, now, p.timeout_s if p else 30.0), "s": int(last.get("status") or 0)}
                 if e["o"] in HEALTH_FAILURES:

@@ -316,3 +316,18 @@ def test_explain_tells_which_model_was_intended_what_failed_and_what_it_cost(sta
     assert "1. low_cost_chat on p1 -> 429 (failed: rate_limit)" in out
     assert "on_rate_limit: switch_same_price_tier" in out
     assert "cost           : $0.0" in out
+
+
+def test_the_first_attempt_costs_no_per_attempt_message_and_a_retry_costs_one(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer)
+
+    def upstream_messages() -> float:
+        return metric(stack, "tollgate_decision_seconds_count", phase="upstream_request_headers")
+
+    before = upstream_messages()
+    for _ in range(3):
+        assert call(stack, secret, "support_draft").status == 200
+    assert upstream_messages() == before
+    stack.fakes["p1"].script(Reply(status=429))
+    assert call(stack, secret, "support_draft").headers["x-tollgate-attempts"] == "2"
+    assert upstream_messages() == before + 1
