@@ -153,13 +153,9 @@ def _usd_micro(text: str) -> int:
     return int(micro)
 
 
-def _fmt_usd(micro: int) -> str:
-    sign = "-" if micro < 0 else ""
-    return f"{sign}{abs(micro) // 1_000_000}.{abs(micro) % 1_000_000:06d}"
-
-
 def cmd_balance(args: argparse.Namespace) -> int:
     from extproc.quota import Quota, valid_id
+    from extproc.quota import format_usd as _fmt_usd
 
     if not valid_id(args.customer):
         print(f"tollgate: invalid customer id {args.customer!r}", file=sys.stderr)
@@ -195,6 +191,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
 
 def cmd_usage_tail(args: argparse.Namespace) -> int:
     from extproc import records
+    from extproc.quota import format_usd as _fmt_usd
 
     async def run(redis: Any) -> int:
         for rec in await records.tail(redis, args.n):

@@ -70,18 +70,6 @@ def authorize(policy: Policy, key: KeyInfo, route: Route) -> Plan | ApiError:
     return plan
 
 
-def choose_route(policy: Policy, key: KeyInfo, header_route: str | None, body_model: str | None) -> RouteChoice | ApiError:
-    """Resolve and authorize the route; the first attempt goes to its primary model."""
-    route = resolve_route(policy, key, header_route, body_model)
-    if isinstance(route, ApiError):
-        return route
-    plan = authorize(policy, key, route)
-    if isinstance(plan, ApiError):
-        return plan
-    primary = policy.models[route.primary_model]
-    return RouteChoice(route, plan, primary, primary, policy.providers[primary.provider])
-
-
 def visible_routes(policy: Policy, key: KeyInfo) -> list[str]:
     """The routes this key may use, for `GET /v1/models`."""
     plan = policy.plans.get(key.plan)

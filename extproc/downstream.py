@@ -51,7 +51,7 @@ from extproc.policy.model import Policy, Route
 from extproc.protocol import header as _opt
 from extproc.protocol import headers_of as _headers_of
 from extproc.protocol import immediate, metadata, namespace
-from extproc.quota import Account, Limits, Quota, Reservation, estimate, month_of, reservation_ttl_ms, valid_id
+from extproc.quota import Account, Limits, Quota, Reservation, estimate, format_usd, month_of, reservation_ttl_ms, valid_id
 from extproc.records import Attempt, now_ms
 
 log = logging.getLogger("tollgate.downstream")
@@ -62,13 +62,6 @@ STOP_HEADER = "x-tollgate-stop-reason"  # set by the upstream processor when it 
 # A 429 says the provider is alive but throttling this account: it does not count against health.
 HEALTH_FAILURES = ("provider_5xx", "timeout", "connect_failure")
 FAILURE_STATUS = {"provider_5xx": 502, "rate_limit": 503, "timeout": 504, "connect_failure": 502, "provider_unhealthy": 503}
-
-
-def format_usd(micro: int) -> str:
-    """Integer micro-dollars as an exact decimal string, e.g. 1234 -> '0.001234'."""
-    sign = "-" if micro < 0 else ""
-    micro = abs(micro)
-    return f"{sign}{micro // 1_000_000}.{micro % 1_000_000:06d}"
 
 
 def outcome_of(status: int) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from extproc.decide import KeyInfo
 from extproc.quota import valid_id
 from extproc.store import RedisLike
+from extproc.store import text as _text
 
 SECRET_PREFIX = "tg-"
 CACHE_TTL_S = 3.0
@@ -32,10 +33,6 @@ def hash_secret(secret: str) -> str:
 
 def _record_key(digest: str) -> str:
     return f"tollgate:key:{digest}"
-
-
-def _text(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 def _decode(fields: dict[bytes | str, bytes | str]) -> KeyInfo:

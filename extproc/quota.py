@@ -41,6 +41,7 @@ from typing import Any
 
 from extproc.policy.model import Model, Plan
 from extproc.store import RedisLike, Scripts
+from extproc.store import text as _s
 
 USAGE_STREAM = "tollgate:usage"
 RESERVATIONS = "tollgate:reservations"
@@ -156,12 +157,15 @@ class ReserveResult:
     rate: RateInfo
 
 
+def format_usd(micro: int) -> str:
+    """Integer micro-dollars as an exact decimal string, e.g. 1234 -> '0.001234'."""
+    sign = "-" if micro < 0 else ""
+    micro = abs(micro)
+    return f"{sign}{micro // 1_000_000}.{micro % 1_000_000:06d}"
+
+
 def _opt(v: int | None) -> str:
     return "-1" if v is None else str(v)
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 # --- Redis edge --------------------------------------------------------------------------------

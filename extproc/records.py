@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.quota import USAGE_STREAM, request_key
+from extproc.quota import USAGE_STREAM, format_usd, request_key
 from extproc.store import RedisLike
+from extproc.store import text as _text
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,6 @@ class Attempt:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def decode_entry(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
@@ -60,8 +57,7 @@ async def find(redis: RedisLike, request_id: str) -> dict[str, Any] | None:
 
 
 def usd(micro: Any) -> str:
-    m = int(micro or 0)
-    return f"${m // 1_000_000}.{m % 1_000_000:06d}"
+    return "$" + format_usd(int(micro or 0))
 
 
 def explain(rec: dict[str, Any]) -> str:

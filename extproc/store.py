@@ -26,6 +26,11 @@ def redis_client(url: str) -> RedisLike:
     return aioredis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=5)
 
 
+def text(value: Any) -> str:
+    """A Redis reply (bytes) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def is_cluster(client: RedisLike) -> bool:
     return isinstance(client, RedisCluster)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from extproc import payload
-from extproc.decide import KeyInfo, choose_route, visible_routes
+from extproc.decide import KeyInfo, authorize, resolve_route, visible_routes
 from extproc.errors import ApiError
 from extproc.policy import load_policy
+from extproc.policy.model import Plan, Route
 
 POLICY = load_policy([Path(__file__).resolve().parent.parent / "extproc" / "examples" / "policy"])
 
@@ -16,34 +17,42 @@ def key(plan: str = "starter", default_route: str | None = None) -> KeyInfo:
     return KeyInfo("key_1", "c1", "w1", plan, default_route)
 
 
+def choose_route(k: KeyInfo, header: str | None, model: str | None) -> Route | Plan | ApiError:
+    """Resolve then authorize, as the processor does: the route, or the refusal."""
+    route = resolve_route(POLICY, k, header, model)
+    if isinstance(route, ApiError):
+        return route
+    plan = authorize(POLICY, k, route)
+    return plan if isinstance(plan, ApiError) else route
+
+
 def test_header_route_wins_over_body_model() -> None:
-    choice = choose_route(POLICY, key("premium"), "legal_summary", "support_draft")
-    assert not isinstance(choice, ApiError) and choice.route.name == "legal_summary"
+    choice = choose_route(key("premium"), "legal_summary", "support_draft")
+    assert isinstance(choice, Route) and choice.name == "legal_summary"
 
 
 def test_body_model_naming_a_route_selects_it() -> None:
-    choice = choose_route(POLICY, key(), None, "support_draft")
-    assert not isinstance(choice, ApiError)
-    assert (choice.target.upstream_model, choice.provider.name) == ("gpt-4o-mini", "primary_openai")
+    choice = choose_route(key(), None, "support_draft")
+    assert isinstance(choice, Route) and choice.primary_model == "low_cost_chat"
 
 
 def test_default_route_serves_when_the_body_model_is_not_a_route() -> None:
-    choice = choose_route(POLICY, key(default_route="support_draft"), None, "gpt-4o")
-    assert not isinstance(choice, ApiError) and choice.route.name == "support_draft"
+    choice = choose_route(key(default_route="support_draft"), None, "gpt-4o")
+    assert isinstance(choice, Route) and choice.name == "support_draft"
 
 
 def test_unknown_route_without_default_is_model_not_found() -> None:
-    err = choose_route(POLICY, key(), None, "gpt-4o")
+    err = choose_route(key(), None, "gpt-4o")
     assert isinstance(err, ApiError) and (err.status, err.code) == (404, "model_not_found")
 
 
 def test_route_outside_the_plan_is_permission_denied() -> None:
-    err = choose_route(POLICY, key("starter"), None, "legal_summary")
+    err = choose_route(key("starter"), None, "legal_summary")
     assert isinstance(err, ApiError) and (err.status, err.code) == (403, "permission_denied")
 
 
 def test_key_with_a_plan_missing_from_policy_is_permission_denied() -> None:
-    err = choose_route(POLICY, key("gold"), None, "support_draft")
+    err = choose_route(key("gold"), None, "support_draft")
     assert isinstance(err, ApiError) and err.code == "permission_denied"
 
 
