@@ -485,7 +485,9 @@ def _check_references(c: _Checker, policy: Policy, route_docs: dict[str, LocDict
     for plan in policy.plans.values():
         for r in sorted(plan.routes or ()):
             if r not in policy.routes and plan_docs is not None:
-                c.ref(plan_docs[plan.name], f"plans.{plan.name}.routes", f"names route {r!r}, which the policy does not define", "routes")
+                # Harmless (SPEC §5's own example lists a route it does not define): a warning.
+                c.warn(plan_docs[plan.name], f"plans.{plan.name}.routes", f"names route {r!r}, which the policy does not define "
+                       "(requests for it get 404 until it exists)", "routes")
 
 
 def parse_policy(docs: list[Any], sources: tuple[str, ...]) -> tuple[Policy, list[Issue]]:
@@ -567,7 +569,7 @@ def load_policy(paths: Sequence[str | Path] | str | Path, *, require_routes: boo
         if not policy.models:
             errors.append(Issue("error", policy.sources[0] if policy.sources else "?", 0, "models", "a served policy needs providers and models (a catalog)"))
         for w in issues:
-            if w.level == "warning" and "does not define" in w.message:
+            if w.level == "warning" and "does not define" in w.message and not w.key.startswith("plans."):
                 errors.append(Issue("error", w.file, w.line, w.key, w.message))
     if errors or policy is None:
         raise PolicyError(errors)
