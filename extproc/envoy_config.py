@@ -402,6 +402,21 @@ def render_bootstrap(
             "name": "tollgate", "domains": ["*"], "routes": routes,
             "include_request_attempt_count": True,  # the upstream filter runs on retries only
         }]},
+        # With the processor down or too slow, Envoy refuses the request itself (fail closed);
+        # say so in OpenAI's shape instead of an empty body. Tollgate's own replies carry
+        # details "tollgate_*" and are left alone.
+        "local_reply_config": {"mappers": [{
+            "filter": {"extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {"@type": _T + "extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                                 "expression": "response.code_details.startsWith('ext_proc')"},
+            }},
+            "status_code": 503,
+            "body_format_override": {"json_format": {"error": {
+                "message": "The gateway cannot check this request right now; it was not sent to any provider.",
+                "type": "server_error", "param": None, "code": "quota_unavailable",
+            }}},
+        }]},
         "http_filters": [
             _ext_proc_filter(
                 message_timeout_s,

@@ -275,7 +275,7 @@ def test_metrics_count_requests_and_tokens(stack: Stack, customer: str) -> None:
         text = r.read().decode()
     assert 'tollgate_requests_total{code="200",final_model="low_cost_chat",primary_model="low_cost_chat",route="support_draft"}' in text
     assert 'tollgate_tokens_total{model="low_cost_chat",route="support_draft",type="completion"}' in text
-    for phase in ("request_headers", "request_body", "response_headers", "response_body", "upstream_request_headers"):
+    for phase in ("request_headers", "request_body", "response_headers", "response_body"):
         assert f'tollgate_decision_seconds_count{{phase="{phase}"}}' in text
     assert secret not in text
 

@@ -113,5 +113,6 @@ def test_sigterm_lets_requests_in_flight_complete_and_leaves_nothing_reserved(
             client.chat.completions.create(model="legal_summary", messages=MESSAGES)
             raise AssertionError("served without a processor")
         except openai.APIStatusError as exc:
-            assert exc.status_code in (500, 503)
+            assert exc.status_code == 503
+            assert exc.response.json()["error"]["code"] == "quota_unavailable"
         assert fakes["p3"].calls() == before
