@@ -28,6 +28,24 @@ from extproc.policy.model import Model, Plan, Policy, Route
 
 # Failure outcomes of an attempt, each the name of a policy event without its "on_" prefix.
 OUTCOMES = ("provider_5xx", "rate_limit", "timeout", "connect_failure", "provider_unhealthy")
+# The status a client gets when a request ends on that failure (SPEC §4: 502/503/504).
+FAILURE_STATUS = {"provider_5xx": 502, "rate_limit": 503, "timeout": 504, "connect_failure": 502, "provider_unhealthy": 503}
+# Failures that count against a provider's health. A 429 means the provider is alive but
+# throttling this account: it does not.
+HEALTH_FAILURES = ("provider_5xx", "timeout", "connect_failure")
+
+
+def outcome_of_status(status: int) -> str:
+    """How an attempt that got a response ended: 'ok', a failure outcome, or 'client_error'."""
+    if 200 <= status < 400:
+        return "ok"
+    if status == 429:
+        return "rate_limit"
+    if status == 504:
+        return "timeout"
+    if status >= 500:
+        return "provider_5xx"
+    return "client_error"
 
 
 @dataclass(frozen=True)

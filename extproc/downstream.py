@@ -30,7 +30,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from extproc import errors, metrics
-from extproc.chains import all_candidates, first_step
+from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, all_candidates, first_step, outcome_of_status
 from extproc.decide import KeyInfo, RouteChoice, authorize, resolve_route, visible_routes
 from extproc.envoy_config import CLUSTER_HEADER, NS_ATTEMPTS, NS_REQUEST, chain_cluster
 from extproc.errors import ApiError
@@ -59,20 +59,6 @@ log = logging.getLogger("tollgate.downstream")
 ATTRIBUTION_PREFIX = "x-tollgate-"
 ROUTE_HEADER = "x-tollgate-route"
 STOP_HEADER = "x-tollgate-stop-reason"  # set by the upstream processor when it ends a chain
-# A 429 says the provider is alive but throttling this account: it does not count against health.
-HEALTH_FAILURES = ("provider_5xx", "timeout", "connect_failure")
-FAILURE_STATUS = {"provider_5xx": 502, "rate_limit": 503, "timeout": 504, "connect_failure": 502, "provider_unhealthy": 503}
-
-
-def outcome_of(status: int) -> str:
-    """The failure event of an upstream status (or 'ok')."""
-    if 200 <= status < 400:
-        return "ok"
-    if status == 429:
-        return "rate_limit"
-    if status >= 500:
-        return "provider_5xx"
-    return "client_error"
 
 
 @dataclass
@@ -322,7 +308,7 @@ class Exchange:
         s = self.upstream_status
         if self.local_reply:
             return {504: "timeout", 413: "client_error"}.get(s, "connect_failure")
-        return outcome_of(s)
+        return outcome_of_status(s)
 
     def final_failed(self) -> bool:
         return self.attempts[-1].reason in FAILURE_STATUS if self.attempts else False

@@ -18,18 +18,15 @@ import time
 from typing import Any
 
 from extproc import errors
-from extproc.chains import Step, Tried, next_step
-from extproc.downstream import HEALTH_FAILURES, Gateway
+from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, Step, Tried, next_step, outcome_of_status
+from extproc.downstream import STOP_HEADER, Gateway
 from extproc.envoy_config import NS_ATTEMPTS, NS_LAST, NS_REQUEST, TARGET_HEADER
 from extproc.errors import ApiError
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.protocol import attribute, header, immediate, metadata, namespace
 
-STOP_HEADER = "x-tollgate-stop-reason"
-STATUS_OF_OUTCOME = {"provider_5xx": 502, "rate_limit": 503, "timeout": 504, "connect_failure": 502, "provider_unhealthy": 503}
 
-
-def outcome_of(entry: dict[str, Any], last: dict[str, Any], now_ms: int, timeout_s: float) -> str:
+def classify_attempt(entry: dict[str, Any], last: dict[str, Any], now_ms: int, timeout_s: float) -> str:
     """How an attempt without a recorded outcome ended, from what Envoy left behind."""
     status = str(last.get("status") or "")
     flags = str(last.get("flags") or "")
@@ -41,16 +38,11 @@ def outcome_of(entry: dict[str, Any], last: dict[str, Any], now_ms: int, timeout
         return "timeout"
     if any(f in flags for f in ("UF", "UH", "UC", "LR", "URX")):
         return "connect_failure"
-    code = int(status)
-    if code == 429:
-        return "rate_limit"
-    if code == 504:
-        return "timeout"
-    return "provider_5xx" if code >= 500 else "client_error"
+    return outcome_of_status(int(status))
 
 
 def error_for(step: Step, last_outcome: str, attempts: int) -> ApiError:
-    status = STATUS_OF_OUTCOME.get(last_outcome, 502)
+    status = FAILURE_STATUS.get(last_outcome, 502)
     return errors.upstream_unavailable(
         status, f"No provider could serve the request after {attempts} attempt(s) ({last_outcome}); {step.rule}."
     )
@@ -83,7 +75,7 @@ class AttemptExchange:
                 e = {"m": "", "p": "", "o": "connect_failure"}
             if "o" not in e:
                 p = policy.providers.get(str(e.get("p", "")))
-                e = {**e, "o": outcome_of(e, last, now, p.timeout_s if p else 30.0), "s": int(last.get("status") or 0)}
+                e = {**e, "o": classify_attempt(e, last, now, p.timeout_s if p else 30.0), "s": int(last.get("status") or 0)}
                 if e["o"] in HEALTH_FAILURES:
                     self.note_failure(str(e.get("p", "")))
             entries[str(k)] = e
