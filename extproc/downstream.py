@@ -209,10 +209,12 @@ class Exchange:
         """Reserve the request's expected cost; an ApiError when it must not go upstream."""
         route, plan = choice.route, choice.plan
         self.prompt_estimate = estimate_prompt_tokens(parsed.prompt_chars)
-        est = estimate(self.prompt_estimate, parsed.max_tokens or route.default_max_tokens, all_candidates(self.policy, route, plan))
+        candidates = all_candidates(self.policy, route, plan)
+        est = estimate(self.prompt_estimate, parsed.max_tokens or route.default_max_tokens, candidates)
         res = Reservation(Account(key.customer, key.workspace, key.key_id), self.request_id, month_of(time.time()),
                           est.micro, est.tokens, plan.prepaid)
-        ttl = reservation_ttl_ms([choice.provider.timeout_s], route.max_attempts)
+        # In flight at most: every attempt timing out on the slowest provider it may reach.
+        ttl = reservation_ttl_ms([self.policy.providers[m.provider].timeout_s for m in candidates], route.max_attempts)
         try:
             result = await self.gw.quota.reserve(res, Limits.of(plan, key.rpm, key.tpm), ttl, self.record_base())
         except RedisError:
@@ -229,7 +231,7 @@ class Exchange:
             if result.reason in ("rpm", "tpm"):
                 self.fallback_reason = "rate_limit"
                 what = "requests" if result.reason == "rpm" else "tokens"
-                return errors.rate_limited(f"Rate limit reached for {what} per minute on this key or workspace.",
+                return errors.rate_limited(f"Rate limit reached for {what} per minute on this key, workspace or customer.",
                                            -(-result.retry_after_ms // 1000))
             self.fallback_reason = "budget"
             if result.reason == "balance":
