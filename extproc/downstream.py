@@ -363,6 +363,10 @@ class Exchange:
         self.usage_source = "estimated"
         return Usage(self.prompt_estimate, self.scanner.events)
 
+    @property
+    def chain(self) -> list[Attempt]:
+        """Every candidate in order: the primary skipped for an open circuit, then the attempts."""
+        return ([self.skipped] if self.skipped else []) + self.attempts
 
     async def finish(self, usage: Usage | None, status: int | None = None) -> int:
         """Account for the request exactly once: cost, metrics, settle/release, record."""
@@ -375,10 +379,9 @@ class Exchange:
         cost = c.target.price.cost_micro(usage.prompt_tokens, usage.completion_tokens) if usage else 0
         kind = self.spend_kind()
         metrics.REQUESTS.labels(c.route.name, c.primary.name, c.target.name, str(final_status)).inc()
-        chain = ([self.skipped] if self.skipped else []) + self.attempts
         for a in self.attempts:
             metrics.UPSTREAM_ATTEMPTS.labels(c.route.name, a.model, a.provider, a.reason).inc()
-        for before, after in itertools.pairwise(chain):
+        for before, after in itertools.pairwise(self.chain):
             metrics.FALLBACKS.labels(c.route.name, before.model, after.model, before.reason).inc()
         if self.attempts and self.attempts[-1].reason in HEALTH_FAILURES:
             self.gw.spawn(self.gw.health.record_failure(self.attempts[-1].provider))
@@ -449,7 +452,7 @@ class Exchange:
             "reserved_micro_usd": str(self.reservation.amount),
             "usage_source": self.usage_source if usage else "none", "rule": self.rule,
             "latency_ms": str(int((time.monotonic() - self.started) * 1000)),
-            "attempt_list": json.dumps([a.as_dict() for a in ([self.skipped] if self.skipped else []) + self.attempts]),
+            "attempt_list": json.dumps([a.as_dict() for a in self.chain]),
         })
         return rec
 

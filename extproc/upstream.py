@@ -50,20 +50,18 @@ def error_for(step: Step, last_outcome: str, attempts: int) -> ApiError:
 
 class AttemptExchange:
     def __init__(self, gw: Gateway) -> None:
-        self.ctx = gw
+        self.gw = gw
         self.upstream_model = ""
 
     async def on_request_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
         now = int(time.time() * 1000)
         n = int(attribute(req, "upstream.request_attempt_count") or 1)
-        request = namespace(req, NS_REQUEST)
-        if n == 1:
-            entry = {"m": request.get("m1", ""), "p": request.get("p1", ""), "t": now}
-            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(), dynamic_metadata=metadata({NS_ATTEMPTS: {"1": entry}}))
-        return await self.later_attempt(req, n, now, request)
+        if n == 1:  # only with a bootstrap that runs this filter on every attempt: nothing to do
+            return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+        return await self.later_attempt(req, n, now, namespace(req, NS_REQUEST))
 
     async def later_attempt(self, req: pb.ProcessingRequest, n: int, now: int, request: dict[str, Any]) -> pb.ProcessingResponse:
-        policy = self.ctx.policy
+        policy = self.gw.policy
         entries = namespace(req, NS_ATTEMPTS)
         last = namespace(req, NS_LAST)
         # Complete the record of every earlier attempt; the one just before may lack its outcome.
@@ -103,7 +101,7 @@ class AttemptExchange:
         self.upstream_model = model.upstream_model
         set_headers = [header(TARGET_HEADER, model.provider)]
         remove: list[str] = []
-        secret = self.ctx.provider_secrets.get(model.provider)
+        secret = self.gw.provider_secrets.get(model.provider)
         if secret:
             set_headers.append(header("authorization", f"Bearer {secret}"))
         else:
@@ -134,4 +132,4 @@ class AttemptExchange:
 
     def note_failure(self, provider: str) -> None:
         if provider:
-            self.ctx.spawn(self.ctx.health.record_failure(provider))
+            self.gw.spawn(self.gw.health.record_failure(provider))
