@@ -233,7 +233,9 @@ class Quota:
         args: list[Any] = [cost_micro, int(res.prepaid), actual_tokens, res.request_id, MARKER_TTL_S, int(served), uid, body]
 
         await self.scripts.batch(
-            lambda c: c.zadd(OUTBOX_HINTS, {a.customer: _now_ms()}),  # before the record exists
+            # Before the record exists; NX keeps the time of the oldest pending write, so even a
+            # customer who never pauses gets drained.
+            lambda c: c.zadd(OUTBOX_HINTS, {a.customer: _now_ms()}, nx=True),
             lambda c: self.scripts.call(c, "finish", keys, args),
             lambda c: self._publish(c, uid, res.request_id, body),
             lambda c: c.hdel(a.k("outbox"), uid),
@@ -259,8 +261,12 @@ class Quota:
                 await self.scripts.eval("publish", *self._publish_args(_s(uid), json.loads(text).get("request_id", ""), text))
                 await self.redis.hdel(outbox, uid)
                 published += 1
-            if not await self.redis.hlen(outbox):
-                await self.scripts.eval("hint_done", [OUTBOX_HINTS], [customer, repr(score)])
+            if await self.redis.hlen(outbox):
+                continue
+            removed = await self.scripts.eval("hint_done", [OUTBOX_HINTS], [customer, repr(score)])
+            # A finish may have written between the check and the removal: look once more.
+            if removed and await self.redis.hlen(outbox):
+                await self.redis.zadd(OUTBOX_HINTS, {customer: _now_ms()}, nx=True)
         return published
 
     async def expire_overdue(self, limit: int = 200) -> int:
@@ -271,7 +277,7 @@ class Quota:
             customer, workspace, request_id = json.loads(_s(m))
             a = Account(customer, workspace, "")
             uid = uuid.uuid4().hex
-            await self.redis.zadd(OUTBOX_HINTS, {customer: _now_ms()})
+            await self.redis.zadd(OUTBOX_HINTS, {customer: _now_ms()}, nx=True)
             keys = [a.k(f"req:{request_id}"), a.k(f"resv:{request_id}"), a.k("resv-index"), a.k("reserved"), a.w("reserved"),
                     a.k("outbox")]
             state = int(await self.scripts.eval("expire", keys, [request_id, MARKER_TTL_S, uid]))

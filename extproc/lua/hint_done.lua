@@ -1,7 +1,8 @@
--- Remove a hint from a hint zset only if it was not renewed since it was read (a concurrent
--- writer renews it before writing what the hint points to).
+-- Remove a hint only if it is still the one that was read (not removed and added again
+-- meanwhile by a writer that is about to write what the hint points to).
 -- KEYS: 1 hint zset   ARGV: 1 member  2 the score read
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) == ARGV[2] then
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
   return redis.call('ZREM', KEYS[1], ARGV[1])
 end
 return 0
