@@ -103,14 +103,10 @@ def sequence(policy: Policy, route: Route, plan: Plan, event: str) -> tuple[tupl
     """The models tried after the primary when the first failure is `event`.
     Returns (models, refused_by_plan): the second is True when the rule named a fallback
     the plan does not allow (the reason then is "policy")."""
-    return _sequence(policy, route.name, plan.name, event)
-
-
-def _sequence(policy: Policy, route_name: str, plan_name: str, event: str) -> tuple[tuple[str, ...], bool]:
     cache = _cache_of(policy)
-    key = (route_name, plan_name, event)
+    key = (route.name, plan.name, event)
     if key not in cache:
-        cache[key] = _compute_sequence(policy, policy.routes[route_name], policy.plans[plan_name], event)
+        cache[key] = _compute_sequence(policy, route, plan, event)
     return cache[key]
 
 

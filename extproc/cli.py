@@ -141,21 +141,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def _usd_micro(text: str) -> int:
     """A USD amount from the command line as exact micro-dollars."""
-    from decimal import Decimal, InvalidOperation
+    from extproc.money import usd_to_micro
 
     try:
-        amount = Decimal(text)
-    except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"not an amount of US dollars: {text!r}") from None
-    micro = amount * 1_000_000
-    if not amount.is_finite() or micro != micro.to_integral_value():
-        raise argparse.ArgumentTypeError(f"amounts are exact to the micro-dollar: {text!r}")
-    return int(micro)
+        return usd_to_micro(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_balance(args: argparse.Namespace) -> int:
     from extproc.quota import Quota, valid_id
-    from extproc.quota import format_usd as _fmt_usd
+    from extproc.records import usd
 
     if not valid_id(args.customer):
         print(f"tollgate: invalid customer id {args.customer!r}", file=sys.stderr)
@@ -169,8 +165,8 @@ def cmd_balance(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"customer": args.customer, **info}))
         else:
-            print(f"customer {args.customer}: balance ${_fmt_usd(info['balance_micro'])}, in flight ${_fmt_usd(info['reserved_micro'])}, "
-                  f"available ${_fmt_usd(info['available_micro'])}, spent this month ${_fmt_usd(info['month_spend_micro'])}")
+            print(f"customer {args.customer}: balance {usd(info['balance_micro'])}, in flight {usd(info['reserved_micro'])}, "
+                  f"available {usd(info['available_micro'])}, spent this month {usd(info['month_spend_micro'])}")
         return 0
 
     return _with_redis(args, run)
@@ -191,7 +187,6 @@ def cmd_limits(args: argparse.Namespace) -> int:
 
 def cmd_usage_tail(args: argparse.Namespace) -> int:
     from extproc import records
-    from extproc.quota import format_usd as _fmt_usd
 
     async def run(redis: Any) -> int:
         for rec in await records.tail(redis, args.n):
@@ -200,7 +195,7 @@ def cmd_usage_tail(args: argparse.Namespace) -> int:
             else:
                 print(f"{rec.get('request_id')}  {rec.get('route')}  {rec.get('customer_id')}  {rec.get('primary_model')}->"
                       f"{rec.get('final_model')}  attempts={rec.get('attempts')}  reason={rec.get('fallback_reason')}  "
-                      f"status={rec.get('status')}  cost=${_fmt_usd(int(rec.get('cost_micro_usd') or 0))}")
+                      f"status={rec.get('status')}  cost={records.usd(rec.get('cost_micro_usd'))}")
         return 0
 
     return _with_redis(args, run)

@@ -6,6 +6,7 @@ exits was seen to be killed, so the Python process that starts a part also owns 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -239,7 +240,5 @@ class Envoy(Child):
 
     def stats(self) -> dict[str, int]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats?format=json", timeout=2) as r:
-            import json
-
             data = json.loads(r.read())
         return {s["name"]: s.get("value", 0) for s in data.get("stats", []) if "name" in s and isinstance(s.get("value"), int)}

@@ -36,6 +36,7 @@ from extproc.envoy_config import CLUSTER_HEADER, NS_ATTEMPTS, NS_REQUEST, chain_
 from extproc.errors import ApiError
 from extproc.health import Health
 from extproc.keys import KeyStore, secret_from_headers
+from extproc.money import format_usd
 from extproc.payload import (
     ENDPOINTS,
     ParsedRequest,
@@ -51,8 +52,8 @@ from extproc.policy.model import Policy, Route
 from extproc.protocol import header as _opt
 from extproc.protocol import headers_of as _headers_of
 from extproc.protocol import immediate, metadata, namespace
-from extproc.quota import Account, Limits, Quota, Reservation, estimate, format_usd, month_of, reservation_ttl_ms, valid_id
-from extproc.records import Attempt, now_ms
+from extproc.quota import Account, Limits, Quota, Reservation, estimate, month_of, now_ms, reservation_ttl_ms, valid_id
+from extproc.records import Attempt
 
 log = logging.getLogger("tollgate.downstream")
 

@@ -157,11 +157,8 @@ class ReserveResult:
     rate: RateInfo
 
 
-def format_usd(micro: int) -> str:
-    """Integer micro-dollars as an exact decimal string, e.g. 1234 -> '0.001234'."""
-    sign = "-" if micro < 0 else ""
-    micro = abs(micro)
-    return f"{sign}{micro // 1_000_000}.{micro % 1_000_000:06d}"
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _opt(v: int | None) -> str:
@@ -181,10 +178,6 @@ def uid_key(uid: str) -> str:
 def request_key(request_id: str) -> str:
     """Where `explain` finds a request's record (in the usage stream's hash slot)."""
     return f"{{{USAGE_STREAM}}}:request:{request_id}"
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Quota:
@@ -207,7 +200,7 @@ class Quota:
 
         # The hint goes first: a reservation that exists always has one.
         _, r = await self.scripts.batch(
-            lambda c: c.zadd(RESERVATION_HINTS, {res.member: _now_ms() + ttl_ms + 1000}),
+            lambda c: c.zadd(RESERVATION_HINTS, {res.member: now_ms() + ttl_ms + 1000}),
             lambda c: self.scripts.call(c, "reserve", keys, args),
         )
         code = int(r[0])
@@ -235,7 +228,7 @@ class Quota:
         await self.scripts.batch(
             # Before the record exists; NX keeps the time of the oldest pending write, so even a
             # customer who never pauses gets drained.
-            lambda c: c.zadd(OUTBOX_HINTS, {a.customer: _now_ms()}, nx=True),
+            lambda c: c.zadd(OUTBOX_HINTS, {a.customer: now_ms()}, nx=True),
             lambda c: self.scripts.call(c, "finish", keys, args),
             lambda c: self._publish(c, uid, res.request_id, body),
             lambda c: c.hdel(a.k("outbox"), uid),
@@ -251,7 +244,7 @@ class Quota:
 
     async def drain_outboxes(self, older_than_ms: int = 5000, limit: int = 100) -> int:
         """Publish records a processor settled but did not publish (it died in between)."""
-        hints = await self.redis.zrangebyscore(OUTBOX_HINTS, "-inf", _now_ms() - older_than_ms, start=0, num=limit, withscores=True)
+        hints = await self.redis.zrangebyscore(OUTBOX_HINTS, "-inf", now_ms() - older_than_ms, start=0, num=limit, withscores=True)
         published = 0
         for member, score in hints:  # type: ignore[str-unpack]
             customer = _s(member)
@@ -266,18 +259,18 @@ class Quota:
             removed = await self.scripts.eval("hint_done", [OUTBOX_HINTS], [customer, repr(score)])
             # A finish may have written between the check and the removal: look once more.
             if removed and await self.redis.hlen(outbox):
-                await self.redis.zadd(OUTBOX_HINTS, {customer: _now_ms()}, nx=True)
+                await self.redis.zadd(OUTBOX_HINTS, {customer: now_ms()}, nx=True)
         return published
 
     async def expire_overdue(self, limit: int = 200) -> int:
         """Turn reservations past their deadline into 'unsettled' records; returns how many."""
-        members = await self.redis.zrangebyscore(RESERVATION_HINTS, "-inf", _now_ms(), start=0, num=limit)
+        members = await self.redis.zrangebyscore(RESERVATION_HINTS, "-inf", now_ms(), start=0, num=limit)
         done = 0
         for m in members:
             customer, workspace, request_id = json.loads(_s(m))
             a = Account(customer, workspace, "")
             uid = uuid.uuid4().hex
-            await self.redis.zadd(OUTBOX_HINTS, {customer: _now_ms()}, nx=True)
+            await self.redis.zadd(OUTBOX_HINTS, {customer: now_ms()}, nx=True)
             keys = [a.k(f"req:{request_id}"), a.k(f"resv:{request_id}"), a.k("resv-index"), a.k("reserved"), a.w("reserved"),
                     a.k("outbox")]
             state = int(await self.scripts.eval("expire", keys, [request_id, MARKER_TTL_S, uid]))

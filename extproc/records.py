@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.quota import USAGE_STREAM, format_usd, request_key
+from extproc.money import format_usd
+from extproc.quota import USAGE_STREAM, request_key
 from extproc.store import RedisLike
 from extproc.store import text as _text
 
@@ -28,10 +28,6 @@ class Attempt:
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "provider": self.provider, "status": self.status, "reason": self.reason}
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def decode_entry(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:

@@ -22,7 +22,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.exceptions import RedisError
 
+from extproc import metrics
 from extproc.downstream import Exchange, Gateway
 from extproc.envoy_config import GrpcEndpoint, worker_endpoints
 from extproc.errors import ApiError
@@ -30,15 +32,13 @@ from extproc.health import Health
 from extproc.keys import KeyStore
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.policy import Policy, PolicyError, load_policy
+from extproc.policy.load import expand_sources
 from extproc.protocol import attribute, immediate
 from extproc.quota import Quota
 from extproc.store import redis_client
 from extproc.upstream import AttemptExchange
 
 log = logging.getLogger("tollgate.server")
-
-METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
-
 
 def _empty_reply(kind: str | None) -> pb.ProcessingResponse:
     """Continue unchanged (phases Tollgate does not act on)."""
@@ -61,8 +61,6 @@ def _phase_timer(kind: str | None, upstream: bool) -> Any:
     phase = f"upstream_{kind}" if upstream else str(kind)
     timer = _PHASE_TIMERS.get(phase)
     if timer is None:
-        from extproc import metrics
-
         timer = _PHASE_TIMERS[phase] = metrics.DECISION_SECONDS.labels(phase)
     return timer
 
@@ -154,8 +152,6 @@ class Processor:
     # --- policy reload ------------------------------------------------------------------
 
     def _stat(self) -> dict[str, float]:
-        from extproc.policy.load import expand_sources
-
         out = {}
         for f in expand_sources(list(self.policy_paths)):
             try:
@@ -166,8 +162,6 @@ class Processor:
 
     def reload(self) -> bool:
         """Load the policy again; an invalid one is logged and the last good one keeps serving."""
-        from extproc import metrics
-
         try:
             policy = load_policy(self.policy_paths)
         except (PolicyError, OSError) as exc:
@@ -184,10 +178,6 @@ class Processor:
     async def reap_reservations(self, interval_s: float) -> None:
         """Every processor sweeps reservations past their deadline into 'unsettled' records
         (the script is atomic, so several sweeping at once is harmless)."""
-        from redis.exceptions import RedisError
-
-        from extproc import metrics
-
         while True:
             await asyncio.sleep(interval_s)
             try:
@@ -259,8 +249,6 @@ def serve(policy_paths: list[str], redis_url: str, listen: str, metrics_port: in
     """Run `workers` processor processes and one metrics endpoint; returns an exit status."""
     load_policy(policy_paths)  # refuse to start on an invalid policy, with its clear error
     endpoints = worker_endpoints(GrpcEndpoint.parse(listen), workers)
-    from extproc import metrics
-
     if workers == 1:
         metrics.serve_metrics(metrics_port)
         asyncio.run(run_worker(policy_paths, redis_url, endpoints[0]))

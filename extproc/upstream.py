@@ -14,7 +14,6 @@ everything it needs travels in dynamic metadata, the policy and the re-sent body
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from extproc import errors
@@ -24,6 +23,7 @@ from extproc.envoy_config import NS_ATTEMPTS, NS_LAST, NS_REQUEST, TARGET_HEADER
 from extproc.errors import ApiError
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.protocol import attribute, header, immediate, metadata, namespace
+from extproc.quota import now_ms
 
 
 def classify_attempt(entry: dict[str, Any], last: dict[str, Any], now_ms: int, timeout_s: float) -> str:
@@ -54,7 +54,7 @@ class AttemptExchange:
         self.upstream_model = ""
 
     async def on_request_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
-        now = int(time.time() * 1000)
+        now = now_ms()
         n = int(attribute(req, "upstream.request_attempt_count") or 1)
         if n == 1:  # only with a bootstrap that runs this filter on every attempt: nothing to do
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse())

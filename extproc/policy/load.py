@@ -16,12 +16,13 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from extproc.money import usd_to_micro
 from extproc.policy.model import (
     ACTIONS,
     DEFAULT_TIERS,
@@ -178,18 +179,15 @@ def _usd_to_micro(c: _Checker, d: LocDict, key: str, field: str) -> int | None:
     v = d.get(field)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        c.error(d, f"{key}.{field}", f"must be a number of US dollars, got {v!r}", field)
-        return None
     try:
-        amount = Decimal(str(v))
-    except InvalidOperation:
+        micro = usd_to_micro(v, round_up=True)
+    except ValueError:
         c.error(d, f"{key}.{field}", f"must be a number of US dollars, got {v!r}", field)
         return None
-    if not amount.is_finite() or amount < 0:
+    if micro < 0:
         c.error(d, f"{key}.{field}", f"must be a non-negative amount, got {v!r}", field)
         return None
-    return int((amount * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
+    return micro
 
 
 def _name(c: _Checker, where: LocDict, key: str, value: Any, field: str | None = None) -> str | None:
