@@ -29,7 +29,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from extproc import errors, metrics
+from extproc import config, errors, metrics
+from extproc.caps import CostBound, cost_bound
 from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, all_candidates, first_step, outcome_of_status
 from extproc.decide import KeyInfo, RouteChoice, authorize, resolve_route, visible_routes
 from extproc.envoy_config import CLUSTER_HEADER, NS_ATTEMPTS, NS_REQUEST, chain_cluster
@@ -37,23 +38,15 @@ from extproc.errors import ApiError
 from extproc.health import Health
 from extproc.keys import KeyStore, secret_from_headers
 from extproc.money import format_usd
-from extproc.payload import (
-    ENDPOINTS,
-    ParsedRequest,
-    SseUsageScanner,
-    Usage,
-    estimate_prompt_tokens,
-    parse_request,
-    rewrite_body,
-    usage_from_body,
-)
+from extproc.payload import ENDPOINTS, ParsedRequest, Usage, estimated_usage, parse_request, rewrite_body, usage_from_json
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.policy.model import Policy, Route
 from extproc.protocol import header as _opt
 from extproc.protocol import headers_of as _headers_of
 from extproc.protocol import immediate, metadata, namespace
-from extproc.quota import Account, Limits, Quota, Reservation, estimate, month_of, now_ms, reservation_ttl_ms, valid_id
+from extproc.quota import Account, Limits, Quota, Reservation, ReserveResult, month_of, now_ms, reservation_ttl_ms, valid_id
 from extproc.records import Attempt
+from extproc.stream import StreamMeter, text_bytes
 
 log = logging.getLogger("tollgate.downstream")
 
@@ -72,6 +65,8 @@ class Gateway:
     health: Health
     provider_secrets: dict[str, str] = field(default_factory=dict)
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    reservation_grace_s: float = config.RESERVATION_GRACE_S
+    max_body_bytes: int = config.MAX_BODY_BYTES  # Envoy buffers bodies up to this (envoy_config)
 
     def spawn(self, coro: Any) -> None:
         """Run work the reply need not wait for, keeping a reference until it is done."""
@@ -97,7 +92,9 @@ class Exchange:
         self.route: Route | None = None  # known once resolved, even if then refused
         self.choice: RouteChoice | None = None
         self.reservation: Reservation | None = None
-        self.prompt_estimate = 0
+        self.bound: CostBound | None = None
+        self.reservation_ttl_ms = 0
+        self.extend_at = 0.0  # monotonic time when a flowing stream extends its reservation
         self.rate_headers: dict[str, str] = {}
         self.attempts: list[Attempt] = []
         self.skipped: Attempt | None = None  # the primary, when its circuit was open
@@ -108,10 +105,11 @@ class Exchange:
         self.fallback_reason = "none"
         self.upstream_status = 0
         self.local_reply = False
-        self.streaming = False
-        self.scanner: SseUsageScanner | None = None
+        self.streaming = False  # the response body passes in STREAMED mode (SSE, or too large)
+        self.meter: StreamMeter | None = None
         self.pending_remove: list[str] = []
-        self.usage_source = "provider"
+        self.usage_source = "provider"  # or "estimated" (no usage came), "reservation" (answer lost)
+        self.overrun = False  # the provider billed more than was reserved
         self.record_id = uuid.uuid4().hex  # publishes the usage record exactly once
         self.finished = False
 
@@ -178,7 +176,8 @@ class Exchange:
             return self.reject(refusal)
 
         self.chained = route.max_attempts > 1
-        body = rewrite_body(parsed, self.path, target.upstream_model)
+        assert self.reservation is not None
+        body = rewrite_body(parsed, self.path, target.upstream_model, self.reservation.cap)
         cluster = chain_cluster(choice.provider.name) if self.chained else choice.provider.name
         set_headers = [_opt(CLUSTER_HEADER, cluster), _opt("content-length", str(len(body)))]
         remove = ["api-key", *self.client_internal_headers]
@@ -207,17 +206,17 @@ class Exchange:
         )
 
     async def reserve(self, parsed: ParsedRequest, choice: RouteChoice, key: KeyInfo) -> ApiError | None:
-        """Reserve the request's expected cost; an ApiError when it must not go upstream."""
+        """Reserve the most the request can cost (caps.py); an ApiError when it must not go
+        upstream. The reservation's output cap is then written into the forwarded body."""
         route, plan = choice.route, choice.plan
-        self.prompt_estimate = estimate_prompt_tokens(parsed.prompt_chars)
         candidates = all_candidates(self.policy, route, plan)
-        est = estimate(self.prompt_estimate, parsed.max_tokens or route.default_max_tokens, candidates)
-        res = Reservation(Account(key.customer, key.workspace, key.key_id), self.request_id, month_of(time.time()),
-                          est.micro, est.tokens, plan.prepaid)
+        self.bound = bound = cost_bound(self.path, parsed.body, parsed.body_bytes, route.default_max_tokens, candidates)
+        res = Reservation(Account(key.customer, key.workspace, key.key_id), self.request_id, month_of(time.time()), plan.prepaid)
         # In flight at most: every attempt timing out on the slowest provider it may reach.
-        ttl = reservation_ttl_ms([self.policy.providers[m.provider].timeout_s for m in candidates], route.max_attempts)
+        ttl = reservation_ttl_ms([self.policy.providers[m.provider].timeout_s for m in candidates], route.max_attempts,
+                                 self.gw.reservation_grace_s)
         try:
-            result = await self.gw.quota.reserve(res, Limits.of(plan, key.rpm, key.tpm), ttl, self.record_base())
+            result = await self.gw.quota.reserve(res, bound, Limits.of(plan, key.rpm, key.tpm), ttl, self.record_base())
         except RedisError:
             metrics.REDIS_ERRORS.labels("reserve").inc()
             return errors.quota_unavailable()
@@ -227,20 +226,28 @@ class Exchange:
                             "send a new x-request-id.", param="x-request-id")
         if result.status != "ok":
             self.gw.spawn(self.gw.quota.forget_hint(res))
-        if result.status == "refused":
-            metrics.QUOTA_REJECTIONS.labels(route.name, result.reason).inc()
-            if result.reason in ("rpm", "tpm"):
-                self.fallback_reason = "rate_limit"
-                what = "requests" if result.reason == "rpm" else "tokens"
-                return errors.rate_limited(f"Rate limit reached for {what} per minute on this key, workspace or customer.",
-                                           -(-result.retry_after_ms // 1000))
-            self.fallback_reason = "budget"
-            if result.reason == "balance":
-                return errors.insufficient_quota("Your prepaid balance is too low for this request. Add funds to continue.")
-            return errors.insufficient_quota("The monthly spend limit for this customer or workspace has been reached.")
-        self.reservation = res
+            return self.refusal(route.name, result, bound)
+        self.reservation = Reservation(res.account, res.request_id, res.month, res.prepaid, result.amount, result.cap)
+        self.reservation_ttl_ms = ttl
+        self.extend_at = time.monotonic() + ttl / 1000 * config.EXTEND_WHEN_LEFT
         self.attempts = [Attempt(choice.target.name, choice.provider.name, 0, "unknown")]
         return None
+
+    def refusal(self, route: str, result: ReserveResult, bound: CostBound) -> ApiError:
+        """SPEC §4's 429s, saying what this request could cost and what is left."""
+        metrics.QUOTA_REJECTIONS.labels(route, result.reason).inc()
+        if result.reason in ("rpm", "tpm"):
+            self.fallback_reason = "rate_limit"
+            what = "requests" if result.reason == "rpm" else "tokens"
+            return errors.rate_limited(f"Rate limit reached for {what} per minute on this key, workspace or customer.",
+                                       -(-result.retry_after_ms // 1000))
+        self.fallback_reason = "budget"
+        where = "prepaid balance" if result.reason == "balance" else "monthly spend limit"
+        output = f" and {bound.min_output_tokens} output token(s) per choice" if bound.min_output_tokens else ""
+        return errors.insufficient_quota(
+            f"This request could cost up to ${format_usd(result.need)} ({bound.input_tokens} input token(s) at most{output}), "
+            f"but only ${format_usd(max(0, result.available))} is left in the {where} of this customer or workspace. "
+            "Add funds, raise the limit, or send a shorter request.")
 
     # --- response path ------------------------------------------------------------------
 
@@ -262,16 +269,29 @@ class Exchange:
                 return self.replace_response(err, phase="headers")
             cost = await self.finish(None)
             return self.headers_reply(self.attribution(cost), remove)
-        if self.replacement is None and not self.local_reply and "text/event-stream" in h.get("content-type", ""):
-            self.streaming = True
-            self.scanner = SseUsageScanner()
-            resp = self.headers_reply(self.attribution(cost_micro=None), remove)
-            resp.mode_override.CopyFrom(
-                pb.ProcessingMode(request_body_mode=pb.ProcessingMode.NONE, response_body_mode=pb.ProcessingMode.STREAMED)
-            )
-            return resp
+        if self.replacement is None and not self.local_reply:
+            is_sse = "text/event-stream" in h.get("content-type", "")
+            too_large = int(h.get("content-length") or 0) > self.gw.max_body_bytes
+            if is_sse or too_large:
+                return self.stream_through(is_sse, remove)
         self.pending_remove = remove
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+
+    def stream_through(self, is_sse: bool, remove: list[str]) -> pb.ProcessingResponse:
+        """Let the body pass chunk by chunk (STREAMED): a stream at the provider's pace, or a
+        JSON answer too large for Envoy's buffer. The meter bills it from its usage; a client
+        that did not ask for a stream's usage chunk never sees it."""
+        self.streaming = True
+        parsed = self.parsed
+        strip = is_sse and parsed is not None and not parsed.wants_usage_chunk and self.path != "/v1/responses"
+        self.meter = StreamMeter(strip_usage=strip, json_body=not is_sse)
+        if strip:
+            remove = [*remove, "content-length"]
+        resp = self.headers_reply(self.attribution(cost_micro=None), remove)
+        resp.mode_override.CopyFrom(
+            pb.ProcessingMode(request_body_mode=pb.ProcessingMode.NONE, response_body_mode=pb.ProcessingMode.STREAMED)
+        )
+        return resp
 
     def learn_attempts(self, req: pb.ProcessingRequest, stop_reason: str | None) -> None:
         """Every attempt and how it ended: from the upstream processor's notes (chains) and
@@ -326,12 +346,7 @@ class Exchange:
 
     async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
         if self.streaming:
-            assert self.scanner is not None
-            self.scanner.feed(msg.body)
-            if msg.end_of_stream:
-                self.scanner.finish()
-                await self.finish(self.stream_usage())
-            return pb.ProcessingResponse(response_body=pb.BodyResponse())
+            return await self.stream_chunk(msg)
         if self.replacement is not None:
             await self.finish(None)
             return self.replace_response(self.replacement, phase="body")
@@ -339,46 +354,98 @@ class Exchange:
             err = self.local_reply_error()
             await self.finish(None)
             return self.replace_response(err, phase="body")
-        usage = usage_from_body(msg.body) if 200 <= self.upstream_status < 300 else None
+        usage = self.body_usage(msg.body) if self.served() else None
         cost = await self.finish(usage)
         mutation = pb.HeaderMutation(set_headers=self.attribution(cost), remove_headers=self.pending_remove)
         return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(header_mutation=mutation)))
 
+    async def stream_chunk(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        """One chunk of a streamed body: metered, maybe rewritten (usage chunk stripped);
+        a long stream keeps its reservation alive; the last chunk settles."""
+        meter = self.meter
+        assert meter is not None
+        out = meter.feed(msg.body)
+        if msg.end_of_stream:
+            out += meter.finish()
+            await self.finish(self.stream_usage())
+        elif self.reservation is not None and time.monotonic() >= self.extend_at:
+            self.extend_at = time.monotonic() + self.reservation_ttl_ms / 1000 * config.EXTEND_WHEN_LEFT
+            self.gw.spawn(self.extend(self.reservation))
+        if out == msg.body:
+            return pb.ProcessingResponse(response_body=pb.BodyResponse())
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=out))))
+
+    async def extend(self, res: Reservation) -> None:
+        try:
+            await self.gw.quota.extend(res, self.reservation_ttl_ms)
+        except RedisError:
+            metrics.REDIS_ERRORS.labels("extend").inc()
+
+    def served(self) -> bool:
+        """A provider answered 2xx: it did the work, so the request is billed, never at 0."""
+        return 200 <= self.upstream_status < 300 and not self.local_reply
+
+    def body_usage(self, raw: bytes) -> Usage:
+        """A served JSON answer's usage; without one (or unreadable), an estimate of its text."""
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            obj = None
+        usage = usage_from_json(obj)
+        if usage is not None:
+            return usage
+        self.usage_source = "estimated"
+        generated = text_bytes(obj.get("choices", obj.get("output"))) if isinstance(obj, dict) else len(raw)
+        return estimated_usage(self.bound.rate_tokens if self.bound else 0, generated)
+
     async def close(self) -> None:
         """The stream ended. If the request was never accounted (the client went away, or
-        Envoy reset the stream), account for it now: nothing reserved may stay open."""
+        Envoy reset the stream), account for it now: nothing reserved may stay open. A
+        provider that answered 2xx did the work even if its body never got through: the
+        stream is billed from what passed, a lost JSON answer at its reservation (the cap)."""
         if self.finished or self.reservation is None:
             return
         if self.streaming:
             await self.finish(self.stream_usage(), status=499)
+        elif self.served():
+            self.usage_source = "reservation"
+            await self.finish(None, status=499, charge=self.reservation.amount)
         else:
             await self.finish(None, status=499)
 
     # --- accounting ---------------------------------------------------------------------
 
     def stream_usage(self) -> Usage | None:
-        """A stream's usage chunk; without one (cut short), an estimate from what was seen."""
-        assert self.scanner is not None
-        if self.scanner.usage is not None:
-            return self.scanner.usage
+        """A streamed answer's usage; without it (cut short, or a provider that sends none),
+        an estimate of the text that went out. None when nothing was served."""
+        assert self.meter is not None
+        if self.meter.usage is not None:
+            return self.meter.usage
+        if not self.served():
+            return None
         self.usage_source = "estimated"
-        return Usage(self.prompt_estimate, self.scanner.events)
+        return estimated_usage(self.bound.rate_tokens if self.bound else 0, self.meter.text)
 
     @property
     def chain(self) -> list[Attempt]:
         """Every candidate in order: the primary skipped for an open circuit, then the attempts."""
         return ([self.skipped] if self.skipped else []) + self.attempts
 
-    async def finish(self, usage: Usage | None, status: int | None = None) -> int:
-        """Account for the request exactly once: cost, metrics, settle/release, record."""
+    async def finish(self, usage: Usage | None, status: int | None = None, charge: int | None = None) -> int:
+        """Account for the request exactly once: cost, metrics, settle/release, record.
+        `usage` None means nothing was served (released at 0) unless `charge` names the cost."""
         if self.finished or self.choice is None:
             return 0
         self.finished = True
         c = self.choice
         final_status = status or self.upstream_status
-        served = usage is not None
-        cost = c.target.price.cost_micro(usage.prompt_tokens, usage.completion_tokens) if usage else 0
+        served = usage is not None or charge is not None
+        cost = c.target.price.cost_micro(usage.prompt_tokens, usage.completion_tokens) if usage else (charge or 0)
         kind = self.spend_kind()
+        reserved = self.reservation.amount if self.reservation else 0
+        self.overrun = cost > reserved
+        if self.overrun:
+            metrics.RESERVATION_OVERRUNS.labels(c.route.name, c.provider.name).inc()
         metrics.REQUESTS.labels(c.route.name, c.primary.name, c.target.name, str(final_status)).inc()
         for a in self.attempts:
             metrics.UPSTREAM_ATTEMPTS.labels(c.route.name, a.model, a.provider, a.reason).inc()
@@ -401,6 +468,7 @@ class Exchange:
         until then, so at worst the reaper turns it into an 'unsettled' record — never lost."""
         try:
             await self.gw.quota.finish(res, cost, tokens, served, record)
+            self.gw.spawn(self.publish(res, record))
             return
         except RedisError:
             metrics.REDIS_ERRORS.labels("finish").inc()
@@ -410,12 +478,20 @@ class Exchange:
                 await asyncio.sleep(delay)
                 try:
                     await self.gw.quota.finish(res, cost, tokens, served, record)
+                    await self.publish(res, record)
                     return
                 except RedisError:
                     metrics.REDIS_ERRORS.labels("finish").inc()
             log.error("request %s: could not settle; its reservation will expire as an unsettled record", res.request_id)
 
         self.gw.spawn(retry())
+
+    async def publish(self, res: Reservation, record: dict[str, str]) -> None:
+        """The settled record to the stream (the drainer does it if this fails)."""
+        try:
+            await self.gw.quota.publish(res, record)
+        except RedisError:
+            metrics.REDIS_ERRORS.labels("publish").inc()
 
     def spend_kind(self) -> str:
         """normal: the primary served on the first attempt; retry: a later attempt on the
@@ -450,8 +526,9 @@ class Exchange:
             "completion_tokens": str(usage.completion_tokens if usage else 0),
             "cost_micro_usd": str(cost), "retry_cost_micro_usd": str(cost if kind == "retry" else 0),
             "fallback_cost_micro_usd": str(cost if kind == "fallback" else 0),
-            "reserved_micro_usd": str(self.reservation.amount),
-            "usage_source": self.usage_source if usage else "none", "rule": self.rule,
+            "reserved_micro_usd": str(self.reservation.amount), "output_cap": str(self.reservation.cap),
+            "overrun": "true" if self.overrun else "false",
+            "usage_source": self.usage_source if usage or cost else "none", "rule": self.rule,
             "latency_ms": str(int((time.monotonic() - self.started) * 1000)),
             "attempt_list": json.dumps([a.as_dict() for a in self.chain]),
         })

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from extproc import config
 from extproc.errors import ApiError
 from extproc.policy.model import Policy, Provider
 
@@ -46,7 +47,7 @@ def chain_cluster(provider: str) -> str:
 
 def relay_cluster(slot: int) -> str:
     return f"tollgate_relay_{slot}"
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = config.MAX_BODY_BYTES
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 _T = "type.googleapis.com/envoy."

@@ -30,10 +30,14 @@ class Reply:
     status: int = 200
     delay_s: float = 0.0  # before the response headers
     chunk_delay_s: float = 0.0  # between streamed chunks
-    completion_tokens: int = 8  # at most the request's max_tokens
+    completion_tokens: int | None = 8  # per choice, at most the request's cap; None: all the cap allows
     prompt_tokens: int | None = None  # None: about characters / 4 of the input
     close: bool = False  # drop the connection without answering
     retry_after: int | None = None
+    prompt_per_byte: bool = False  # report one prompt token per UTF-8 byte of the input (the worst case)
+    honour_cap: bool = True  # False: a dishonest provider that ignores the output cap
+    usage: bool = True  # False: answer without `usage` (and streams without a usage chunk)
+    uncapped_tokens: int = 100_000  # what "all it allows" means when the request names no cap
 
 
 @dataclass
@@ -202,42 +206,91 @@ class _Handler(BaseHTTPRequestHandler):
     def _prompt_tokens(self, body: dict[str, Any], reply: Reply) -> int:
         if reply.prompt_tokens is not None:
             return reply.prompt_tokens
-        text = json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")
+        fields = [body.get(f) for f in PROMPT_FIELDS if body.get(f) is not None]
+        text = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+        if reply.prompt_per_byte:
+            return len(text.encode())
         return max(1, len(text) // 4)
 
     def _completion_tokens(self, body: dict[str, Any], reply: Reply) -> int:
-        limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
-        return min(reply.completion_tokens, limit) if isinstance(limit, int) else reply.completion_tokens
+        """Per choice: the reply's count, at most the cap the provider honours for this
+        endpoint (like OpenAI), or everything the cap allows."""
+        if self.path == "/v1/responses":
+            limit = body.get("max_output_tokens")
+        elif self.path == "/v1/completions":
+            limit = body.get("max_tokens")
+        else:
+            limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if not isinstance(limit, int) or not reply.honour_cap:
+            limit = None
+        wanted = reply.completion_tokens
+        if wanted is None:
+            return limit if limit is not None else reply.uncapped_tokens
+        return min(wanted, limit) if limit is not None else wanted
+
+    @staticmethod
+    def _choices(body: dict[str, Any]) -> tuple[int, int]:
+        """(choices returned, choices generated and billed): n, and best_of for completions."""
+        n, best_of = body.get("n"), body.get("best_of")
+        shown = n if isinstance(n, int) else 1
+        return shown, max(shown, best_of if isinstance(best_of, int) else 1)
 
     def _complete(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
         model = body.get("model", "unknown")
         prompt = self._prompt_tokens(body, reply)
-        n = self._completion_tokens(body, reply)
-        text = " ".join(_words(n))
+        per_choice = self._completion_tokens(body, reply)
+        shown, billed = self._choices(body)
+        n = per_choice * billed
+        text = " ".join(_words(per_choice))
         now = int(time.time())
         usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
         if self.path == "/v1/embeddings":
             inputs = body.get("input")
             count = len(inputs) if isinstance(inputs, list) else 1
             data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, 0.4]} for i in range(count)]
-            return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}
-        if self.path == "/v1/completions":
-            return {
+            out: dict[str, Any] = {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}
+        elif self.path == "/v1/completions":
+            out = {
                 "id": "cmpl-fake", "object": "text_completion", "created": now, "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}], "usage": usage,
+                "choices": [{"index": i, "text": text, "finish_reason": "length", "logprobs": None} for i in range(shown)], "usage": usage,
             }
-        if self.path == "/v1/responses":
-            return {
-                "id": "resp_fake", "object": "response", "created_at": now, "model": model, "status": "completed",
-                "output": [{"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
-                            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
-                "usage": {"input_tokens": prompt, "output_tokens": n, "total_tokens": prompt + n},
+        elif self.path == "/v1/responses":
+            out = self._response_object(body, model, text, prompt, n, now)
+        else:
+            out = {
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": now, "model": model,
+                "choices": [self._chat_choice(body, i, f"[{self.fake.name}] {text}") for i in range(shown)],
+                "usage": usage,
             }
+        if not reply.usage:
+            out.pop("usage", None)
+        return out
+
+    @staticmethod
+    def _chat_choice(body: dict[str, Any], index: int, text: str) -> dict[str, Any]:
+        tools = body.get("tools")
+        if isinstance(tools, list) and tools and isinstance(tools[0], dict):
+            name = (tools[0].get("function") or {}).get("name", "tool")
+            call = {"id": f"call_fake_{index}", "type": "function", "function": {"name": name, "arguments": json.dumps({"text": text})}}
+            return {"index": index, "message": {"role": "assistant", "content": None, "tool_calls": [call]}, "finish_reason": "tool_calls"}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+
+    @staticmethod
+    def _response_object(body: dict[str, Any], model: str, text: str, prompt: int, n: int, now: int) -> dict[str, Any]:
+        """A Responses-API object, in OpenAI's field order (usage after output and echoes)."""
         return {
-            "id": "chatcmpl-fake", "object": "chat.completion", "created": now, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"[{self.fake.name}] {text}"}, "finish_reason": "stop"}],
-            "usage": usage,
+            "id": "resp_fake", "object": "response", "created_at": now, "status": "completed", "model": model,
+            "instructions": body.get("instructions"),
+            "output": [{"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
+                        "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+            "tools": body.get("tools") or [],
+            "usage": {"input_tokens": prompt, "output_tokens": n, "total_tokens": prompt + n},
+            "metadata": body.get("metadata") or {},
         }
+
+    def _event(self, data: dict[str, Any], name: str | None = None) -> None:
+        head = f"event: {name}\n" if name else ""
+        self._chunk(f"{head}data: {json.dumps(data)}\n\n".encode())
 
     def _stream(self, body: dict[str, Any], reply: Reply) -> None:
         self.send_response(200)
@@ -247,22 +300,52 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         model = body.get("model", "unknown")
         prompt = self._prompt_tokens(body, reply)
-        n = self._completion_tokens(body, reply)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        per_choice = self._completion_tokens(body, reply)
+        shown, billed = self._choices(body)
+        n = per_choice * billed
+        if self.path == "/v1/responses":
+            self._stream_responses(body, reply, model, prompt, per_choice)
+            return
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and reply.usage
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+        for i, word in enumerate(_words(per_choice)):
+            if i and reply.chunk_delay_s:
+                time.sleep(reply.chunk_delay_s)
+            for c in range(shown):
+                if self.path == "/v1/completions":
+                    event = {**base, "object": "text_completion", "choices": [{"index": c, "text": word + " ", "finish_reason": None}]}
+                else:
+                    event = {**base, "choices": [{"index": c, "delta": {"content": word + " "}, "finish_reason": None}]}
+                if include_usage:
+                    event["usage"] = None  # as OpenAI does when the client asked for usage
+                self._event(event)
+        if include_usage:
+            usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+            self._event({**base, "choices": [], "usage": usage})
+        self._chunk(b"data: [DONE]\n\n")
+        self._chunk(b"")
+
+    def _stream_responses(self, body: dict[str, Any], reply: Reply, model: str, prompt: int, n: int) -> None:
+        """Responses-API stream events: created, text deltas, completed (with usage)."""
+        now = int(time.time())
+        final = self._response_object(body, model, " ".join(_words(n)), prompt, n, now)
+        seq = 0
+        self._event({"type": "response.created", "sequence_number": seq,
+                     "response": {**final, "status": "in_progress", "output": [], "usage": None}}, "response.created")
         for i, word in enumerate(_words(n)):
             if i and reply.chunk_delay_s:
                 time.sleep(reply.chunk_delay_s)
-            if self.path == "/v1/completions":
-                event = {**base, "object": "text_completion", "choices": [{"index": 0, "text": word + " ", "finish_reason": None}]}
-            else:
-                event = {**base, "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}]}
-            self._chunk(f"data: {json.dumps(event)}\n\n".encode())
-        if include_usage:
-            usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
-            self._chunk(f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n".encode())
-        self._chunk(b"data: [DONE]\n\n")
+            seq += 1
+            self._event({"type": "response.output_text.delta", "sequence_number": seq, "item_id": "msg_fake", "output_index": 0,
+                         "content_index": 0, "delta": word + " "}, "response.output_text.delta")
+        if not reply.usage:
+            final.pop("usage")
+        self._event({"type": "response.completed", "sequence_number": seq + 1, "response": final}, "response.completed")
         self._chunk(b"")
+
+
+# The request fields a provider turns into prompt tokens.
+PROMPT_FIELDS = ("messages", "prompt", "input", "instructions", "tools", "functions", "response_format", "text")
 
 
 def main(name: str, host: str, port: int) -> None:

@@ -25,6 +25,9 @@ UPSTREAM_ATTEMPTS = Counter(
 SPEND = Counter(
     "tollgate_spend_usd_total", "Settled spend in USD, by kind normal/retry/fallback.", ["route", "model", "provider", "kind"]
 )
+RESERVATION_OVERRUNS = Counter(
+    "tollgate_reservation_overruns_total", "Requests whose provider billed more than the reservation (the cap).", ["route", "provider"]
+)
 TOKENS = Counter("tollgate_tokens_total", "Tokens billed.", ["route", "model", "type"])
 QUOTA_REJECTIONS = Counter(
     "tollgate_quota_rejections_total", "Requests refused before any upstream call.", ["route", "reason"]

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from extproc import config
+from extproc.caps import write_cap
 from extproc.errors import ApiError, invalid_request
 
 ENDPOINTS = {
@@ -27,8 +29,13 @@ class ParsedRequest:
     body: dict[str, Any]
     model: str
     stream: bool
-    max_tokens: int | None
-    prompt_chars: int
+    body_bytes: int  # the body's size: it bounds the prompt tokens (caps.py)
+
+    @property
+    def wants_usage_chunk(self) -> bool:
+        """Whether the client itself asked for a stream's usage chunk."""
+        options = self.body.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def parse_request(path: str, raw: bytes) -> ParsedRequest | ApiError:
@@ -59,28 +66,23 @@ def parse_request(path: str, raw: bytes) -> ParsedRequest | ApiError:
         return invalid_request("'stream' must be a boolean.", param="stream")
     if stream and path == "/v1/embeddings":
         return invalid_request("Embeddings cannot be streamed.", param="stream")
-    max_tokens = None
     for f in MAX_TOKEN_FIELDS:
         v = body.get(f)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             return invalid_request(f"'{f}' must be a positive integer.", param=f)
-        max_tokens = v
-        break
-    prompt_chars = len(json.dumps(body.get(required) if required else body.get("input", ""), ensure_ascii=False))
-    return ParsedRequest(body, model, stream, max_tokens, prompt_chars)
+    for f in ("n", "best_of"):
+        v = body.get(f)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= config.MAX_CHOICES):
+            return invalid_request(f"'{f}' must be an integer from 1 to {config.MAX_CHOICES}.", param=f)
+    return ParsedRequest(body, model, stream, len(raw))
 
 
-def estimate_prompt_tokens(prompt_chars: int) -> int:
-    """An upper-leaning estimate: ~4 characters a token for English; never below 1."""
-    return max(1, -(-prompt_chars // 3))
-
-
-def rewrite_body(parsed: ParsedRequest, path: str, upstream_model: str) -> bytes:
-    """The body the provider gets: its own model name; streams ask for the final usage chunk."""
+def rewrite_body(parsed: ParsedRequest, path: str, upstream_model: str, output_cap: int) -> bytes:
+    """The body the provider gets: its own model name, the gateway's output cap (caps.py);
+    streams ask for the final usage chunk."""
     body = dict(parsed.body)
     body["model"] = upstream_model
+    write_cap(path, body, output_cap)
     if parsed.stream and path in ("/v1/chat/completions", "/v1/completions"):
         options = body.get("stream_options")
         body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
@@ -112,43 +114,11 @@ def usage_from_json(obj: Any) -> Usage | None:
 def usage_from_body(raw: bytes) -> Usage | None:
     try:
         return usage_from_json(json.loads(raw))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None
 
 
-class SseUsageScanner:
-    """Finds `usage` in a Server-Sent Events stream fed chunk by chunk.
-
-    Only `data:` lines that mention "usage" are parsed, so the per-chunk cost stays small;
-    a line split across chunks is reassembled.
-    """
-
-    def __init__(self) -> None:
-        self._tail = b""
-        self.usage: Usage | None = None
-        self.events = 0  # data events seen: a fallback estimate of completion tokens
-
-    def feed(self, chunk: bytes) -> None:
-        data = self._tail + chunk
-        lines = data.split(b"\n")
-        self._tail = lines.pop()
-        if len(self._tail) > 1 << 20:
-            self._tail = b""  # a runaway line without newline: not an event we can bill from
-        for line in lines:
-            self._line(line)
-
-    def finish(self) -> None:
-        if self._tail:
-            self._line(self._tail)
-            self._tail = b""
-
-    def _line(self, line: bytes) -> None:
-        if line.startswith(b"data:") and not line.startswith(b"data: [DONE]"):
-            self.events += 1
-        if line.startswith(b"data:") and b'"usage"' in line:
-            try:
-                found = usage_from_json(json.loads(line[5:]))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                return
-            if found is not None and (found.prompt_tokens or found.completion_tokens):
-                self.usage = found
+def estimated_usage(prompt_estimate: int, text_bytes: int) -> Usage:
+    """Usage of a served answer that came without it: the prompt's typical size and the
+    generated text at BYTES_PER_TOKEN (never 0 for a served answer)."""
+    return Usage(prompt_estimate, -(-text_bytes // config.BYTES_PER_TOKEN))

@@ -32,14 +32,15 @@ may end on. It is refunded to the real cost when the response's `usage` arrives.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.policy.model import Model, Plan
+from extproc import config
+from extproc.caps import CostBound
+from extproc.policy.model import Plan
 from extproc.store import RedisLike, Scripts
 from extproc.store import text as _s
 
@@ -55,18 +56,6 @@ def valid_id(value: str) -> bool:
 
 
 # --- pure parts ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Estimate:
-    micro: int
-    tokens: int
-
-
-def estimate(prompt_tokens: int, max_tokens: int, candidates: list[Model]) -> Estimate:
-    """The reservation: the dearest candidate model's price for the prompt plus max_tokens."""
-    micro = max(m.price.cost_micro(prompt_tokens, max_tokens) for m in candidates)
-    return Estimate(micro, prompt_tokens + max_tokens)
 
 
 @dataclass(frozen=True)
@@ -104,14 +93,15 @@ def month_of(ts: float) -> str:
 
 @dataclass(frozen=True)
 class Reservation:
-    """What `finish` needs to settle exactly what `reserve` took."""
+    """What `finish` needs to settle exactly what `reserve` took (`amount` and the output
+    `cap` are known once `reserve` has answered)."""
 
     account: Account
     request_id: str
     month: str
-    amount: int
-    tokens: int
     prepaid: bool
+    amount: int = 0
+    cap: int = 0
 
     @property
     def member(self) -> str:
@@ -155,14 +145,37 @@ class ReserveResult:
     reason: str  # "ok", "rpm", "tpm", "balance", "budget", "duplicate"
     retry_after_ms: int
     rate: RateInfo
+    cap: int = 0  # output tokens per choice the forwarded body must carry
+    amount: int = 0  # micro-USD reserved
+    need: int = 0  # money refusals: what the smallest useful request costs (micro-USD)
+    available: int = 0  # money refusals: what the tightest limit has left (micro-USD)
+
+
+# Money arithmetic in reserve.lua uses doubles: every nano-USD figure stays below 2^52.
+NANO_CEILING = 2**52
+
+
+def reserve_args(bound: CostBound, limits: Limits, ttl_ms: int, request_id: str) -> dict[str, int | str]:
+    """reserve.lua's request, by name (see the script's header)."""
+    token_nano = bound.choices * bound.output_price
+    input_nano = min(bound.input_tokens * bound.input_price, NANO_CEILING)
+    want = bound.output_tokens
+    if token_nano:
+        want = max(0, min(want, (NANO_CEILING - input_nano) // token_nano))
+    return {
+        "input_nano": input_nano, "token_nano": token_nano, "want": want, "min": min(bound.min_output_tokens, want),
+        "rate_tokens": bound.rate_tokens, "choices": bound.choices, "prepaid": int(limits.prepaid),
+        "budget": _lim(limits.monthly_budget_micro), "rpm": _lim(limits.rpm), "tpm": _lim(limits.tpm),
+        "key_rpm": _lim(limits.key_rpm), "key_tpm": _lim(limits.key_tpm), "ttl_ms": ttl_ms, "request_id": request_id,
+    }
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _opt(v: int | None) -> str:
-    return "-1" if v is None else str(v)
+def _lim(v: int | None) -> int:
+    return -1 if v is None else v
 
 
 # --- Redis edge --------------------------------------------------------------------------------
@@ -183,9 +196,10 @@ def request_key(request_id: str) -> str:
 class Quota:
     def __init__(self, redis: RedisLike) -> None:
         self.redis = redis
-        self.scripts = Scripts(redis, "reserve", "finish", "expire", "publish", "hint_done")
+        self.scripts = Scripts(redis, "reserve", "finish", "expire", "publish", "hint_done", "extend")
 
-    async def reserve(self, res: Reservation, limits: Limits, ttl_ms: int, record: dict[str, str]) -> ReserveResult:
+    async def reserve(self, res: Reservation, bound: CostBound, limits: Limits, ttl_ms: int, record: dict[str, str]) -> ReserveResult:
+        """Check every limit and reserve the request's cap, in one atomic step."""
         a = res.account
         keys = [
             a.k(f"req:{res.request_id}"), a.k(f"resv:{res.request_id}"), a.k("resv-index"),
@@ -193,10 +207,7 @@ class Quota:
             a.w("reserved"), a.w(f"spend:{res.month}"), a.w("limits"),
             a.k(f"key:{a.key_id}:rpm"), a.k(f"key:{a.key_id}:tpm"), a.w("rpm"), a.w("tpm"), a.k("rpm"), a.k("tpm"),
         ]
-        args: list[str | int] = [
-            res.amount, res.tokens, int(limits.prepaid), _opt(limits.monthly_budget_micro), _opt(limits.rpm),
-            _opt(limits.tpm), _opt(limits.key_rpm), _opt(limits.key_tpm), ttl_ms, res.request_id, json.dumps(record),
-        ]
+        args = [json.dumps(reserve_args(bound, limits, ttl_ms, res.request_id)), json.dumps(record)]
 
         # The hint goes first: a reservation that exists always has one.
         _, r = await self.scripts.batch(
@@ -206,15 +217,29 @@ class Quota:
         code = int(r[0])
         rate = RateInfo(*(int(float(x)) for x in r[3:9]))
         status = {1: "ok", 0: "refused", -1: "duplicate"}[code]
-        return ReserveResult(status, _s(r[1]), int(r[2]), rate)
+        cap, amount, need, available = (int(float(x)) for x in r[9:13])
+        return ReserveResult(status, _s(r[1]), int(r[2]), rate, cap, amount, need, available)
 
     async def forget_hint(self, res: Reservation) -> None:
-        """A refused reservation leaves its hint behind; drop it (off the reply path)."""
+        """Drop a reservation's hint once the reservation is gone (refused, or finished: only
+        after `finish` succeeded, so a failed settlement always leaves a hint for the reaper)."""
         await self.redis.zrem(RESERVATION_HINTS, res.member)
 
+    async def extend(self, res: Reservation, ttl_ms: int) -> bool:
+        """Push a live reservation's deadline `ttl_ms` from now (a flowing stream); False when
+        it is already gone. The hint moves first, so it never falls behind the reservation."""
+        a = res.account
+        _, deadline = await self.scripts.batch(
+            lambda c: c.zadd(RESERVATION_HINTS, {res.member: now_ms() + ttl_ms + 1000}, xx=True, gt=True),
+            lambda c: self.scripts.call(c, "extend", [a.k(f"resv:{res.request_id}"), a.k("resv-index")], [res.request_id, ttl_ms]),
+        )
+        return int(deadline) > 0
+
     async def finish(self, res: Reservation, cost_micro: int, actual_tokens: int, served: bool, record: dict[str, str]) -> None:
-        """Settle (or release, with cost 0), then publish the record exactly once. One round
-        trip on one Redis; on a cluster the commands run in order, one after another."""
+        """Settle (or release, with cost 0) and put the record in the customer's outbox, in
+        one atomic step. Raises if that failed: then the reservation and its hint stay for the
+        reaper. Only after it returned may the caller `publish` (record to the stream, hint
+        gone); a processor that dies in between leaves the outbox to the drainer."""
         a = res.account
         uid = record["record_id"]
         keys = [
@@ -230,8 +255,16 @@ class Quota:
             # customer who never pauses gets drained.
             lambda c: c.zadd(OUTBOX_HINTS, {a.customer: now_ms()}, nx=True),
             lambda c: self.scripts.call(c, "finish", keys, args),
-            lambda c: self._publish(c, uid, res.request_id, body),
-            lambda c: c.hdel(a.k("outbox"), uid),
+        )
+
+    async def publish(self, res: Reservation, record: dict[str, str]) -> None:
+        """After `finish`: the record to the usage stream exactly once, then its outbox entry
+        and the reservation's hint go (off the reply path)."""
+        uid = record["record_id"]
+        await self.scripts.eval("publish", *self._publish_args(uid, res.request_id, json.dumps(record)))
+        # Only once published: a failed publish leaves the outbox entry to the drainer.
+        await self.scripts.batch(
+            lambda c: c.hdel(res.account.k("outbox"), uid),
             lambda c: c.zrem(RESERVATION_HINTS, res.member),
         )
 
@@ -284,6 +317,23 @@ class Quota:
                 await self.redis.zrem(RESERVATION_HINTS, _s(m))
         return done
 
+    async def sweep_orphans(self, grace_s: float) -> int:
+        """Give a hint back to every reservation overdue by more than `grace_s` that has none
+        (its hint was lost), so `expire_overdue` takes it. Returns how many it found."""
+        found = 0
+        cutoff = now_ms() - int(grace_s * 1000)
+        async for index in self.redis.scan_iter(match="tollgate:{c:*}:resv-index", count=1000):
+            name = _s(index)
+            customer = name[len("tollgate:{c:"):-len("}:resv-index")]
+            for rid in await self.redis.zrangebyscore(name, "-inf", cutoff, start=0, num=100):
+                request_id = _s(rid)
+                record = await self.redis.hget(Account(customer, "", "").k(f"resv:{request_id}"), "record")
+                workspace = json.loads(_s(record)).get("workspace_id", "") if record else ""
+                member = json.dumps([customer, workspace, request_id])
+                if await self.redis.zadd(RESERVATION_HINTS, {member: now_ms()}, nx=True):
+                    found += 1
+        return found
+
     # --- accounts (CLI) ---------------------------------------------------------------------
 
     async def balance_add(self, customer: str, micro: int) -> int:
@@ -310,8 +360,7 @@ class Quota:
                 await self.redis.hset(target, name, value)
 
 
-def reservation_ttl_ms(timeouts_s: list[float], max_attempts: int) -> int:
+def reservation_ttl_ms(timeouts_s: list[float], max_attempts: int, grace_s: float = config.RESERVATION_GRACE_S) -> int:
     """How long a reservation may stay in flight before the reaper calls it unsettled:
-    every attempt timing out, plus a grace (TOLLGATE_RESERVATION_GRACE_S, default 60 s)."""
-    grace = float(os.environ.get("TOLLGATE_RESERVATION_GRACE_S", "60"))
-    return int((max(timeouts_s) * max_attempts + grace) * 1000)
+    every attempt timing out, plus a grace. A flowing stream extends it (`extend`)."""
+    return int((max(timeouts_s) * max_attempts + grace_s) * 1000)

@@ -24,7 +24,7 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
 
-from extproc import metrics
+from extproc import config, metrics
 from extproc.downstream import Exchange, Gateway
 from extproc.envoy_config import GrpcEndpoint, worker_endpoints
 from extproc.errors import ApiError
@@ -102,7 +102,8 @@ class Processor:
         policy = load_policy(policy_paths)
         self.redis = redis_client(redis_url)
         self.gateway = Gateway(policy=policy, keys=KeyStore(self.redis), quota=Quota(self.redis), health=Health(self.redis, policy),
-                               provider_secrets=provider_secrets(policy))
+                               provider_secrets=provider_secrets(policy),
+                               reservation_grace_s=float(os.environ.get("TOLLGATE_RESERVATION_GRACE_S", config.RESERVATION_GRACE_S)))
         self._mtimes = self._stat()
 
     async def process(self, requests: AsyncIterator[pb.ProcessingRequest], context: Any) -> AsyncIterator[pb.ProcessingResponse]:
@@ -178,6 +179,7 @@ class Processor:
     async def reap_reservations(self, interval_s: float) -> None:
         """Every processor sweeps reservations past their deadline into 'unsettled' records
         (the script is atomic, so several sweeping at once is harmless)."""
+        next_sweep = time.monotonic() + config.ORPHAN_SWEEP_INTERVAL_S
         while True:
             await asyncio.sleep(interval_s)
             try:
@@ -187,6 +189,11 @@ class Processor:
                 n = await self.gateway.quota.drain_outboxes()
                 if n:
                     log.warning("published %d usage record(s) a stopped processor had settled", n)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + config.ORPHAN_SWEEP_INTERVAL_S
+                    n = await self.gateway.quota.sweep_orphans(self.gateway.reservation_grace_s)
+                    if n:
+                        log.warning("found %d overdue reservation(s) without a hint; the reaper takes them", n)
             except RedisError:
                 metrics.REDIS_ERRORS.labels("reaper").inc()
 

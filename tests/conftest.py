@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +88,7 @@ def catalog(fakes: dict[str, FakeProvider]) -> dict[str, Any]:
             "starter_down": {"routes": "*", "fallback": {"allow": ["same_tier", "downgrade"]}},
             "premium_no_down": {"routes": "*", "fallback": {"allow": ["same_tier"]}},
             "prepaid": {"routes": "*", "requests_per_minute": 100000, "prepaid": True},
-            "tiny_budget": {"routes": "*", "monthly_budget_usd": 0.0001},
+            "tiny_budget": {"routes": "*", "monthly_budget_usd": 0.00001},
         },
         "routes": [
             {"route": "legal_summary", "primary_model": "strong_reasoning",
@@ -138,6 +141,21 @@ class Stack:
 
     def client(self, secret: str, **kw: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=secret, max_retries=0, timeout=30, **kw)
+
+
+def post_raw(url: str, body: bytes, secret: str, headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, Any]:
+    """POST exact bytes (the SDK would re-serialise them): (status, parsed JSON or text)."""
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"authorization": f"Bearer {secret}", "content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode("utf-8", "replace")
 
 
 def logdir() -> Path:

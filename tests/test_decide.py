@@ -9,6 +9,7 @@ from extproc.decide import KeyInfo, authorize, resolve_route, visible_routes
 from extproc.errors import ApiError
 from extproc.policy import load_policy
 from extproc.policy.model import Plan, Route
+from extproc.stream import StreamMeter
 
 POLICY = load_policy([Path(__file__).resolve().parent.parent / "extproc" / "examples" / "policy"])
 
@@ -74,12 +75,12 @@ def test_parse_rejects_wrong_types() -> None:
 def test_rewrite_sets_the_provider_model_and_asks_streams_for_usage() -> None:
     parsed = payload.parse_request("/v1/chat/completions", b'{"model":"r","stream":true,"messages":[{"role":"user","content":"x"}]}')
     assert not isinstance(parsed, ApiError)
-    body = payload.rewrite_body(parsed, "/v1/chat/completions", "gpt-4o-mini")
+    body = payload.rewrite_body(parsed, "/v1/chat/completions", "gpt-4o-mini", 100)
     assert b'"model":"gpt-4o-mini"' in body and b'"stream_options":{"include_usage":true}' in body
 
 
 def test_sse_scanner_finds_usage_split_across_chunks() -> None:
-    scanner = payload.SseUsageScanner()
+    scanner = StreamMeter()
     event = b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}\n\ndata: [DONE]\n\n'
     scanner.feed(event[:25])
     scanner.feed(event[25:])

@@ -19,10 +19,8 @@ import pytest
 
 from extproc.devstack import Processor, RedisServer
 from extproc.fakeprovider import FakeProvider, Reply
-from extproc.payload import estimate_prompt_tokens
-from extproc.policy import load_policy
 from extproc.quota import Account, month_of
-from tests.conftest import Stack, running_stack
+from tests.conftest import Stack, post_raw, running_stack
 
 MESSAGES = [{"role": "user", "content": "Classify this ticket: my invoice is wrong."}]
 
@@ -54,30 +52,32 @@ def reservations_of(stack: Stack, customer: str) -> list[str]:
     return [m.decode() for m in stack.redis_sync().zrange("tollgate:reservations", 0, -1) if json.loads(m)[0] == customer]
 
 
-def exact_cost(stack: Stack, model: str, max_tokens: int) -> int:
-    """Script the fake to report exactly the gateway's estimate; returns that cost."""
-    prompt = estimate_prompt_tokens(len(json.dumps(MESSAGES, ensure_ascii=False)))
-    for f in stack.fakes.values():
-        f.default = Reply(prompt_tokens=prompt, completion_tokens=max_tokens)
-    return load_policy([str(stack.policy_dir)]).models[model].price.cost_micro(prompt, max_tokens)
+# A fixed body, so the reservation can be computed by hand: its bytes bound the prompt.
+RACE_BODY = b'{"model":"ROUTE","messages":[{"role":"user","content":"Classify my ticket."}],"max_tokens":16}'
 
 
-def race(stack: Stack, customer: str, route: str, model: str, k: int, n: int) -> tuple[list[int], int]:
-    """n concurrent requests from a prepaid customer whose balance covers exactly k of them."""
+def race_body(route: str) -> bytes:
+    return RACE_BODY.replace(b"ROUTE", route.encode())
+
+
+def race(stack: Stack, customer: str, route: str, price: tuple[int, int], k: int, n: int) -> tuple[list[int], int]:
+    """n concurrent requests from a prepaid customer whose balance covers exactly k reservations;
+    the provider reports exactly what was reserved (one prompt token per body byte, 16 out)."""
     _, secret = stack.create_key(customer, plan="prepaid")
-    cost = exact_cost(stack, model, 16)
+    body = race_body(route)
+    prompt = len(body)
+    cost = -(-(prompt * price[0] + 16 * price[1]) // 1_000_000)
+    for f in stack.fakes.values():
+        f.default = Reply(prompt_tokens=prompt, completion_tokens=16)
     assert tollgate(stack, "balance", "add", "--customer", customer, "--usd", f"{k * cost / 1e6:.6f}").returncode == 0
-    client = stack.client(secret)
     start = threading.Barrier(n)
 
     def one(_: int) -> int:
         start.wait()
-        try:
-            client.chat.completions.create(model=route, messages=MESSAGES, max_tokens=16)
-            return 200
-        except openai.APIStatusError as exc:
-            assert exc.response.json()["error"]["code"] == "insufficient_quota"
-            return exc.status_code
+        status, reply = post_raw(f"{stack.base_url}/chat/completions", body, secret)
+        if status != 200:
+            assert reply["error"]["code"] == "insufficient_quota"
+        return status
 
     with ThreadPoolExecutor(n) as pool:
         statuses = list(pool.map(one, range(n)))
@@ -97,7 +97,7 @@ def assert_nothing_left_over(stack: Stack, customer: str, served: int, cost: int
 def test_race_concurrent_requests_are_served_exactly_up_to_the_balance(stack: Stack, customer: str) -> None:
     """legal_summary has one model, so the reservation equals the real cost: exactly k pass."""
     k, n = 5, 50
-    statuses, cost = race(stack, customer, "legal_summary", "strong_reasoning", k, n)
+    statuses, cost = race(stack, customer, "legal_summary", (2_000_000, 8_000_000), k, n)  # strong_reasoning's price
     assert statuses.count(200) == k and statuses.count(429) == n - k
     assert stack.fakes["p3"].calls() == k
     assert money(stack, customer)["balance"] == 0  # settled spend equals the balance, never more
@@ -108,7 +108,7 @@ def test_race_with_fallback_reservations_never_overspends(stack: Stack, customer
     """support_draft may fall back to a dearer model, so each request reserves more than it
     costs: at most k pass, and the customer is never charged beyond the balance."""
     k, n = 5, 50
-    statuses, cost = race(stack, customer, "support_draft", "low_cost_chat", k, n)
+    statuses, cost = race(stack, customer, "support_draft", (150_000, 600_000), k, n)  # low_cost_chat's price
     served = statuses.count(200)
     assert 1 <= served <= k and statuses.count(429) == n - served
     assert stack.fakes["p1"].calls() == served
@@ -210,7 +210,7 @@ def test_prepaid_customer_without_balance_is_refused(stack: Stack, customer: str
 def test_workspace_monthly_limit_refuses_only_that_workspace(stack: Stack, customer: str) -> None:
     _, capped = stack.create_key(customer, workspace="capped")
     _, free = stack.create_key(customer, workspace="free")
-    out = tollgate(stack, "limits", "set", "--customer", customer, "--workspace", "capped", "--monthly-usd", "0.0001")
+    out = tollgate(stack, "limits", "set", "--customer", customer, "--workspace", "capped", "--monthly-usd", "0.00001")
     assert out.returncode == 0, out.stderr
     with pytest.raises(openai.RateLimitError) as info:
         stack.client(capped).chat.completions.create(model="support_draft", messages=MESSAGES)

@@ -34,7 +34,7 @@ def test_the_cluster_spreads_customers_over_three_masters(cluster_stack: Stack) 
 
 def test_race_holds_on_a_redis_cluster(cluster_stack: Stack, customer: str) -> None:
     k, n = 5, 50
-    statuses, cost = race(cluster_stack, customer, "legal_summary", "strong_reasoning", k, n)
+    statuses, cost = race(cluster_stack, customer, "legal_summary", (2_000_000, 8_000_000), k, n)
     assert statuses.count(200) == k and statuses.count(429) == n - k
     assert cluster_stack.fakes["p3"].calls() == k
     assert money(cluster_stack, customer)["balance"] == 0

@@ -1,25 +1,32 @@
--- Reserve the expected cost of one request, atomically, before any upstream byte.
--- Every limit is checked first; only if all pass is anything charged.
+-- Reserve the most one request can cost, atomically, before any upstream byte. Every limit
+-- is checked first; only if all pass is anything charged. The output cap is fitted to the
+-- money left: the request gets the cap it asked for if that is affordable, else the largest
+-- cap the money allows (never below its useful minimum, else it is refused). The processor
+-- writes the returned cap into the forwarded body, so the reservation is a cap, not a guess.
 --
 -- KEYS: 1 marker (req id)   2 reservation hash   3 the customer's reservation index (zset by deadline)
 --       4 balance           5 customer reserved  6 customer month spend  7 customer limits hash
 --       8 workspace reserved 9 workspace month spend 10 workspace limits hash
 --       11 key rpm bucket   12 key tpm bucket    13 workspace rpm bucket 14 workspace tpm bucket
 --       15 customer rpm bucket  16 customer tpm bucket
--- ARGV: 1 estimate micro-USD  2 estimate tokens  3 prepaid (0/1)  4 plan monthly budget micro (-1: none)
---       5 plan rpm (-1)  6 plan tpm (-1)  7 key rpm override (-1)  8 key tpm override (-1)
---       9 reservation ttl ms  10 request id  11 record json (for an unsettled record)
+-- ARGV: 1 the request as a JSON object (quota.ReserveArgs: input_nano, token_nano, want, min,
+--         rate_tokens, choices, prepaid, budget, rpm, tpm, key_rpm, key_tpm, ttl_ms, request_id;
+--         -1 means "no limit")
+--       2 record json (for an unsettled record)
 -- Every key is in the customer's hash slot ({c:<customer>}): Redis Cluster runs it on one node.
--- Returns {status, reason, retry_after_ms, rpm_limit, rpm_remaining, rpm_reset_ms, tpm_limit, tpm_remaining, tpm_reset_ms}
+-- Money arithmetic stays below 2^53 nano-USD (the processor bounds it), so doubles are exact.
+-- Returns {status, reason, retry_after_ms, rpm_limit, rpm_remaining, rpm_reset_ms,
+--          tpm_limit, tpm_remaining, tpm_reset_ms, cap, amount, need, available}
 --   status 1 reserved, 0 refused (reason rpm|tpm|balance|budget), -1 duplicate request id
+--   cap: output tokens per choice; amount: micro-USD reserved; on a money refusal need is
+--   what the smallest useful request costs and available what the tightest limit has left.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local est = tonumber(ARGV[1])
-local est_tokens = tonumber(ARGV[2])
+local req = cjson.decode(ARGV[1])
 
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {-1, 'duplicate', 0, -1, -1, 0, -1, -1, 0}
+  return {-1, 'duplicate', 0, -1, -1, 0, -1, -1, 0, 0, 0, 0, 0}
 end
 
 local function num(v, default)
@@ -32,6 +39,18 @@ local function override(hash, field, default)
   local v = redis.call('HGET', hash, field)
   if v then return tonumber(v) end
   return default
+end
+
+-- Exact integer division of doubles below 2^53 (floor and ceiling).
+local function floor_div(x, d)
+  local q = math.floor(x / d)
+  if q * d > x then q = q - 1 elseif (q + 1) * d <= x then q = q + 1 end
+  return q
+end
+local function ceil_div(x, d)
+  local q = floor_div(x, d)
+  if q * d < x then q = q + 1 end
+  return q
 end
 
 -- Token bucket: capacity per minute, refilled continuously.
@@ -50,12 +69,12 @@ local function wait_ms(b, cost)
   return math.ceil((cost - b.tokens) / b.rate)
 end
 
-local ws_rpm = override(KEYS[10], 'rpm', tonumber(ARGV[5]))
-local ws_tpm = override(KEYS[10], 'tpm', tonumber(ARGV[6]))
-local cust_rpm = override(KEYS[7], 'rpm', tonumber(ARGV[5]))
-local cust_tpm = override(KEYS[7], 'tpm', tonumber(ARGV[6]))
-local key_rpm = tonumber(ARGV[7]) >= 0 and tonumber(ARGV[7]) or tonumber(ARGV[5])
-local key_tpm = tonumber(ARGV[8]) >= 0 and tonumber(ARGV[8]) or tonumber(ARGV[6])
+local ws_rpm = override(KEYS[10], 'rpm', req.rpm)
+local ws_tpm = override(KEYS[10], 'tpm', req.tpm)
+local cust_rpm = override(KEYS[7], 'rpm', req.rpm)
+local cust_tpm = override(KEYS[7], 'tpm', req.tpm)
+local key_rpm = req.key_rpm >= 0 and req.key_rpm or req.rpm
+local key_tpm = req.key_tpm >= 0 and req.key_tpm or req.tpm
 
 -- Limits apply per key, per workspace and per customer: each has its own bucket, and every
 -- one of them must have room.
@@ -74,53 +93,72 @@ local function report(buckets, cost)
   return best.capacity, left, reset
 end
 
-local function refuse(reason, retry_ms)
+local function refuse(reason, retry_ms, need, available)
   local rl, rr, rs = report(rpm_buckets, 0)
   local tl, tr, ts = report(tpm_buckets, 0)
-  return {0, reason, retry_ms, rl, rr, rs, tl, tr, ts}
+  return {0, reason, retry_ms, rl, rr, rs, tl, tr, ts, 0, 0, need or 0, available or 0}
 end
 
 for _, b in pairs(rpm_buckets) do
   if b and b.tokens < 1 then return refuse('rpm', wait_ms(b, 1)) end
 end
+
+-- Money: the tightest of the prepaid balance and the monthly budgets (customer, workspace),
+-- each less what is already in flight.
+local function cost(cap)
+  return ceil_div(req.input_nano + cap * req.token_nano, 1000000)
+end
+local cust_reserved = num(redis.call('GET', KEYS[5]), 0)
+local available, tightest = nil, nil
+local function limit(reason, left)
+  if available == nil or left < available then available, tightest = left, reason end
+end
+if req.prepaid == 1 then
+  local balance = num(redis.call('GET', KEYS[4]), 0)
+  if balance <= 0 then return refuse('balance', 0, cost(req.min), balance - cust_reserved) end
+  limit('balance', balance - cust_reserved)
+end
+local budget = override(KEYS[7], 'monthly_budget_micro', req.budget)
+if budget >= 0 then limit('budget', budget - num(redis.call('GET', KEYS[6]), 0) - cust_reserved) end
+local ws_budget = override(KEYS[10], 'monthly_budget_micro', -1)
+if ws_budget >= 0 then
+  limit('budget', ws_budget - num(redis.call('GET', KEYS[9]), 0) - num(redis.call('GET', KEYS[8]), 0))
+end
+
+local cap = req.want
+local amount = cost(cap)
+if available ~= nil and amount > available then
+  if cost(req.min) > available then return refuse(tightest, 0, cost(req.min), math.max(0, available)) end
+  -- The largest cap the money covers: input + cap * token_nano <= available * 1e6.
+  cap = math.min(req.want, floor_div(available * 1000000 - req.input_nano, req.token_nano))
+  amount = cost(cap)
+end
+
+local est_tokens = req.rate_tokens + cap * req.choices
 for _, b in pairs(tpm_buckets) do
   if b then
-    local cost = math.min(est_tokens, b.capacity)
-    if b.tokens < cost then return refuse('tpm', wait_ms(b, cost)) end
+    local need = math.min(est_tokens, b.capacity)
+    if b.tokens < need then return refuse('tpm', wait_ms(b, need)) end
   end
 end
 
-local cust_reserved = num(redis.call('GET', KEYS[5]), 0)
-if ARGV[3] == '1' then
-  local balance = num(redis.call('GET', KEYS[4]), 0)
-  if balance - cust_reserved < est or balance <= 0 then return refuse('balance', 0) end
-end
-local budget = override(KEYS[7], 'monthly_budget_micro', tonumber(ARGV[4]))
-if budget >= 0 and num(redis.call('GET', KEYS[6]), 0) + cust_reserved + est > budget then
-  return refuse('budget', 0)
-end
-local ws_budget = override(KEYS[10], 'monthly_budget_micro', -1)
-if ws_budget >= 0 and num(redis.call('GET', KEYS[9]), 0) + num(redis.call('GET', KEYS[8]), 0) + est > ws_budget then
-  return refuse('budget', 0)
-end
-
 -- Everything passed: charge.
-local function charge(b, cost)
+local function charge(b, n)
   if b then
-    b.tokens = b.tokens - math.min(cost, b.capacity)
+    b.tokens = b.tokens - math.min(n, b.capacity)
     redis.call('HSET', b.key, 'tokens', tostring(b.tokens), 'ts', now)
     redis.call('PEXPIRE', b.key, 120000)
   end
 end
 for _, b in pairs(rpm_buckets) do charge(b, 1) end
 for _, b in pairs(tpm_buckets) do charge(b, est_tokens) end
-redis.call('INCRBY', KEYS[5], est)
-redis.call('INCRBY', KEYS[8], est)
-local deadline = now + tonumber(ARGV[9])
-redis.call('HSET', KEYS[2], 'amount', est, 'tokens', est_tokens, 'deadline', deadline, 'record', ARGV[11])
-redis.call('ZADD', KEYS[3], deadline, ARGV[10])
+redis.call('INCRBY', KEYS[5], amount)
+redis.call('INCRBY', KEYS[8], amount)
+local deadline = now + req.ttl_ms
+redis.call('HSET', KEYS[2], 'amount', amount, 'tokens', est_tokens, 'deadline', deadline, 'record', ARGV[2])
+redis.call('ZADD', KEYS[3], deadline, req.request_id)
 redis.call('SET', KEYS[1], 'inflight')
 
 local rl, rr, rs = report(rpm_buckets, 0)
 local tl, tr, ts = report(tpm_buckets, 0)
-return {1, 'ok', 0, rl, rr, rs, tl, tr, ts}
+return {1, 'ok', 0, rl, rr, rs, tl, tr, ts, cap, amount, 0, 0}

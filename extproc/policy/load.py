@@ -39,6 +39,8 @@ from extproc.policy.model import (
 )
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Optional per-model token limits (whole numbers >= 1), see `Model`.
+MODEL_LIMITS = ("context_window", "max_output_tokens", "image_part_tokens", "file_part_tokens")
 
 
 @dataclass(frozen=True)
@@ -297,7 +299,7 @@ def _parse_models(c: _Checker, raw: LocDict, tiers: tuple[str, ...], providers: 
         md = c.mapping(d, section, key, name)  # type: ignore[arg-type]
         if md is None:
             continue
-        c.known_keys(md, key, {"provider", "upstream_model", "tier", "price"})
+        c.known_keys(md, key, {"provider", "upstream_model", "tier", "price", *MODEL_LIMITS})
         provider, upstream, tier = md.get("provider"), md.get("upstream_model"), md.get("tier")
         if not isinstance(provider, str):
             c.error(md, f"{key}.provider", f"is required and must name a provider, got {provider!r}", "provider")
@@ -320,7 +322,8 @@ def _parse_models(c: _Checker, raw: LocDict, tiers: tuple[str, ...], providers: 
             if "input_per_mtok_usd" not in pd or "output_per_mtok_usd" not in pd:
                 c.error(pd, f"{key}.price", "needs input_per_mtok_usd and output_per_mtok_usd")
             continue
-        out[name] = Model(name, provider, upstream, tier, Price(inp, outp))
+        limits = {f: _int(c, md, key, f, 1) for f in MODEL_LIMITS if f in md}
+        out[name] = Model(name, provider, upstream, tier, Price(inp, outp), **{f: v for f, v in limits.items() if v is not None})
     return out
 
 

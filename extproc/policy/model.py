@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from extproc import config
+
 EVENTS = (
     "on_provider_5xx",
     "on_rate_limit",
@@ -67,6 +69,10 @@ class Model:
     upstream_model: str
     tier: str
     price: Price
+    context_window: int | None = None  # prompt tokens it accepts at most (caps the input bound)
+    max_output_tokens: int | None = None  # the largest output cap the gateway writes for it
+    image_part_tokens: int = config.IMAGE_PART_TOKENS  # prompt tokens an image part may cost
+    file_part_tokens: int = config.FILE_PART_TOKENS  # prompt tokens a file part may cost
 
 
 @dataclass(frozen=True)
