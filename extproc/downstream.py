@@ -405,11 +405,12 @@ class Exchange:
         stream is billed from what passed, a lost JSON answer at its reservation (the cap)."""
         if self.finished or self.reservation is None:
             return
-        if self.streaming:
+        status = 502 if self.meter is not None and self.meter.json_body else 499  # Envoy's answer to an oversized body
+        if self.streaming and (self.meter is None or not self.meter.json_body or self.meter.usage is not None):
             await self.finish(self.stream_usage(), status=499)
         elif self.served():
             self.usage_source = "reservation"
-            await self.finish(None, status=499, charge=self.reservation.amount)
+            await self.finish(None, status=status, charge=self.reservation.amount)
         else:
             await self.finish(None, status=499)
 
@@ -468,7 +469,7 @@ class Exchange:
         until then, so at worst the reaper turns it into an 'unsettled' record — never lost."""
         try:
             await self.gw.quota.finish(res, cost, tokens, served, record)
-            self.gw.spawn(self.publish(res, record))
+            await self.publish(res, record)
             return
         except RedisError:
             metrics.REDIS_ERRORS.labels("finish").inc()
@@ -487,9 +488,18 @@ class Exchange:
         self.gw.spawn(retry())
 
     async def publish(self, res: Reservation, record: dict[str, str]) -> None:
-        """The settled record to the stream (the drainer does it if this fails)."""
+        """The settled record to the stream before the reply (the drainer does it if this
+        fails); the clean-up after it goes off the reply path."""
         try:
             await self.gw.quota.publish(res, record)
+        except RedisError:
+            metrics.REDIS_ERRORS.labels("publish").inc()
+            return
+        self.gw.spawn(self.cleanup(res, record))
+
+    async def cleanup(self, res: Reservation, record: dict[str, str]) -> None:
+        try:
+            await self.gw.quota.published(res, record)
         except RedisError:
             metrics.REDIS_ERRORS.labels("publish").inc()
 

@@ -417,6 +417,20 @@ def render_bootstrap(
                 "message": "The gateway cannot check this request right now; it was not sent to any provider.",
                 "type": "server_error", "param": None, "code": "quota_unavailable",
             }}},
+        }, {
+            # A non-stream answer larger than the response buffer: the provider served (and
+            # the request is billed at its reservation), the client is told what to change.
+            "filter": {"extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {"@type": _T + "extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                                 "expression": "response.code_details == 'response_payload_too_large'"},
+            }},
+            "status_code": 502,
+            "body_format_override": {"json_format": {"error": {
+                "message": f"The provider's answer is larger than the gateway's {max_body_bytes >> 20} MiB response buffer; "
+                           "ask for fewer choices or tokens, or stream it (stream: true).",
+                "type": "server_error", "param": None, "code": "upstream_unavailable",
+            }}},
         }]},
         "http_filters": [
             _ext_proc_filter(

@@ -258,13 +258,14 @@ class Quota:
         )
 
     async def publish(self, res: Reservation, record: dict[str, str]) -> None:
-        """After `finish`: the record to the usage stream exactly once, then its outbox entry
-        and the reservation's hint go (off the reply path)."""
-        uid = record["record_id"]
-        await self.scripts.eval("publish", *self._publish_args(uid, res.request_id, json.dumps(record)))
-        # Only once published: a failed publish leaves the outbox entry to the drainer.
+        """After `finish`: the record to the usage stream, exactly once (by its uid)."""
+        await self.scripts.eval("publish", *self._publish_args(record["record_id"], res.request_id, json.dumps(record)))
+
+    async def published(self, res: Reservation, record: dict[str, str]) -> None:
+        """After `publish`: the outbox entry and the reservation's hint are no longer needed.
+        Never before: a failed publish leaves the outbox to the drainer."""
         await self.scripts.batch(
-            lambda c: c.hdel(res.account.k("outbox"), uid),
+            lambda c: c.hdel(res.account.k("outbox"), record["record_id"]),
             lambda c: c.zrem(RESERVATION_HINTS, res.member),
         )
 
