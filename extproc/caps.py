@@ -69,11 +69,17 @@ def requested_output(path: str, body: dict[str, Any]) -> int | None:
     return None
 
 
-def choices_of(body: dict[str, Any]) -> int:
-    """How many completions the provider generates (and bills): max(n, best_of)."""
+def choices_of(path: str, body: dict[str, Any]) -> int:
+    """How many completions the provider generates (and bills): max(n, best_of), for each
+    prompt of a completions request whose `prompt` is a list of prompts (strings or token
+    lists; a flat list of token ids is one prompt)."""
     n = body.get("n")
     best_of = body.get("best_of")
-    return max(n if isinstance(n, int) else 1, best_of if isinstance(best_of, int) else 1)
+    per_prompt = max(n if isinstance(n, int) else 1, best_of if isinstance(best_of, int) else 1)
+    prompt = body.get("prompt")
+    if path == "/v1/completions" and isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
+        return per_prompt * len(prompt)
+    return per_prompt
 
 
 def media_parts(body: dict[str, Any]) -> tuple[int, int]:
@@ -122,7 +128,7 @@ def cost_bound(path: str, body: dict[str, Any], body_bytes: int, default_output:
         rate_tokens=-(-body_bytes // config.BYTES_PER_TOKEN),
         output_tokens=wanted,
         min_output_tokens=min(wanted, config.MIN_USEFUL_OUTPUT_TOKENS),
-        choices=choices_of(body),
+        choices=choices_of(path, body),
         input_price=max(m.price.input_micro_per_mtok for m in candidates),
         output_price=max(m.price.output_micro_per_mtok for m in candidates),
     )

@@ -396,7 +396,7 @@ class Exchange:
             return usage
         self.usage_source = "estimated"
         generated = text_bytes(obj.get("choices", obj.get("output"))) if isinstance(obj, dict) else len(raw)
-        return estimated_usage(self.bound.rate_tokens if self.bound else 0, generated)
+        return self.estimate(generated)
 
     async def close(self) -> None:
         """The stream ended. If the request was never accounted (the client went away, or
@@ -425,7 +425,15 @@ class Exchange:
         if not self.served():
             return None
         self.usage_source = "estimated"
-        return estimated_usage(self.bound.rate_tokens if self.bound else 0, self.meter.text)
+        return self.estimate(self.meter.text)
+
+    def estimate(self, text_bytes: int) -> Usage:
+        """Usage of a served answer that came without it, never above what the request was
+        allowed: the provider was held to the cap, so the bill stays within the reservation."""
+        assert self.bound is not None and self.reservation is not None
+        guess = estimated_usage(self.bound.rate_tokens, text_bytes)
+        return Usage(min(guess.prompt_tokens, self.bound.input_tokens),
+                     min(guess.completion_tokens, self.reservation.cap * self.bound.choices))
 
     @property
     def chain(self) -> list[Attempt]:

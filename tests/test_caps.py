@@ -56,6 +56,12 @@ def test_n_and_best_of_multiply_the_output() -> None:
     assert bound_of("/v1/completions", {"n": 2, "best_of": 5}, [CHEAP])[2] == 5
 
 
+def test_each_prompt_of_a_completions_list_gets_its_own_choices() -> None:
+    assert bound_of("/v1/completions", {"prompt": ["a", "b", "c"], "n": 2}, [CHEAP])[2] == 6
+    assert bound_of("/v1/completions", {"prompt": [[1, 2], [3]]}, [CHEAP])[2] == 2
+    assert bound_of("/v1/completions", {"prompt": [1, 2, 3]}, [CHEAP])[2] == 1  # one tokenised prompt
+
+
 def test_embeddings_have_no_output() -> None:
     _, out, _, _ = bound_of("/v1/embeddings", {"input": "hello", "max_tokens": 50}, [CHEAP])
     assert out == 0
