@@ -36,6 +36,9 @@ CAP_FIELDS: dict[str, tuple[str, ...]] = {
 }
 ALL_CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
+# Tool types whose inputs are the client's own JSON; any other (web search, file search, code
+# interpreter, ...) runs at the provider and adds prompt tokens the body does not carry.
+CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
 FILE_PART_TYPES = frozenset({"file", "input_file"})
 
 
@@ -102,12 +105,26 @@ def media_parts(body: dict[str, Any]) -> tuple[int, int]:
     return images, files
 
 
-def input_bound(body_bytes: int, images: int, files: int, candidates: list[Model]) -> int:
-    """Prompt tokens no candidate can exceed: the body's bytes plus a ceiling per media part,
+def unseen_context(body: dict[str, Any]) -> bool:
+    """Whether the provider adds prompt tokens the body does not carry: an earlier response or
+    conversation (Responses API), a stored prompt, or tools the provider runs itself."""
+    if body.get("previous_response_id") or body.get("conversation") or isinstance(body.get("prompt"), dict):
+        return True
+    if body.get("web_search_options") is not None:
+        return True
+    tools = body.get("tools")
+    return isinstance(tools, list) and any(isinstance(t, dict) and t.get("type", "function") not in CLIENT_TOOL_TYPES for t in tools)
+
+
+def input_bound(body_bytes: int, images: int, files: int, candidates: list[Model], unseen: bool = False) -> int:
+    """Prompt tokens no candidate can exceed: the body's bytes plus a ceiling per media part
+    (and a whole context of tokens when the provider adds context the body does not carry),
     capped by each candidate's context window where the policy gives one."""
     bound = 0
     for m in candidates:
         own = body_bytes + images * m.image_part_tokens + files * m.file_part_tokens
+        if unseen:
+            own += m.context_window or config.UNSEEN_CONTEXT_TOKENS
         if m.context_window is not None:
             own = min(own, m.context_window)
         bound = max(bound, own)
@@ -124,7 +141,7 @@ def cost_bound(path: str, body: dict[str, Any], body_bytes: int, default_output:
         wanted = requested_output(path, body) or default_output
         wanted = min([wanted, config.MAX_OUTPUT_TOKENS, *limits])
     return CostBound(
-        input_tokens=input_bound(body_bytes, images, files, candidates),
+        input_tokens=input_bound(body_bytes, images, files, candidates, unseen_context(body)),
         rate_tokens=-(-body_bytes // config.BYTES_PER_TOKEN),
         output_tokens=wanted,
         min_output_tokens=min(wanted, config.MIN_USEFUL_OUTPUT_TOKENS),

@@ -17,6 +17,9 @@ BYTES_PER_TOKEN = 4
 # the body). Models may set their own (`image_part_tokens`, `file_part_tokens`).
 IMAGE_PART_TOKENS = 2_048
 FILE_PART_TOKENS = 32_768
+# Prompt tokens a provider may add that the body does not carry (an earlier response or
+# conversation, a stored prompt, web or file search): a model's context_window, else this.
+UNSEEN_CONTEXT_TOKENS = 128_000
 # `n` / `best_of` above these are refused (OpenAI's own limits).
 MAX_CHOICES = 128
 

@@ -89,6 +89,21 @@ def test_context_window_caps_the_input_bound() -> None:
     assert inp == 1000
 
 
+def test_context_the_body_does_not_carry_counts_a_whole_context_window() -> None:
+    """previous_response_id: the provider bills the earlier conversation too."""
+    inp, _, _, size = bound_of("/v1/responses", {"input": "more", "previous_response_id": "resp_1"}, [CHEAP])
+    assert inp == size + 128_000
+    inp, _, _, _ = bound_of("/v1/responses", {"input": "more", "previous_response_id": "resp_1"}, [LIMITED])
+    assert inp == 1000  # its own window: at most 1,000
+
+
+def test_tools_the_provider_runs_count_a_whole_context_but_functions_do_not() -> None:
+    inp, _, _, size = bound_of("/v1/responses", {"input": "q", "tools": [{"type": "web_search_preview"}]}, [CHEAP])
+    assert inp == size + 128_000
+    inp, _, _, size = bound_of("/v1/responses", {"input": "q", "tools": [{"type": "function", "name": "f"}]}, [CHEAP])
+    assert inp == size
+
+
 def test_input_bound_is_the_largest_over_candidates() -> None:
     """One candidate has a window of 1,000, the other none: the other's bound wins."""
     inp, _, _, size = bound_of("/v1/chat/completions", {"messages": [{"content": "x" * 5000}]}, [LIMITED, CHEAP])
