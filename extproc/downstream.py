@@ -212,7 +212,7 @@ class Exchange:
         self.prompt_estimate = estimate_prompt_tokens(parsed.prompt_chars)
         candidates = all_candidates(self.policy, route, plan)
         est = estimate(self.prompt_estimate, parsed.max_tokens or route.default_max_tokens, candidates)
-        res = Reservation(Account(key.customer, key.workspace, key.key_id), self.request_id, month_of(time.time()),
+        res = Reservation(Account(key.customer, key.workspace, key.key_id), self.request_id, month_of(self.started_ms / 1000),
                           est.micro, est.tokens, plan.prepaid)
         # In flight at most: every attempt timing out on the slowest provider it may reach.
         ttl = reservation_ttl_ms([self.policy.providers[m.provider].timeout_s for m in candidates], route.max_attempts)
@@ -435,7 +435,7 @@ class Exchange:
             "workspace_id": key.workspace, "api_key_id": key.key_id, "plan": c.plan.name, "primary_model": c.primary.name,
             "final_model": c.target.name, "provider": c.provider.name, "attempts": "1", "fallback_reason": "none",
             "stream": "true" if self.parsed and self.parsed.stream else "false", "endpoint": self.path,
-            "record_id": self.record_id,
+            "record_id": self.record_id, "prepaid": "true" if c.plan.prepaid else "false",
             "attempt_list": json.dumps([{"model": c.target.name, "provider": c.provider.name, "status": 0, "reason": "unknown"}]),
         }
 
@@ -448,7 +448,7 @@ class Exchange:
             "fallback_reason": self.fallback_reason, "status": str(status),
             "prompt_tokens": str(usage.prompt_tokens if usage else 0),
             "completion_tokens": str(usage.completion_tokens if usage else 0),
-            "cost_micro_usd": str(cost), "retry_cost_micro_usd": str(cost if kind == "retry" else 0),
+            "kind": kind, "cost_micro_usd": str(cost), "retry_cost_micro_usd": str(cost if kind == "retry" else 0),
             "fallback_cost_micro_usd": str(cost if kind == "fallback" else 0),
             "reserved_micro_usd": str(self.reservation.amount),
             "usage_source": self.usage_source if usage else "none", "rule": self.rule,
