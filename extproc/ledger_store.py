@@ -169,7 +169,8 @@ def redact(url: str) -> str:
     if "@" not in rest:
         return url
     creds, _, host = rest.rpartition("@")
-    return f"{scheme}{sep}{creds.split(':')[0]}:***@{host}"
+    user, colon, _ = creds.partition(":")
+    return f"{scheme}{sep}{user}{':***' if colon else ''}@{host}"
 
 
 def open_store(url: str, migrate: bool = True) -> LedgerStore:
