@@ -113,7 +113,7 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
     redis = redis_sync_client(_redis_url(args))
     try:
         money = reconcile.read_redis(redis, USAGE_STREAM, args.group)
-        diffs = reconcile.verify(store, money)
+        diffs = reconcile.verify(store, money, args.customer)
     except RedisError as exc:
         return _fail(f"cannot reach Redis at {_redis_url(args)}: {exc}")
     finally:
@@ -175,6 +175,7 @@ def add_commands(sub: Any, redis_opt: Callable[[argparse.ArgumentParser], None])
     lg = sub.add_parser("ledger", help="the durable ledger").add_subparsers(dest="ledger_cmd", required=True)
     lv = lg.add_parser("verify", help="compare the ledger with Redis (balances, month spend); exit 1 naming each difference")
     lv.add_argument("--to", help=f"ledger URL (default ${LEDGER_ENV})")
+    lv.add_argument("--customer", help="check only this customer")
     lv.add_argument("--group", default=DEFAULT_GROUP, help="the exporter's consumer group (to count what awaits export)")
     lv.add_argument("--json", action="store_true")
     redis_opt(lv)

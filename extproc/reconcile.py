@@ -96,13 +96,17 @@ def unexported(redis: Any, stream: str, group: str) -> int:
     return int(redis.xlen(stream))
 
 
-def verify(store: LedgerStore, money: RedisMoney, now: float | None = None) -> list[Difference]:
+def verify(store: LedgerStore, money: RedisMoney, customer: str | None = None, now: float | None = None) -> list[Difference]:
+    """Every difference between the ledger and Redis (of one customer, or of all)."""
     months = recent_months(time.time() if now is None else now)
 
+    def mine(amounts: dict[tuple[str, ...], int]) -> dict[tuple[str, ...], int]:
+        return {k: v for k, v in amounts.items() if customer is None or k[0] == customer}
+
     def kept(amounts: dict[tuple[str, ...], int], redis_side: dict[tuple[str, ...], int]) -> dict[tuple[str, ...], int]:
-        return {k: v for k, v in amounts.items() if k[-1] in months or k in redis_side}
+        return {k: v for k, v in mine(amounts).items() if k[-1] in months or k in redis_side}
 
     ledger_balances: dict[tuple[str, ...], int] = {(c,): v for c, v in store.balances().items()}
-    return (compare("balance", ledger_balances, money.balances)
-            + compare("month spend", kept(store.month_spend(), money.spend), money.spend)
-            + compare("workspace month spend", kept(store.month_spend(by_workspace=True), money.ws_spend), money.ws_spend))
+    return (compare("balance", mine(ledger_balances), mine(money.balances))
+            + compare("month spend", kept(store.month_spend(), money.spend), mine(money.spend))
+            + compare("workspace month spend", kept(store.month_spend(by_workspace=True), money.ws_spend), mine(money.ws_spend)))
