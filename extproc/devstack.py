@@ -295,3 +295,16 @@ class PostgresServer(Child):
                 raise RuntimeError(f"PostgreSQL did not accept connections; see {self.workdir}/postgres.log")
             time.sleep(0.1)
         return self
+
+
+class UsageExporter(Child):
+    """`tollgate usage export` as a child process (the demo's exporter to its ledger)."""
+
+    def __init__(self, redis_url: str, ledger_url: str, log_path: str | None = None) -> None:
+        self.redis_url, self.ledger_url, self.log_path = redis_url, ledger_url, log_path
+
+    def start(self) -> UsageExporter:
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "extproc.cli", "usage", "export", "--to", self.ledger_url,
+                                      "--redis-url", self.redis_url], stdout=out, stderr=out)
+        return self
