@@ -46,6 +46,17 @@ def sample(r: Any, stop: threading.Event, out: list[tuple[float, int, int]]) -> 
         stop.wait(0.25)
 
 
+def key_kinds(r: Any) -> dict[str, str]:
+    """Per-request keys left in Redis, by kind, with the longest TTL seen (seconds)."""
+    out = {}
+    for name, pattern in (("publish markers", "{tollgate:usage}:uid:*"), ("explain pointers", "{tollgate:usage}:request:*"),
+                          ("request-id markers (409 duplicate_request)", "tollgate:{c:*}:req:*")):
+        keys = list(r.scan_iter(match=pattern, count=5000))
+        ttl = max((int(r.ttl(k)) for k in keys[:2000]), default=0)
+        out[name] = f"{len(keys)} keys, TTL <= {ttl} s"
+    return out
+
+
 def main() -> int:
     logdir = Path(tempfile.mkdtemp(prefix="tollgate-soak-"))
     ledger = os.environ.get("SOAK_LEDGER") or f"sqlite:///{logdir}/ledger.db"
@@ -101,7 +112,7 @@ def main() -> int:
             "max_stream_length": max(s[1] for s in during), "max_export_lag_entries": max(s[2] for s in during),
             "mean_stream_length": round(sum(s[1] for s in during) / len(during)),
             "stream_length_after": int(r.xlen(USAGE_STREAM)), "caught_up_after_load_s": round(caught_up_s, 1),
-            "redis_keys_after": int(r.dbsize()), "redis_used_memory_mb": round(int(r.info("memory")["used_memory"]) / 2**20, 1),
+            "redis_keys_after": int(r.dbsize()), "redis_keys_by_kind": key_kinds(r), "redis_used_memory_mb": round(int(r.info("memory")["used_memory"]) / 2**20, 1),
             "ledger": ledger.split("@")[-1],
         }
     finally:

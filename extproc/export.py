@@ -157,7 +157,7 @@ class Exporter:
         self.trim()
         return self.exported - start
 
-    def run_forever(self, should_stop: Any = lambda: False, trim_every_s: float = 1.0) -> None:
+    def run_forever(self, should_stop: Any = lambda: False, trim_every_s: float = 0.25) -> None:
         self.ensure_group()
         last_trim = 0.0
         while not should_stop():
