@@ -77,6 +77,9 @@ def cmd_usage_export(args: argparse.Namespace) -> int:
         return 0
     except RedisError as exc:
         return _fail(f"cannot reach Redis at {_redis_url(args)}: {exc}")
+    except Exception as exc:  # the ledger failed: nothing uncommitted was acknowledged; exit so a supervisor restarts us
+        logging.getLogger("tollgate.export").exception("export stopped")
+        return _fail(f"export stopped: {type(exc).__name__}: {exc}")
     finally:
         store.close()
         redis.close()
