@@ -41,6 +41,21 @@ def _open_store(args: argparse.Namespace) -> Any:
     return open_store(url)
 
 
+def find_in_ledger(args: argparse.Namespace, request_id: str) -> dict[str, Any] | None:
+    """`explain` of a record already exported and trimmed from the stream: from the ledger,
+    when one is configured (--to or $TOLLGATE_LEDGER_URL)."""
+    if not _ledger_url(args):
+        return None
+    store = _open_store(args)
+    try:
+        rec: dict[str, Any] | None = store.find_request(request_id)
+    finally:
+        store.close()
+    if rec is not None and isinstance(rec.get("attempt_list"), str):
+        rec["attempt_list"] = json.loads(rec["attempt_list"])
+    return rec
+
+
 def cmd_usage_export(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 

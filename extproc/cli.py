@@ -217,7 +217,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from extproc import records
 
     async def run(redis: Any) -> int:
-        rec = await records.find(redis, args.request_id)
+        rec = await records.find(redis, args.request_id) or billing_cli.find_in_ledger(args, args.request_id)
         if rec is None:
             print(f"tollgate: no usage record for request {args.request_id!r} (refused before any upstream call, or unknown)",
                   file=sys.stderr)
@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("explain", help="why a request used the model it did, and what it cost")
     x.add_argument("request_id")
+    x.add_argument("--to", help="also look in this ledger (default $TOLLGATE_LEDGER_URL) once the stream is trimmed")
     redis_opt(x)
     x.add_argument("--json", action="store_true")
     x.set_defaults(fn=cmd_explain)

@@ -242,3 +242,20 @@ def test_demo_prints_its_ledger_and_a_report_command_that_works_as_printed(tmp_p
     finally:
         demo.send_signal(signal.SIGINT)
         demo.wait(30)
+
+
+def test_explain_finds_an_exported_and_trimmed_record_in_the_ledger(bstack: Stack, customer: str, ledger_url: str,
+                                                                    group: str) -> None:
+    s, f = bstack, bstack.fakes
+    _, secret = s.create_key(customer)
+    f["p1"].script(Reply(status=429))
+    status, h = chat(s, secret, "support_draft")
+    assert status == 200
+    export_once(s, ledger_url, group)
+    request_id = h["x-request-id"]
+    assert s.redis_sync().xlen(USAGE_STREAM) == 0  # trimmed: Redis no longer has it
+    assert tollgate(s.redis.url, "explain", request_id).returncode == 1
+    out = tollgate(s.redis.url, "explain", request_id, "--to", ledger_url)
+    assert out.returncode == 0, out.stderr
+    assert "low_cost_chat_backup on p2 instead of low_cost_chat" in out.stdout
+    assert "1. low_cost_chat on p1 -> 429 (failed: rate_limit)" in out.stdout
