@@ -188,3 +188,15 @@ def test_an_expired_reservation_settled_late_is_in_the_ledger_once_at_its_cost(s
     assert ex.run_once() == 2
     assert ex.store.count() == 1
     assert ex.store.month_spend() == {("late-co", "2026-11"): 321}
+
+
+def test_a_ledger_password_never_appears_in_what_the_store_prints() -> None:
+    from extproc.ledger_store import redact
+
+    assert redact("postgresql://billing:s3cr3t@db.internal:5432/ledger") == "postgresql://billing:***@db.internal:5432/ledger"
+    assert redact("postgresql://billing@db/ledger") == "postgresql://billing@db/ledger"
+
+
+def test_an_unsupported_ledger_url_is_refused_with_exit_1(server: RedisServer) -> None:
+    out = tollgate(server.url, "usage", "export", "--once", "--to", "mysql://user:pw@db/ledger")
+    assert out.returncode == 1 and "unsupported ledger URL" in out.stderr and "pw" not in out.stderr
