@@ -2,7 +2,7 @@
 VENV := .venv/bin
 POLICY := extproc/examples/policy
 
-.PHONY: setup demo test lint protos envoy-example deploy-config bench clean
+.PHONY: setup demo test lint protos envoy-example deploy-config bench soak clean
 
 setup:
 	@scripts/setup.sh
@@ -29,6 +29,10 @@ deploy-config: setup
 bench: setup
 	@TOLLGATE_APT_EXTRA=wrk scripts/setup.sh
 	$(VENV)/python -m bench.run
+
+soak: setup
+	@TOLLGATE_APT_EXTRA=wrk scripts/setup.sh
+	$(VENV)/python -m bench.soak
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from extproc import billing_cli
+
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
 
@@ -159,11 +161,21 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
     async def run(redis: Any) -> int:
         q = Quota(redis)
+        credit = None
         if args.balance_cmd == "add":
-            await q.balance_add(args.customer, args.usd)
+            from extproc.credits import add_credit
+
+            try:
+                credit = await add_credit(redis, args.customer, args.usd, args.reference, source="cli")
+            except ValueError as exc:
+                print(f"tollgate: {exc}", file=sys.stderr)
+                return 1
+            if not credit.credited:
+                print(f"reference {credit.reference!r} was already credited; nothing changed", file=sys.stderr)
         info = await q.account_show(args.customer)
         if args.json:
-            print(json.dumps({"customer": args.customer, **info}))
+            extra = {"reference": credit.reference, "credited": credit.credited, "record_id": credit.record_id} if credit else {}
+            print(json.dumps({"customer": args.customer, **info, **extra}))
         else:
             print(f"customer {args.customer}: balance {usd(info['balance_micro'])}, in flight {usd(info['reserved_micro'])}, "
                   f"available {usd(info['available_micro'])}, spent this month {usd(info['month_spend_micro'])}")
@@ -205,7 +217,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from extproc import records
 
     async def run(redis: Any) -> int:
-        rec = await records.find(redis, args.request_id)
+        rec = await records.find(redis, args.request_id) or billing_cli.find_in_ledger(args, args.request_id)
         if rec is None:
             print(f"tollgate: no usage record for request {args.request_id!r} (refused before any upstream call, or unknown)",
                   file=sys.stderr)
@@ -290,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     ba = b.add_parser("add")
     ba.add_argument("--customer", required=True)
     ba.add_argument("--usd", required=True, type=_usd_micro, help="amount in US dollars (negative to deduct)")
+    ba.add_argument("--reference", help="payment id: the same reference never credits twice (default: a new one)")
     bs = b.add_parser("show")
     bs.add_argument("--customer", required=True)
     for sp in (ba, bs):
@@ -315,12 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     redis_opt(ut)
     ut.add_argument("--json", action="store_true")
     ut.set_defaults(fn=cmd_usage_tail)
+    billing_cli.add_usage_commands(u, redis_opt)
 
     x = sub.add_parser("explain", help="why a request used the model it did, and what it cost")
     x.add_argument("request_id")
+    x.add_argument("--to", help="also look in this ledger (default $TOLLGATE_LEDGER_URL) once the stream is trimmed")
     redis_opt(x)
     x.add_argument("--json", action="store_true")
     x.set_defaults(fn=cmd_explain)
+
+    billing_cli.add_commands(sub, redis_opt)
 
     d = sub.add_parser("demo", help="start Redis, fake providers, the processor and Envoy; print a demo key")
     d.add_argument("--port", type=int, default=8080)

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from extproc.devstack import Envoy, Processor, RedisServer, free_port
+from extproc.devstack import Envoy, Processor, RedisServer, UsageExporter, free_port
 from extproc.fakeprovider import FakeProvider
 from extproc.keys import KeyStore
 from extproc.policy import load_policy
@@ -36,7 +36,7 @@ async def _create_key(redis_url: str) -> tuple[str, str]:
 def run_demo(port: int = 8080, redis_port: int = 0, workers: int = 1) -> int:
     policy = load_policy([str(EXAMPLE_POLICY)])
     logdir = tempfile.mkdtemp(prefix="tollgate-demo-")
-    parts: list[RedisServer | Processor | Envoy] = []
+    parts: list[RedisServer | Processor | Envoy | UsageExporter] = []
     fakes = [FakeProvider(p.name, p.host, p.port).start() for p in policy.providers.values()]
     try:
         redis = RedisServer(redis_port or free_port()).start()
@@ -47,6 +47,9 @@ def run_demo(port: int = 8080, redis_port: int = 0, workers: int = 1) -> int:
         envoy = Envoy([str(EXAMPLE_POLICY)], proc.endpoints, port=port, log_path=f"{logdir}/envoy.log", access_log=True).start()
         parts.append(envoy)
         key_id, secret = asyncio.run(_create_key(redis.url))
+        ledger = f"sqlite:///{logdir}/ledger.db"  # logdir is absolute: sqlite:////tmp/...
+        parts.append(UsageExporter(redis.url, ledger, log_path=f"{logdir}/export.log").start())
+        month = time.strftime("%Y-%m", time.gmtime())
         print(f"""
 Tollgate demo is up.
   base URL      {envoy.base_url}/v1
@@ -62,6 +65,9 @@ Try:
   curl -s {envoy.base_url}/v1/chat/completions -H "Authorization: Bearer {secret}" \\
        -H 'content-type: application/json' -d '{{"model":"support_draft","messages":[{{"role":"user","content":"hi"}}]}}'
   TOLLGATE_REDIS_URL={redis.url} tollgate usage tail
+  tollgate usage report --customer demo-customer --month {month} --to {ledger}
+
+Ledger (usage exported from Redis as it happens, SQLite): {ledger}
 
 Ctrl-C stops everything.""", flush=True)
         stop = False

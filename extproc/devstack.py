@@ -242,3 +242,69 @@ class Envoy(Child):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats?format=json", timeout=2) as r:
             data = json.loads(r.read())
         return {s["name"]: s.get("value", 0) for s in data.get("stats", []) if "name" in s and isinstance(s.get("value"), int)}
+
+
+def postgres_bin_dir() -> Path:
+    """Debian's PostgreSQL binaries (`initdb`, `postgres`): the newest /usr/lib/postgresql/<ver>/bin."""
+    explicit = os.environ.get("TOLLGATE_PG_BIN")
+    if explicit:
+        return Path(explicit)
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if not found:
+        raise FileNotFoundError("no PostgreSQL: apt-get install postgresql (scripts/setup.sh does)")
+    return found[-1].parent
+
+
+class PostgresServer(Child):
+    """A throwaway PostgreSQL cluster in a temporary directory (`initdb`, then `postgres` as a
+    child process). PostgreSQL refuses to run as root: as root it runs as the `postgres` user
+    the Debian package creates, owning the directory."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.workdir = tempfile.mkdtemp(prefix="tollgate-pg-")
+        self.datadir = os.path.join(self.workdir, "data")
+        self.user = "tollgate"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/postgres"
+
+    def _as(self) -> dict[str, object]:
+        if os.geteuid() != 0:
+            return {}
+        import pwd
+
+        pw = pwd.getpwnam("postgres")
+        os.chown(self.workdir, pw.pw_uid, pw.pw_gid)
+        return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "cwd": self.workdir}
+
+    def start(self) -> PostgresServer:
+        bindir = postgres_bin_dir()
+        run_as = self._as()
+        subprocess.run([str(bindir / "initdb"), "-D", self.datadir, "-U", self.user, "--auth=trust", "-E", "UTF8",
+                        "--no-sync"], check=True, capture_output=True, timeout=120, **run_as)  # type: ignore[call-overload]
+        args = [str(bindir / "postgres"), "-D", self.datadir, "-p", str(self.port), "-k", self.workdir,
+                "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "log_min_messages=warning"]
+        log = open(os.path.join(self.workdir, "postgres.log"), "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, **run_as)  # type: ignore[call-overload]
+        wait_for_port(self.port, proc=self.proc, timeout_s=60)
+        deadline = time.monotonic() + 60
+        while subprocess.run([str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)]).returncode != 0:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"PostgreSQL did not accept connections; see {self.workdir}/postgres.log")
+            time.sleep(0.1)
+        return self
+
+
+class UsageExporter(Child):
+    """`tollgate usage export` as a child process (the demo's exporter to its ledger)."""
+
+    def __init__(self, redis_url: str, ledger_url: str, log_path: str | None = None) -> None:
+        self.redis_url, self.ledger_url, self.log_path = redis_url, ledger_url, log_path
+
+    def start(self) -> UsageExporter:
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "extproc.cli", "usage", "export", "--to", self.ledger_url,
+                                      "--redis-url", self.redis_url], stdout=out, stderr=out)
+        return self

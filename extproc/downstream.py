@@ -211,7 +211,7 @@ class Exchange:
         route, plan = choice.route, choice.plan
         candidates = all_candidates(self.policy, route, plan)
         self.bound = bound = cost_bound(self.path, parsed.body, parsed.body_bytes, route.default_max_tokens, candidates)
-        res = Reservation(Account(key.customer, key.workspace, key.key_id), self.request_id, month_of(time.time()), plan.prepaid)
+        res = Reservation(Account(key.customer, key.workspace, key.key_id), self.request_id, month_of(self.started_ms / 1000), plan.prepaid)
         # In flight at most: every attempt timing out on the slowest provider it may reach.
         ttl = reservation_ttl_ms([self.policy.providers[m.provider].timeout_s for m in candidates], route.max_attempts,
                                  self.gw.reservation_grace_s)
@@ -529,7 +529,7 @@ class Exchange:
             "workspace_id": key.workspace, "api_key_id": key.key_id, "plan": c.plan.name, "primary_model": c.primary.name,
             "final_model": c.target.name, "provider": c.provider.name, "attempts": "1", "fallback_reason": "none",
             "stream": "true" if self.parsed and self.parsed.stream else "false", "endpoint": self.path,
-            "record_id": self.record_id,
+            "record_id": self.record_id, "prepaid": "true" if c.plan.prepaid else "false",
             "attempt_list": json.dumps([{"model": c.target.name, "provider": c.provider.name, "status": 0, "reason": "unknown"}]),
         }
 
@@ -542,7 +542,7 @@ class Exchange:
             "fallback_reason": self.fallback_reason, "status": str(status),
             "prompt_tokens": str(usage.prompt_tokens if usage else 0),
             "completion_tokens": str(usage.completion_tokens if usage else 0),
-            "cost_micro_usd": str(cost), "retry_cost_micro_usd": str(cost if kind == "retry" else 0),
+            "kind": kind, "cost_micro_usd": str(cost), "retry_cost_micro_usd": str(cost if kind == "retry" else 0),
             "fallback_cost_micro_usd": str(cost if kind == "fallback" else 0),
             "reserved_micro_usd": str(self.reservation.amount), "output_cap": str(self.reservation.cap),
             "overrun": "true" if self.overrun else "false",

@@ -1,7 +1,7 @@
 """Usage records (SPEC §6): what one request was, did and cost — and `tollgate explain`.
 
 A record is written once per request by the `finish` script, in the same atomic step that
-settles its money, to the Redis stream `tollgate:usage` (never trimmed by the gateway).
+settles its money, to the Redis stream `tollgate:usage` (trimmed by `tollgate usage export` once exported).
 Money fields are integer micro-dollars as decimal strings; `attempt_list` is a JSON array of
 {model, provider, status, reason} in attempt order.
 """

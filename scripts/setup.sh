@@ -9,6 +9,8 @@ PY=${PYTHON:-python3}
 apt_missing=()
 command -v redis-server >/dev/null 2>&1 || apt_missing+=(redis-server)
 command -v promtool >/dev/null 2>&1 || apt_missing+=(prometheus)  # the scrape test and rule checks
+# The ledger tests run a throwaway PostgreSQL (initdb + postgres from /usr/lib/postgresql/<ver>/bin).
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_missing+=(postgresql)
 for extra in ${TOLLGATE_APT_EXTRA:-}; do command -v "$extra" >/dev/null 2>&1 || apt_missing+=("$extra"); done
 if ((${#apt_missing[@]})); then
   echo "setup: installing ${apt_missing[*]} (Debian packages)"

@@ -179,3 +179,24 @@ def test_dashboard_names_only_metrics_that_exist(stack: Stack, customer: str) ->
                 assert re.sub(r"_(total|bucket)$", "", name) in exported, f"{name} is not exported by the processor"
             else:
                 assert name in envoy_names, f"{name} is not in Envoy's stats"
+
+
+def test_billing_runs_the_admin_api_behind_its_service_and_the_exporter_beside_it() -> None:
+    objs = built(BASE)
+    deps = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Deployment"}
+    admin = deps["tollgate-admin"]["spec"]["template"]
+    exporter = deps["tollgate-exporter"]["spec"]["template"]
+    (admin_c,) = admin["spec"]["containers"]
+    (export_c,) = exporter["spec"]["containers"]
+    assert admin_c["args"][:1] == ["admin"] and "--token-file" in admin_c["args"]
+    assert admin_c["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert export_c["args"][:2] == ["usage", "export"] and "--once" not in export_c["args"]
+    for c in (admin_c, export_c):
+        env = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+        assert env == {"TOLLGATE_REDIS_URL": "tollgate-redis", "TOLLGATE_LEDGER_URL": "tollgate-ledger"}
+    service = next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "tollgate-admin")
+    assert service["spec"]["selector"].items() <= admin["metadata"]["labels"].items()
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= {p["name"] for p in admin_c["ports"]}
+    # The gateway's Service must not send client traffic to the admin pods, nor the reverse.
+    gateway = next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "tollgate")
+    assert not gateway["spec"]["selector"].items() <= admin["metadata"]["labels"].items()

@@ -43,8 +43,12 @@ def call(stack: Stack, secret: str, route: str, **kw: Any) -> Result:
 
 
 def record(stack: Stack, request_id: str) -> dict[str, Any]:
+    """The request's usage record. A stream's is written when the stream ends at the gateway,
+    which the client (having read `[DONE]`) may see a moment earlier: wait for it."""
     r = stack.redis_sync()
-    entry_id = r.get(request_key(request_id))
+    deadline = time.monotonic() + 5
+    while (entry_id := r.get(request_key(request_id))) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert entry_id is not None, f"no usage record for {request_id}"
     ((_, fields),) = r.xrange("tollgate:usage", min=entry_id, max=entry_id)
     rec: dict[str, Any] = {k.decode(): v.decode() for k, v in fields.items()}

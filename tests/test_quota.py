@@ -43,7 +43,7 @@ def records_of(stack: Stack, customer: str) -> list[dict[str, Any]]:
     out = []
     for _, fields in stack.redis_sync().xrange("tollgate:usage"):
         rec = {k.decode(): v.decode() for k, v in fields.items()}
-        if rec["customer_id"] == customer:
+        if rec["customer_id"] == customer and rec.get("kind") != "credit":  # usage records (credits share the stream)
             out.append(rec)
     return out
 
