@@ -205,12 +205,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from extproc import records
 
     async def run(redis: Any) -> int:
-        rec = await records.find(redis, args.request_id)
-        if rec is None:
-            print(f"tollgate: no usage record for request {args.request_id!r} (refused before any upstream call, or unknown)",
-                  file=sys.stderr)
+        try:
+            rec = await records.find(redis, args.request_id, args.customer)
+        except records.AmbiguousRequestId as exc:
+            print(f"tollgate: {exc}; choose one with --customer", file=sys.stderr)
             return 1
-        print(json.dumps(rec) if args.json else records.explain(rec))
+        if rec is None:
+            whose = f" of customer {args.customer!r}" if args.customer else ""
+            print(f"tollgate: no usage record for request {args.request_id!r}{whose} (refused before any upstream call, "
+                  "or unknown)", file=sys.stderr)
+            return 1
+        print(json.dumps(records.typed(rec)) if args.json else records.explain(rec))
         return 0
 
     return _with_redis(args, run)
@@ -318,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("explain", help="why a request used the model it did, and what it cost")
     x.add_argument("request_id")
+    x.add_argument("--customer", help="the customer whose request it was (request ids are scoped per customer)")
     redis_opt(x)
     x.add_argument("--json", action="store_true")
     x.set_defaults(fn=cmd_explain)

@@ -44,7 +44,7 @@ def call(stack: Stack, secret: str, route: str, **kw: Any) -> Result:
 
 def record(stack: Stack, request_id: str) -> dict[str, Any]:
     r = stack.redis_sync()
-    entry_id = r.get(request_key(request_id))
+    entry_id = next(iter(r.hvals(request_key(request_id))), None)
     assert entry_id is not None, f"no usage record for {request_id}"
     ((_, fields),) = r.xrange("tollgate:usage", min=entry_id, max=entry_id)
     rec: dict[str, Any] = {k.decode(): v.decode() for k, v in fields.items()}
@@ -260,7 +260,7 @@ def test_streaming_falls_back_before_the_first_byte_and_bills_the_usage_chunk(st
     assert arrivals[-1] - arrivals[0] >= 0.6  # chunks at the provider's pace
     assert stack.fakes["p2"].requests[0].body["stream_options"] == {"include_usage": True}
     deadline = time.monotonic() + 5
-    while stack.redis_sync().get(request_key(rid)) is None and time.monotonic() < deadline:
+    while not stack.redis_sync().hlen(request_key(rid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     rec = record(stack, rid)
     assert (rec["prompt_tokens"], rec["completion_tokens"], rec["final_model"]) == ("100", "4", "low_cost_chat_backup")
