@@ -93,3 +93,57 @@ def gate_filter(provider: Provider, pass_header: str = "") -> dict[str, Any]:
 def upstream_codec() -> dict[str, Any]:
     return {"name": "envoy.filters.http.upstream_codec",
             "typed_config": {"@type": _T + "extensions.filters.http.upstream_codec.v3.UpstreamCodec"}}
+
+
+# --- Envoy's own replies, in OpenAI's shape ----------------------------------------------------
+# Envoy answers some requests itself before the processor sees them (a `#fragment` or `..` in
+# the path, an `Upgrade` request, a malformed request line) or when the processor fails. Its
+# local reply mapper rewrites those into OpenAI-shaped errors that say only what is known.
+# Tollgate's own replies carry details `tollgate_*` and are left alone.
+
+def _cel(expression: str) -> dict[str, Any]:
+    return {"extension_filter": {
+        "name": "envoy.access_loggers.extension_filters.cel",
+        "typed_config": {"@type": _T + "extensions.access_loggers.filters.cel.v3.ExpressionFilter", "expression": expression},
+    }}
+
+
+def _mapper(expression: str, code: str, message: str, type_: str, status: int | None = None) -> dict[str, Any]:
+    m: dict[str, Any] = {
+        "filter": _cel(expression),
+        "body_format_override": {"json_format": {"error": {"message": message, "type": type_, "param": None, "code": code}}},
+    }
+    if status is not None:
+        m["status_code"] = status
+    return m
+
+
+NOT_OURS = "!response.code_details.startsWith('tollgate') && !response.code_details.startsWith('ext_proc')"
+
+
+def early_mappers() -> list[dict[str, Any]]:
+    """Mappers that come before the processor-failure one: client errors Envoy detects, and
+    a processor that failed after the request had gone to a provider."""
+    return [
+        _mapper("response.code_details == 'upgrade_failed'", "invalid_request_error",
+                "Protocol upgrades (WebSocket) are not supported; send a plain HTTP request.", "invalid_request_error", 400),
+        _mapper("response.code_details == 'path_normalization_failed'", "invalid_request_error",
+                "The request path is not valid (a '#fragment', '..' segment or escaped slash is not allowed).",
+                "invalid_request_error", 400),
+        # The processor failed while a provider was already answering: do not claim otherwise.
+        _mapper("response.code_details.startsWith('ext_proc') && upstream.address != ''", "quota_unavailable",
+                "The gateway's processor failed while this request was in progress; it may have reached a provider. "
+                "Its reservation is settled when it expires.", "server_error", 503),
+    ]
+
+
+def late_mappers() -> list[dict[str, Any]]:
+    """Any other reply of Envoy's own (not Tollgate's, not the processor's failure)."""
+    return [
+        _mapper(f"response.code == 413 && {NOT_OURS}", "request_too_large",
+                "The request body is larger than the gateway's limit.", "invalid_request_error"),
+        _mapper(f"response.code >= 400 && response.code < 500 && {NOT_OURS}", "invalid_request_error",
+                "The gateway could not read the request (%RESPONSE_CODE_DETAILS%).", "invalid_request_error"),
+        _mapper(f"response.code >= 500 && {NOT_OURS}", "upstream_unavailable",
+                "No provider could serve the request (%RESPONSE_CODE_DETAILS%).", "server_error"),
+    ]

@@ -416,7 +416,7 @@ def render_bootstrap(
         # With the processor down or too slow, Envoy refuses the request itself (fail closed);
         # say so in OpenAI's shape instead of an empty body. Tollgate's own replies carry
         # details "tollgate_*" and are left alone.
-        "local_reply_config": {"mappers": [{
+        "local_reply_config": {"mappers": [*edge.early_mappers(), {
             "filter": {"extension_filter": {
                 "name": "envoy.access_loggers.extension_filters.cel",
                 "typed_config": {"@type": _T + "extensions.access_loggers.filters.cel.v3.ExpressionFilter",
@@ -427,7 +427,7 @@ def render_bootstrap(
                 "message": "The gateway cannot check this request right now; it was not sent to any provider.",
                 "type": "server_error", "param": None, "code": "quota_unavailable",
             }}},
-        }]},
+        }, *edge.late_mappers()]},
         "http_filters": [
             _ext_proc_filter(
                 message_timeout_s,

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from extproc import jsonsafe
 from extproc.errors import ApiError, invalid_request
 
 ENDPOINTS = {
@@ -34,7 +35,7 @@ class ParsedRequest:
 def parse_request(path: str, raw: bytes) -> ParsedRequest | ApiError:
     """The body of a POST to one of ENDPOINTS, or the 400 that explains what is wrong."""
     try:
-        body = json.loads(raw)
+        body = jsonsafe.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return invalid_request(f"The request body is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}.")
     if not isinstance(body, dict):
