@@ -24,7 +24,7 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
 
-from extproc import metrics
+from extproc import metrics, published
 from extproc.downstream import Exchange, Gateway
 from extproc.envoy_config import GrpcEndpoint, worker_endpoints
 from extproc.errors import ApiError
@@ -173,7 +173,20 @@ class Processor:
         self.gateway.provider_secrets = provider_secrets(policy)
         metrics.POLICY_RELOADS.labels("ok").inc()
         log.info("policy reloaded: %d routes", len(policy.routes))
+        self.gateway.spawn(self.publish_policy())
         return True
+
+    async def publish_policy(self) -> None:
+        """Tell the command line which plans and routes are in force (`published`)."""
+        try:
+            await published.publish(self.redis, self.gateway.policy)
+        except RedisError:
+            metrics.REDIS_ERRORS.labels("publish_policy").inc()
+
+    async def keep_policy_published(self) -> None:
+        while True:
+            await self.publish_policy()
+            await asyncio.sleep(published.REPUBLISH_S)
 
     async def reap_reservations(self, interval_s: float) -> None:
         """Every processor sweeps reservations past their deadline into 'unsettled' records
@@ -226,6 +239,7 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, processor.reload)
     tasks = [asyncio.create_task(processor.watch_policy()),
+             asyncio.create_task(processor.keep_policy_published()),
              asyncio.create_task(processor.gateway.health.run()),
              asyncio.create_task(processor.reap_reservations(float(os.environ.get("TOLLGATE_REAPER_INTERVAL_S", "2"))))]
     await stop.wait()
