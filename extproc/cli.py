@@ -46,12 +46,21 @@ def _with_redis(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int]]) -
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from extproc.envoy_config import GrpcEndpoint
     from extproc.policy import PolicyError
     from extproc.server import serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    host, port = "0.0.0.0", args.metrics_port
+    if args.metrics_listen:
+        try:
+            endpoint = GrpcEndpoint.parse(args.metrics_listen)
+        except ValueError as exc:
+            print(f"tollgate: --metrics-listen: {exc}", file=sys.stderr)
+            return 2
+        host, port = endpoint.host, endpoint.port
     try:
-        return serve(args.policy, _redis_url(args), args.listen, args.metrics_port, args.workers, args.log_level)
+        return serve(args.policy, _redis_url(args), args.listen, port, args.workers, args.log_level, host)
     except PolicyError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 1
@@ -308,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", action="append", required=True, help="policy file or directory (repeatable; merged in order)")
     redis_opt(s)
     s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (workers use consecutive ports) or unix:PATH")
-    s.add_argument("--metrics-port", type=int, default=9464)
+    s.add_argument("--metrics-port", type=int, default=9464, help="/metrics on every interface, this port")
+    s.add_argument("--metrics-listen", help="HOST:PORT for /metrics instead (e.g. 127.0.0.1:9464 for loopback only)")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--log-level", default=os.environ.get("TOLLGATE_LOG_LEVEL", "INFO"))
     s.set_defaults(fn=cmd_serve)

@@ -259,12 +259,13 @@ def _worker_main(policy_paths: list[str], redis_url: str, endpoint: str, log_lev
     asyncio.run(run_worker(policy_paths, redis_url, GrpcEndpoint.parse(endpoint)))
 
 
-def serve(policy_paths: list[str], redis_url: str, listen: str, metrics_port: int, workers: int, log_level: str = "INFO") -> int:
+def serve(policy_paths: list[str], redis_url: str, listen: str, metrics_port: int, workers: int, log_level: str = "INFO",
+          metrics_host: str = "0.0.0.0") -> int:
     """Run `workers` processor processes and one metrics endpoint; returns an exit status."""
     load_policy(policy_paths)  # refuse to start on an invalid policy, with its clear error
     endpoints = worker_endpoints(GrpcEndpoint.parse(listen), workers)
     if workers == 1:
-        metrics.serve_metrics(metrics_port)
+        metrics.serve_metrics(metrics_port, metrics_host)
         asyncio.run(run_worker(policy_paths, redis_url, endpoints[0]))
         return 0
     # Multiprocess metrics: the directory must be set before any worker imports prometheus_client.
@@ -274,7 +275,7 @@ def serve(policy_paths: list[str], redis_url: str, listen: str, metrics_port: in
     procs = [ctx.Process(target=_worker_main, args=(policy_paths, redis_url, str(e), log_level), daemon=False) for e in endpoints]
     for p in procs:
         p.start()
-    metrics.serve_metrics(metrics_port)
+    metrics.serve_metrics(metrics_port, metrics_host)
     stopping = False
 
     def forward(signum: int, _frame: Any) -> None:
