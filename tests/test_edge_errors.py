@@ -30,7 +30,10 @@ def raw_http(port: int, data: bytes, timeout_s: float = 15) -> tuple[int, dict[s
     with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
         s.sendall(data)
         buf = b""
-        while b"\r\n\r\n" not in buf:
+        while b"\r\n\r\n" not in buf or buf.startswith(b"HTTP/1.1 1"):
+            if buf.startswith(b"HTTP/1.1 1") and b"\r\n\r\n" in buf:
+                buf = buf.partition(b"\r\n\r\n")[2]  # an interim response (100 Continue)
+                continue
             chunk = s.recv(65536)
             if not chunk:
                 break
