@@ -5,16 +5,19 @@ publishes its policy's plan and route names."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from extproc.devstack import RedisServer
+from extproc.fakeprovider import FakeProvider
 from extproc.quota import Account
-from tests.conftest import Stack
+from tests.conftest import Stack, running_stack
 
 
 def tollgate(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -104,3 +107,18 @@ def test_negative_monthly_limit_is_a_usage_error(stack: Stack, customer: str) ->
     out = tollgate(stack.redis.url, "limits", "set", "--customer", customer, "--monthly-usd", "-5")
     assert out.returncode == 2
     assert "--clear-monthly" in out.stderr
+
+
+def test_a_reloaded_policy_republishes_its_plan_names(fakes: dict[str, FakeProvider], policy_dir: Path, tmp_path: Path) -> None:
+    live = tmp_path / "policy"
+    shutil.copytree(policy_dir, live)
+    with running_stack(fakes, live, workers=1, name="edge-publish") as s:
+        def create_gold() -> int:
+            return tollgate(s.redis.url, "keys", "create", "--customer", "c1", "--workspace", "w", "--plan", "gold").returncode
+
+        assert create_gold() == 1
+        (live / "20-gold.yaml").write_text("plans:\n  gold:\n    routes: '*'\n")
+        deadline = time.monotonic() + 10
+        while create_gold() != 0:
+            assert time.monotonic() < deadline, "the reloaded policy's plans were not published"
+            time.sleep(0.3)
