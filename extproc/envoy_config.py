@@ -142,7 +142,9 @@ def _provider_route(p: Provider) -> dict[str, Any]:
     return {
         "name": f"provider:{p.name}",
         "match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": p.name}}]},
-        "route": {"cluster": p.name, "timeout": f"{p.timeout_s:g}s", "auto_host_rewrite": True},
+        # A literal rewrite happens before the upstream filters (the provider gate removes the
+        # x-envoy-original-host it leaves); auto_host_rewrite would add that header after them.
+        "route": {"cluster": p.name, "timeout": f"{p.timeout_s:g}s", "host_rewrite_literal": p.host},
         "request_headers_to_remove": [CLUSTER_HEADER],
     }
 

@@ -134,3 +134,11 @@ def test_retry_through_the_relay_gets_the_second_providers_allowlist_and_headers
     assert second.path == "/v1/chat/completions"
     # The first attempt was gated too.
     assert last(edge_stack, "p1").headers["openai-organization"] == ORG
+
+
+def test_single_attempt_route_provider_receives_exactly_the_allowlist(edge_stack: Stack, customer: str) -> None:
+    _, secret = edge_stack.create_key(customer)
+    status, _ = send(edge_stack, secret, {"x-tollgate-route": "legal_summary", "accept": "*/*", "user-agent": "u", **FORBIDDEN})
+    assert status == 200
+    assert set(last(edge_stack, "p3").headers) == {
+        "host", "content-type", "content-length", "accept", "user-agent", "x-request-id", "authorization"}
