@@ -19,6 +19,7 @@ import pytest
 
 from extproc import jsonsafe
 from extproc.fakeprovider import FakeProvider, Reply
+from extproc.quota import request_key
 from extproc.records import decode_entry
 from tests.conftest import Stack, running_stack
 
@@ -163,7 +164,7 @@ def test_connection_reset_before_headers_is_json_502_and_the_record_says_502(sta
     deadline = time.monotonic() + 5
     entry = None
     while entry is None and time.monotonic() < deadline:
-        entry = next(iter(r.hvals(f"{{tollgate:usage}}:requests:{headers['x-request-id']}")), None)
+        entry = next(iter(r.hvals(request_key(headers["x-request-id"]))), None)
         time.sleep(0.05)
     assert entry is not None
     ((eid, fields),) = r.xrange("tollgate:usage", min=entry, max=entry)
