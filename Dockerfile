@@ -1,4 +1,6 @@
-# The extproc image (`tollgate serve`). Build: docker build -t ghcr.io/tollgate/extproc:0.1.0 .
+# The extproc image (`tollgate serve`). Build and push it to a registry your cluster can pull from:
+#   docker build -t registry.example.com/acme/tollgate-extproc:0.1.0 . && docker push registry.example.com/acme/tollgate-extproc:0.1.0
+# then name it in your overlay's `images:` (see deploy/overlays/example/kustomization.yaml).
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./

@@ -48,12 +48,21 @@ def _with_redis(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int]]) -
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from extproc.envoy_config import GrpcEndpoint
     from extproc.policy import PolicyError
     from extproc.server import serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    host, port = "0.0.0.0", args.metrics_port
+    if args.metrics_listen:
+        try:
+            endpoint = GrpcEndpoint.parse(args.metrics_listen)
+        except ValueError as exc:
+            print(f"tollgate: --metrics-listen: {exc}", file=sys.stderr)
+            return 2
+        host, port = endpoint.host, endpoint.port
     try:
-        return serve(args.policy, _redis_url(args), args.listen, args.metrics_port, args.workers, args.log_level)
+        return serve(args.policy, _redis_url(args), args.listen, port, args.workers, args.log_level, host)
     except PolicyError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 1
@@ -108,6 +117,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
     async def run(redis: Any) -> int:
         store = KeyStore(redis)
         if args.keys_cmd == "create":
+            problem = await _key_problem(args, redis)
+            if problem is not None:
+                print(f"tollgate: {problem}", file=sys.stderr)
+                return 1
             try:
                 created = await store.create(args.customer, args.workspace, args.plan, args.default_route, args.rpm, args.tpm)
             except ValueError as exc:
@@ -123,10 +136,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
                       f" default_route={i.default_route or '-'}  (the secret above is shown only once)")
             return 0
         if args.keys_cmd == "list":
-            for k in await store.list():
-                row = {"key_id": k.key_id, "customer": k.customer, "workspace": k.workspace, "plan": k.plan,
-                       "default_route": k.default_route, "status": "active" if k.active else "revoked"}
-                print(json.dumps(row) if args.json else "\t".join(str(v or "-") for v in row.values()))
+            rows = [{"key_id": k.key_id, "customer": k.customer, "workspace": k.workspace, "plan": k.plan,
+                     "default_route": k.default_route, "status": "active" if k.active else "revoked"} for k in await store.list()]
+            if args.json:  # one JSON document (SPEC §8)
+                print(json.dumps({"keys": rows}))
+            else:
+                for row in rows:
+                    print("\t".join(str(v or "-") for v in row.values()))
             return 0
         ok = await store.revoke(args.key_id)
         if not ok:
@@ -136,6 +152,46 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 0
 
     return _with_redis(args, run)
+
+
+async def _key_problem(args: argparse.Namespace, redis: Any) -> str | None:
+    """Why the key being created would be refused by the policy in force (`--policy`, else
+    the names the running processor published), or None."""
+    from extproc import published
+    from extproc.policy import PolicyError, load_policy
+
+    if args.policy:
+        try:
+            names = published.PolicyNames.of(load_policy(args.policy), "--policy " + " ".join(args.policy))
+        except PolicyError as exc:
+            return str(exc)
+    else:
+        found = await published.read(redis)
+        if found is None:
+            return ("cannot check the plan: no running processor has published its policy to this Redis; "
+                    "start `tollgate serve` first or pass --policy FILE|DIR")
+        names = found
+    return names.key_problem(args.plan, args.default_route)
+
+
+def _id(text: str) -> str:
+    """A customer/workspace id (becomes part of Redis keys)."""
+    from extproc.quota import valid_id
+
+    if not valid_id(text):
+        raise argparse.ArgumentTypeError(f"must be 1-128 letters, digits or _ . : @ -, got {text!r}")
+    return text
+
+
+def _count(text: str) -> int:
+    """A non-negative whole number (a limit); deleting an override has its own flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value} (to remove an override use --clear-...)")
+    return value
 
 
 # --- money and usage -------------------------------------------------------------------------------
@@ -187,11 +243,21 @@ def cmd_balance(args: argparse.Namespace) -> int:
 def cmd_limits(args: argparse.Namespace) -> int:
     from extproc.quota import Quota
 
+    if args.monthly_usd is not None and args.monthly_usd < 0:
+        print("tollgate: limits set: --monthly-usd must not be negative (to remove the override use --clear-monthly)",
+              file=sys.stderr)
+        return 2
+    budget = -1 if args.clear_monthly else args.monthly_usd
+    rpm = -1 if args.clear_rpm else args.rpm  # -1 removes the override
+    tpm = -1 if args.clear_tpm else args.tpm
+    if budget is None and rpm is None and tpm is None:
+        print("tollgate: limits set: nothing to set (give --monthly-usd, --rpm, --tpm or a --clear-... flag)", file=sys.stderr)
+        return 2
+
     async def run(redis: Any) -> int:
-        budget = -1 if args.clear_monthly else args.monthly_usd
-        await Quota(redis).set_limits(args.customer, args.workspace, monthly_budget_micro=budget, rpm=args.rpm, tpm=args.tpm)
+        await Quota(redis).set_limits(args.customer, args.workspace, monthly_budget_micro=budget, rpm=rpm, tpm=tpm)
         print(json.dumps({"customer": args.customer, "workspace": args.workspace, "monthly_budget_micro": budget,
-                          "rpm": args.rpm, "tpm": args.tpm}) if args.json else "ok")
+                          "rpm": rpm, "tpm": tpm}) if args.json else "ok")
         return 0
 
     return _with_redis(args, run)
@@ -217,12 +283,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from extproc import records
 
     async def run(redis: Any) -> int:
-        rec = await records.find(redis, args.request_id) or billing_cli.find_in_ledger(args, args.request_id)
-        if rec is None:
-            print(f"tollgate: no usage record for request {args.request_id!r} (refused before any upstream call, or unknown)",
-                  file=sys.stderr)
+        try:
+            rec = await records.find(redis, args.request_id, args.customer) or billing_cli.find_in_ledger(args, args.request_id)
+        except records.AmbiguousRequestId as exc:
+            print(f"tollgate: {exc}; choose one with --customer", file=sys.stderr)
             return 1
-        print(json.dumps(rec) if args.json else records.explain(rec))
+        if rec is None:
+            whose = f" of customer {args.customer!r}" if args.customer else ""
+            print(f"tollgate: no usage record for request {args.request_id!r}{whose} (refused before any upstream call, "
+                  "or unknown)", file=sys.stderr)
+            return 1
+        print(json.dumps(records.typed(rec)) if args.json else records.explain(rec))
         return 0
 
     return _with_redis(args, run)
@@ -258,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", action="append", required=True, help="policy file or directory (repeatable; merged in order)")
     redis_opt(s)
     s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (workers use consecutive ports) or unix:PATH")
-    s.add_argument("--metrics-port", type=int, default=9464)
+    s.add_argument("--metrics-port", type=int, default=9464, help="/metrics on every interface, this port")
+    s.add_argument("--metrics-listen", help="HOST:PORT for /metrics instead (e.g. 127.0.0.1:9464 for loopback only)")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--log-level", default=os.environ.get("TOLLGATE_LOG_LEVEL", "INFO"))
     s.set_defaults(fn=cmd_serve)
@@ -288,8 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--workspace", required=True)
     kc.add_argument("--plan", required=True)
     kc.add_argument("--default-route")
-    kc.add_argument("--rpm", type=int, help="override the plan's requests per minute for this key")
-    kc.add_argument("--tpm", type=int, help="override the plan's tokens per minute for this key")
+    kc.add_argument("--rpm", type=_count, help="override the plan's requests per minute for this key")
+    kc.add_argument("--tpm", type=_count, help="override the plan's tokens per minute for this key")
+    kc.add_argument("--policy", action="append", help="check plan and route against these policy files (default: the "
+                    "names the running processor published to Redis)")
     kl = k.add_parser("list")
     kr = k.add_parser("revoke")
     kr.add_argument("key_id")
@@ -312,12 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     lim = sub.add_parser("limits", help="per-customer or per-workspace limit overrides").add_subparsers(dest="limits_cmd", required=True)
     ls = lim.add_parser("set")
-    ls.add_argument("--customer", required=True)
-    ls.add_argument("--workspace", help="set the workspace's limits instead of the customer's")
+    ls.add_argument("--customer", required=True, type=_id)
+    ls.add_argument("--workspace", type=_id, help="set the workspace's limits instead of the customer's")
     ls.add_argument("--monthly-usd", type=_usd_micro, help="monthly spend limit in US dollars")
     ls.add_argument("--clear-monthly", action="store_true", help="remove the monthly spend override")
-    ls.add_argument("--rpm", type=int, help="requests per minute of the customer (or the workspace)")
-    ls.add_argument("--tpm", type=int, help="tokens per minute of the customer (or the workspace)")
+    ls.add_argument("--rpm", type=_count, help="requests per minute of the customer (or the workspace)")
+    ls.add_argument("--tpm", type=_count, help="tokens per minute of the customer (or the workspace)")
+    ls.add_argument("--clear-rpm", action="store_true", help="remove the requests-per-minute override")
+    ls.add_argument("--clear-tpm", action="store_true", help="remove the tokens-per-minute override")
     redis_opt(ls)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_limits)
@@ -333,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("explain", help="why a request used the model it did, and what it cost")
     x.add_argument("request_id")
     x.add_argument("--to", help="also look in this ledger (default $TOLLGATE_LEDGER_URL) once the stream is trimmed")
+    x.add_argument("--customer", help="the customer whose request it was (request ids are scoped per customer)")
     redis_opt(x)
     x.add_argument("--json", action="store_true")
     x.set_defaults(fn=cmd_explain)

@@ -12,7 +12,7 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from extproc.quota import MARKER_TTL_S, OUTBOX_HINTS, USAGE_STREAM, Account, now_ms, request_key, uid_key, valid_id
+from extproc.quota import OUTBOX_HINTS, Account, now_ms, publish_args, valid_id
 from extproc.store import RedisLike, Scripts
 from extproc.store import text as _text
 
@@ -57,9 +57,6 @@ async def add_credit(redis: RedisLike, customer: str, amount_micro: int, referen
     if credited:
         body = await redis.hget(a.k("outbox"), uid)
         if body is not None:
-            publish_keys = [USAGE_STREAM, uid_key(uid), request_key(record["request_id"])]
-            await scripts.batch(
-                lambda c: scripts.call(c, "publish", publish_keys, [_text(body), MARKER_TTL_S]),
-                lambda c: c.hdel(a.k("outbox"), uid),
-            )
+            await scripts.eval("publish", *publish_args(uid, record["request_id"], customer, _text(body)))
+            await redis.hdel(a.k("outbox"), uid)  # only once published: else the drainer publishes it
     return Credit(customer, reference, amount_micro, credited, first_uid, balance)

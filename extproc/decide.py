@@ -45,14 +45,20 @@ def plan_of(policy: Policy, key: KeyInfo) -> Plan | ApiError:
     return plan
 
 
+def knows_model(policy: Policy, name: str) -> bool:
+    """A name the policy knows: one of its model names or a provider's `upstream_model`."""
+    return name in policy.models or any(m.upstream_model == name for m in policy.models.values())
+
+
 def resolve_route(policy: Policy, key: KeyInfo, header_route: str | None, body_model: str | None) -> Route | ApiError:
     """SPEC §1.3: the `x-tollgate-route` header, else the body's `model` when it names a
-    route, else the key's default route."""
+    route, else the key's default route — but only for a model the policy knows or an absent
+    `model`, so a typo is a 404 and never served silently."""
     if header_route:
         name = header_route
     elif body_model and body_model in policy.routes:
         name = body_model
-    elif key.default_route:
+    elif key.default_route and (not body_model or knows_model(policy, body_model)):
         name = key.default_route
     else:
         return errors.model_not_found(body_model or "")

@@ -7,7 +7,9 @@ the processor and Envoy, all children of this process; Ctrl-C stops every one of
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -33,8 +35,37 @@ async def _create_key(redis_url: str) -> tuple[str, str]:
         await client.aclose()
 
 
+def tollgate_command() -> str:
+    """How to run `tollgate` as printed: the script beside this Python (relative when it is
+    under the current directory, e.g. `.venv/bin/tollgate`), so it works without activating."""
+    script = Path(sys.executable).parent / "tollgate"
+    if not script.exists():
+        return f"{sys.executable} -m extproc.cli"
+    rel = os.path.relpath(script)
+    return rel if not rel.startswith("..") else str(script)
+
+
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def run_demo(port: int = 8080, redis_port: int = 0, workers: int = 1) -> int:
     policy = load_policy([str(EXAMPLE_POLICY)])
+    cmd = tollgate_command()
+    wanted = [("Envoy (the gateway)", port, "--port"), *((f"fake provider {p.name}", p.port, "") for p in policy.providers.values())]
+    if redis_port:
+        wanted.append(("Redis", redis_port, "--redis-port"))
+    for what, p, flag in wanted:
+        if port_taken(p):
+            how = f"choose another with `{cmd} demo {flag} N`" if flag else "stop the program that uses it"
+            print(f"tollgate demo: port {p} (for {what}) is already in use; {how}.", file=sys.stderr)
+            return 1
     logdir = tempfile.mkdtemp(prefix="tollgate-demo-")
     parts: list[RedisServer | Processor | Envoy | UsageExporter] = []
     fakes = [FakeProvider(p.name, p.host, p.port).start() for p in policy.providers.values()]
@@ -64,8 +95,8 @@ Tollgate demo is up.
 Try:
   curl -s {envoy.base_url}/v1/chat/completions -H "Authorization: Bearer {secret}" \\
        -H 'content-type: application/json' -d '{{"model":"support_draft","messages":[{{"role":"user","content":"hi"}}]}}'
-  TOLLGATE_REDIS_URL={redis.url} tollgate usage tail
-  tollgate usage report --customer demo-customer --month {month} --to {ledger}
+  TOLLGATE_REDIS_URL={redis.url} {cmd} usage tail
+  {cmd} usage report --customer demo-customer --month {month} --to {ledger}
 
 Ledger (usage exported from Redis as it happens, SQLite): {ledger}
 
@@ -85,6 +116,9 @@ Ctrl-C stops everything.""", flush=True)
                     stop = True
             time.sleep(0.2)
         return 0
+    except (RuntimeError, TimeoutError) as exc:  # a part did not start: say so, not a traceback
+        print(f"tollgate demo: could not start: {exc}; logs in {logdir}", file=sys.stderr)
+        return 1
     finally:
         for part in reversed(parts):
             part.stop()

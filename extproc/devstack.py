@@ -157,7 +157,7 @@ class Processor(Child):
 
     def start(self) -> Processor:
         args = [sys.executable, "-m", "extproc.cli", "serve", "--redis-url", self.redis_url,
-                "--listen", f"127.0.0.1:{self.port}", "--metrics-port", str(self.metrics_port), "--workers", str(self.workers)]
+                "--listen", f"127.0.0.1:{self.port}", "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--workers", str(self.workers)]
         for p in self.policy:
             args += ["--policy", p]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115

@@ -257,6 +257,9 @@ class Exchange:
         self.upstream_status = int(h.get(":status", "0") or 0)
         # Envoy's router stamps every proxied response; a reply without it is Envoy's own.
         self.local_reply = "x-envoy-upstream-service-time" not in h
+        if not self.path:  # Envoy refused the request before this processor saw it (bad path,
+            self.finished = True  # upgrade): its local reply mapper already speaks for it.
+            return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
         self.stop_reason = h.get(STOP_HEADER)
         self.learn_attempts(req, self.stop_reason)
         remove = [k for k in h if k.startswith(ATTRIBUTION_PREFIX)]  # providers cannot forge ours
@@ -265,7 +268,8 @@ class Exchange:
         if msg.end_of_stream:
             if self.replacement is not None or (self.local_reply and self.stop_reason is None):
                 err = self.replacement or self.local_reply_error()
-                await self.finish(None)
+                # Envoy's own reply (no provider answered): the record says what the client got.
+                await self.finish(None, status=err.status if self.local_reply else None)
                 return self.replace_response(err, phase="headers")
             cost = await self.finish(None)
             return self.headers_reply(self.attribution(cost), remove)
@@ -345,14 +349,16 @@ class Exchange:
                                            f"No provider could serve the request after {n} attempt(s) ({reason}){why}.")
 
     async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        if not self.path:
+            return pb.ProcessingResponse(response_body=pb.BodyResponse())
         if self.streaming:
             return await self.stream_chunk(msg)
         if self.replacement is not None:
-            await self.finish(None)
+            await self.finish(None, status=self.replacement.status if self.local_reply else None)
             return self.replace_response(self.replacement, phase="body")
         if self.local_reply and self.stop_reason is None:
             err = self.local_reply_error()
-            await self.finish(None)
+            await self.finish(None, status=err.status)
             return self.replace_response(err, phase="body")
         usage = self.body_usage(msg.body) if self.served() else None
         cost = await self.finish(usage)

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from extproc import config
+from extproc import config, edge
 from extproc.errors import ApiError
 from extproc.policy.model import Policy, Provider
 
@@ -117,6 +117,14 @@ def _provider_cluster(p: Provider, max_body: int) -> dict[str, Any]:
         "circuit_breakers": {
             "thresholds": [{"max_connections": 4096, "max_pending_requests": 4096, "max_requests": 4096, "max_retries": 4096}]
         },
+        # The provider sees only the allowlisted headers and query parameters (`edge`).
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "http_filters": [edge.gate_filter(p), edge.upstream_codec()],
+            }
+        },
     }
     if p.tls:
         cluster["transport_socket"] = {
@@ -134,7 +142,9 @@ def _provider_route(p: Provider) -> dict[str, Any]:
     return {
         "name": f"provider:{p.name}",
         "match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": p.name}}]},
-        "route": {"cluster": p.name, "timeout": f"{p.timeout_s:g}s", "auto_host_rewrite": True},
+        # A literal rewrite happens before the upstream filters (the provider gate removes the
+        # x-envoy-original-host it leaves); auto_host_rewrite would add that header after them.
+        "route": {"cluster": p.name, "timeout": f"{p.timeout_s:g}s", "host_rewrite_literal": p.host},
         "request_headers_to_remove": [CLUSTER_HEADER],
     }
 
@@ -212,7 +222,7 @@ def _retries_only(filter_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _upstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
+def _upstream_filters(message_timeout_s: float, p: Provider) -> list[dict[str, Any]]:
     return [
         {
             "name": "envoy.filters.http.lua",
@@ -229,10 +239,10 @@ def _upstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
             receiving=[NS_ATTEMPTS, NS_LAST],
             request_attributes=["upstream.request_attempt_count"],
         )),
-        {
-            "name": "envoy.filters.http.upstream_codec",
-            "typed_config": {"@type": _T + "extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
-        },
+        # Attempt 1 goes straight to `p` (its cluster's own filters do not run through the
+        # aggregate): gate it here; retries bound for the relay are gated by their target.
+        edge.gate_filter(p, pass_header=TARGET_HEADER),
+        edge.upstream_codec(),
     ]
 
 
@@ -252,7 +262,7 @@ def _aggregate_cluster(p: Provider, slots: int, message_timeout_s: float) -> dic
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
                 "explicit_http_config": {"http_protocol_options": {}},
-                "http_filters": _upstream_filters(message_timeout_s),
+                "http_filters": _upstream_filters(message_timeout_s, p),
             }
         },
         # Envoy's default allows 3 concurrent retries per cluster: under load most fallbacks
@@ -299,7 +309,9 @@ def _relay_listener(policy: Policy, max_body: int) -> dict[str, Any]:
             "response_headers_to_add": [{"header": {"key": "x-tollgate-relay-flags", "value": "%RESPONSE_FLAGS%"}}],
             "virtual_hosts": [{"name": "relay", "domains": ["*"], "routes": routes}],
         },
-        "http_filters": [ROUTER_FILTER],
+        # The relay's router adds no x-envoy-* headers of its own (a provider sees none).
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": _T + "extensions.filters.http.router.v3.Router", "suppress_envoy_headers": True}}],
     }
     return {
         "name": RELAY_LISTENER,
@@ -406,7 +418,7 @@ def render_bootstrap(
         # With the processor down or too slow, Envoy refuses the request itself (fail closed);
         # say so in OpenAI's shape instead of an empty body. Tollgate's own replies carry
         # details "tollgate_*" and are left alone.
-        "local_reply_config": {"mappers": [{
+        "local_reply_config": {"mappers": [*edge.early_mappers(), {
             "filter": {"extension_filter": {
                 "name": "envoy.access_loggers.extension_filters.cel",
                 "typed_config": {"@type": _T + "extensions.access_loggers.filters.cel.v3.ExpressionFilter",
@@ -431,7 +443,7 @@ def render_bootstrap(
                            "ask for fewer choices or tokens, or stream it (stream: true).",
                 "type": "server_error", "param": None, "code": "upstream_unavailable",
             }}},
-        }]},
+        }, *edge.late_mappers()]},
         "http_filters": [
             _ext_proc_filter(
                 message_timeout_s,

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from extproc import config
+from extproc import config, jsonsafe
 from extproc.caps import write_cap
 from extproc.errors import ApiError, invalid_request
 
@@ -41,7 +41,7 @@ class ParsedRequest:
 def parse_request(path: str, raw: bytes) -> ParsedRequest | ApiError:
     """The body of a POST to one of ENDPOINTS, or the 400 that explains what is wrong."""
     try:
-        body = json.loads(raw)
+        body = jsonsafe.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return invalid_request(f"The request body is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}.")
     if not isinstance(body, dict):

@@ -18,7 +18,7 @@ script's keys live in one Redis Cluster slot:
   tollgate:{c:C}:resv-index              the customer's reservations by deadline
   tollgate:{c:C}:outbox                  records written with the money, not yet in the stream
   tollgate:usage                         the usage stream (SPEC §6)
-  {tollgate:usage}:uid:U, :request:ID    publish-once marks and request id -> entry (same slot)
+  {tollgate:usage}:uid:U, :requests:ID   publish-once marks; request id -> {customer: entry} (same slot)
   tollgate:reservations, tollgate:outboxes  hints (global zsets) so the reaper and the drainer
                                          find what a crashed processor left; written before,
                                          removed after the real work, never trusted alone
@@ -189,8 +189,14 @@ def uid_key(uid: str) -> str:
 
 
 def request_key(request_id: str) -> str:
-    """Where `explain` finds a request's record (in the usage stream's hash slot)."""
-    return f"{{{USAGE_STREAM}}}:request:{request_id}"
+    """Where `explain` finds a request's record: a hash customer -> stream entry, since request
+    ids are scoped per customer (in the usage stream's hash slot)."""
+    return f"{{{USAGE_STREAM}}}:requests:{request_id}"
+
+
+def publish_args(uid: str, request_id: str, customer: str, body: str) -> tuple[list[str], list[Any]]:
+    """publish.lua's keys and arguments for one record."""
+    return [USAGE_STREAM, uid_key(uid), request_key(request_id)], [body, MARKER_TTL_S, customer]
 
 
 class Quota:
@@ -259,7 +265,7 @@ class Quota:
 
     async def publish(self, res: Reservation, record: dict[str, str]) -> None:
         """After `finish`: the record to the usage stream, exactly once (by its uid)."""
-        await self.scripts.eval("publish", *self._publish_args(record["record_id"], res.request_id, json.dumps(record)))
+        await self.scripts.eval("publish", *publish_args(record["record_id"], res.request_id, res.account.customer, json.dumps(record)))
 
     async def published(self, res: Reservation, record: dict[str, str]) -> None:
         """After `publish`: the outbox entry and the reservation's hint are no longer needed.
@@ -269,12 +275,9 @@ class Quota:
             lambda c: c.zrem(RESERVATION_HINTS, res.member),
         )
 
-    def _publish(self, client: Any, uid: str, request_id: str, body: str) -> Any:
-        return self.scripts.call(client, "publish", *self._publish_args(uid, request_id, body))
+    def _publish(self, client: Any, uid: str, request_id: str, customer: str, body: str) -> Any:
+        return self.scripts.call(client, "publish", *publish_args(uid, request_id, customer, body))
 
-    @staticmethod
-    def _publish_args(uid: str, request_id: str, body: str) -> tuple[list[str], list[Any]]:
-        return [USAGE_STREAM, uid_key(uid), request_key(request_id)], [body, MARKER_TTL_S]
 
     async def drain_outboxes(self, older_than_ms: int = 5000, limit: int = 100) -> int:
         """Publish records a processor settled but did not publish (it died in between)."""
@@ -285,7 +288,7 @@ class Quota:
             outbox = Account(customer, "", "").k("outbox")
             for uid, body in (await self.redis.hgetall(outbox)).items():
                 text = _s(body)
-                await self.scripts.eval("publish", *self._publish_args(_s(uid), json.loads(text).get("request_id", ""), text))
+                await self.scripts.eval("publish", *publish_args(_s(uid), json.loads(text).get("request_id", ""), customer, text))
                 await self.redis.hdel(outbox, uid)
                 published += 1
             if await self.redis.hlen(outbox):
@@ -311,7 +314,7 @@ class Quota:
             if state == 1:
                 body = await self.redis.hget(a.k("outbox"), uid)
                 if body is not None:
-                    await self.scripts.eval("publish", *self._publish_args(uid, request_id, _s(body)))
+                    await self.scripts.eval("publish", *publish_args(uid, request_id, customer, _s(body)))
                     await self.redis.hdel(a.k("outbox"), uid)
                 done += 1
             if state in (0, 1):

@@ -44,12 +44,46 @@ async def tail(redis: RedisLike, n: int) -> list[dict[str, Any]]:
     return [decode_entry(i, f) for i, f in reversed(entries)]
 
 
-async def find(redis: RedisLike, request_id: str) -> dict[str, Any] | None:
-    entry_id = await redis.get(request_key(request_id))
+class AmbiguousRequestId(Exception):
+    """Several customers used one request id: `explain` needs `--customer`."""
+
+    def __init__(self, request_id: str, customers: list[str]) -> None:
+        super().__init__(f"request id {request_id!r} was used by {len(customers)} customers: {', '.join(customers)}")
+        self.customers = customers
+
+
+async def find(redis: RedisLike, request_id: str, customer: str | None = None) -> dict[str, Any] | None:
+    """The record of a request id (ids are scoped per customer). Without `customer`, an id
+    more than one customer used raises AmbiguousRequestId naming them."""
+    index = {_text(k): _text(v) for k, v in (await redis.hgetall(request_key(request_id))).items()}
+    if customer is not None:
+        entry_id = index.get(customer)
+    elif len(index) > 1:
+        raise AmbiguousRequestId(request_id, sorted(index))
+    else:
+        entry_id = next(iter(index.values()), None)
     if entry_id is None:
         return None
     entries: list[Any] = await redis.xrange(USAGE_STREAM, min=entry_id, max=entry_id) or []
     return decode_entry(entries[0][0], entries[0][1]) if entries else None
+
+
+# Record fields that are integers (stored as decimal strings, like every stream field).
+INTEGER_FIELDS = ("ts", "attempts", "status", "prompt_tokens", "completion_tokens", "cost_micro_usd", "retry_cost_micro_usd",
+                  "fallback_cost_micro_usd", "reserved_micro_usd", "latency_ms")
+
+
+def typed(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record for JSON output: integers as numbers, `stream` as a boolean (a status such as
+    `unsettled` stays a string)."""
+    out = dict(rec)
+    for f in INTEGER_FIELDS:
+        v = out.get(f)
+        if isinstance(v, str) and v.lstrip("-").isdigit():
+            out[f] = int(v)
+    if out.get("stream") in ("true", "false"):
+        out["stream"] = out["stream"] == "true"
+    return out
 
 
 def usd(micro: Any) -> str:

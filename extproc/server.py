@@ -24,7 +24,7 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
 
-from extproc import config, metrics
+from extproc import config, metrics, published
 from extproc.downstream import Exchange, Gateway
 from extproc.envoy_config import GrpcEndpoint, worker_endpoints
 from extproc.errors import ApiError
@@ -174,7 +174,20 @@ class Processor:
         self.gateway.provider_secrets = provider_secrets(policy)
         metrics.POLICY_RELOADS.labels("ok").inc()
         log.info("policy reloaded: %d routes", len(policy.routes))
+        self.gateway.spawn(self.publish_policy())
         return True
+
+    async def publish_policy(self) -> None:
+        """Tell the command line which plans and routes are in force (`published`)."""
+        try:
+            await published.publish(self.redis, self.gateway.policy)
+        except RedisError:
+            metrics.REDIS_ERRORS.labels("publish_policy").inc()
+
+    async def keep_policy_published(self) -> None:
+        while True:
+            await self.publish_policy()
+            await asyncio.sleep(published.REPUBLISH_S)
 
     async def reap_reservations(self, interval_s: float) -> None:
         """Every processor sweeps reservations past their deadline into 'unsettled' records
@@ -233,6 +246,7 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, processor.reload)
     tasks = [asyncio.create_task(processor.watch_policy()),
+             asyncio.create_task(processor.keep_policy_published()),
              asyncio.create_task(processor.gateway.health.run()),
              asyncio.create_task(processor.reap_reservations(float(os.environ.get("TOLLGATE_REAPER_INTERVAL_S", "2"))))]
     await stop.wait()
@@ -252,12 +266,13 @@ def _worker_main(policy_paths: list[str], redis_url: str, endpoint: str, log_lev
     asyncio.run(run_worker(policy_paths, redis_url, GrpcEndpoint.parse(endpoint)))
 
 
-def serve(policy_paths: list[str], redis_url: str, listen: str, metrics_port: int, workers: int, log_level: str = "INFO") -> int:
+def serve(policy_paths: list[str], redis_url: str, listen: str, metrics_port: int, workers: int, log_level: str = "INFO",
+          metrics_host: str = "0.0.0.0") -> int:
     """Run `workers` processor processes and one metrics endpoint; returns an exit status."""
     load_policy(policy_paths)  # refuse to start on an invalid policy, with its clear error
     endpoints = worker_endpoints(GrpcEndpoint.parse(listen), workers)
     if workers == 1:
-        metrics.serve_metrics(metrics_port)
+        metrics.serve_metrics(metrics_port, metrics_host)
         asyncio.run(run_worker(policy_paths, redis_url, endpoints[0]))
         return 0
     # Multiprocess metrics: the directory must be set before any worker imports prometheus_client.
@@ -267,7 +282,7 @@ def serve(policy_paths: list[str], redis_url: str, listen: str, metrics_port: in
     procs = [ctx.Process(target=_worker_main, args=(policy_paths, redis_url, str(e), log_level), daemon=False) for e in endpoints]
     for p in procs:
         p.start()
-    metrics.serve_metrics(metrics_port)
+    metrics.serve_metrics(metrics_port, metrics_host)
     stopping = False
 
     def forward(signum: int, _frame: Any) -> None:

@@ -37,9 +37,25 @@ def test_body_model_naming_a_route_selects_it() -> None:
     assert isinstance(choice, Route) and choice.primary_model == "low_cost_chat"
 
 
-def test_default_route_serves_when_the_body_model_is_not_a_route() -> None:
-    choice = choose_route(key(default_route="support_draft"), None, "gpt-4o")
+def test_default_route_serves_a_policy_model_name_that_is_not_a_route() -> None:
+    choice = choose_route(key(default_route="support_draft"), None, "strong_reasoning")
     assert isinstance(choice, Route) and choice.name == "support_draft"
+
+
+def test_default_route_serves_an_upstream_model_name() -> None:
+    choice = choose_route(key(default_route="support_draft"), None, "gpt-4o-mini")
+    assert isinstance(choice, Route) and choice.name == "support_draft"
+
+
+def test_default_route_serves_an_absent_model() -> None:
+    choice = choose_route(key(default_route="support_draft"), None, None)
+    assert isinstance(choice, Route) and choice.name == "support_draft"
+
+
+def test_unknown_model_is_model_not_found_even_with_a_default_route() -> None:
+    err = choose_route(key(default_route="support_draft"), None, "gpt-does-not-exist")
+    assert isinstance(err, ApiError) and (err.status, err.code, err.param) == (404, "model_not_found", "model")
+    assert "gpt-does-not-exist" in err.message
 
 
 def test_unknown_route_without_default_is_model_not_found() -> None:

@@ -61,7 +61,7 @@ def built(path: Path) -> list[dict[str, Any]]:
         p = yaml.safe_load((path / patch["path"]).read_text())
         objs = [merge(o, p) if (o["kind"], o["metadata"]["name"]) == (p["kind"], p["metadata"]["name"]) else o for o in objs]
     for o in objs:
-        if "namespace" in k:
+        if "namespace" in k and o["kind"] != "Namespace":
             o["metadata"]["namespace"] = k["namespace"]
         labels = {}
         for entry in k.get("labels", []):
@@ -71,7 +71,7 @@ def built(path: Path) -> list[dict[str, Any]]:
         for o in objs:
             for c in o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
                 if c["image"].split(":")[0] == image["name"]:
-                    c["image"] = f"{image['name']}:{image['newTag']}"
+                    c["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
     return objs
 
 
@@ -89,7 +89,7 @@ def test_overlay_sets_namespace_image_and_replicas() -> None:
     dep = next(o for o in built(DEPLOY / "overlays" / "example") if o["kind"] == "Deployment")
     assert dep["metadata"]["namespace"] == "ai-gateway" and dep["spec"]["replicas"] == 3
     images = [c["image"] for c in dep["spec"]["template"]["spec"]["containers"]]
-    assert "ghcr.io/tollgate/extproc:0.1.0" in images
+    assert "registry.example.com/acme/tollgate-extproc:0.1.0" in images
 
 
 def test_pod_runs_envoy_and_the_processor_with_probes_and_resources() -> None:

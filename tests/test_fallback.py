@@ -47,7 +47,7 @@ def record(stack: Stack, request_id: str) -> dict[str, Any]:
     which the client (having read `[DONE]`) may see a moment earlier: wait for it."""
     r = stack.redis_sync()
     deadline = time.monotonic() + 5
-    while (entry_id := r.get(request_key(request_id))) is None and time.monotonic() < deadline:
+    while (entry_id := next(iter(r.hvals(request_key(request_id))), None)) is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert entry_id is not None, f"no usage record for {request_id}"
     ((_, fields),) = r.xrange("tollgate:usage", min=entry_id, max=entry_id)
@@ -264,7 +264,7 @@ def test_streaming_falls_back_before_the_first_byte_and_bills_the_usage_chunk(st
     assert arrivals[-1] - arrivals[0] >= 0.6  # chunks at the provider's pace
     assert stack.fakes["p2"].requests[0].body["stream_options"] == {"include_usage": True}
     deadline = time.monotonic() + 5
-    while stack.redis_sync().get(request_key(rid)) is None and time.monotonic() < deadline:
+    while not stack.redis_sync().hlen(request_key(rid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     rec = record(stack, rid)
     assert (rec["prompt_tokens"], rec["completion_tokens"], rec["final_model"]) == ("100", "4", "low_cost_chat_backup")

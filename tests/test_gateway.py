@@ -105,10 +105,18 @@ def test_route_header_selects_the_route(stack: Stack, customer: str) -> None:
     assert stack.fakes["p3"].requests[-1].body["model"] == "o3"
 
 
-def test_key_default_route_serves_a_body_model_that_is_not_a_route(stack: Stack, customer: str) -> None:
+def test_key_default_route_serves_a_known_model_name_that_is_not_a_route(stack: Stack, customer: str) -> None:
     _, secret = stack.create_key(customer, default_route="legal_summary")
-    raw = stack.client(secret).chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+    raw = stack.client(secret).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
     assert raw.headers["x-tollgate-route"] == "legal_summary"
+
+
+def test_unknown_model_with_a_default_route_is_404_and_reaches_no_provider(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer, default_route="legal_summary")
+    with pytest.raises(openai.NotFoundError) as info:
+        stack.client(secret).chat.completions.create(model="gpt-does-not-exist", messages=MESSAGES)
+    assert error_of(info.value)["code"] == "model_not_found"
+    assert sum(f.calls() for f in stack.fakes.values()) == 0
 
 
 def test_streaming_chunks_arrive_incrementally_with_attribution(stack: Stack, customer: str) -> None:

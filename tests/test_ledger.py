@@ -20,7 +20,7 @@ from extproc.devstack import RedisServer
 from extproc.export import ExportConfig, Exporter, redis_sync_client
 from extproc.ledger_rows import row_of
 from extproc.ledger_store import open_store
-from extproc.quota import MARKER_TTL_S, USAGE_STREAM, Account, Limits, Quota, Reservation, uid_key
+from extproc.quota import MARKER_TTL_S, USAGE_STREAM, Account, Limits, Quota, Reservation, publish_args, uid_key
 from extproc.store import redis_client
 from tests.ledger_helpers import add_records, ledger_url, postgres, tollgate, tollgate_bg, usage_record, wait_for
 
@@ -157,7 +157,7 @@ def test_publish_markers_get_a_short_ttl_once_exported(server: RedisServer, ledg
     async def publish() -> None:
         client = redis_client(server.url)
         q = Quota(client)
-        await q.scripts.eval("publish", *q._publish_args("rec-7", "req-7", json.dumps(usage_record(7))))
+        await q.scripts.eval("publish", *publish_args("rec-7", "req-7", "acme", json.dumps(usage_record(7))))
         await client.aclose()
 
     asyncio.run(publish())

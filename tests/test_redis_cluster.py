@@ -64,4 +64,4 @@ def test_cli_balance_and_keys_work_against_a_cluster(cluster_stack: Stack, custo
     assert created["secret"].startswith("tg-")
     tollgate("balance", "add", "--customer", customer, "--usd", "2.5")
     assert json.loads(tollgate("balance", "show", "--customer", customer, "--json"))["balance_micro"] == 2_500_000
-    assert any(json.loads(line)["key_id"] == created["key_id"] for line in tollgate("keys", "list", "--json").splitlines())
+    assert any(k["key_id"] == created["key_id"] for k in json.loads(tollgate("keys", "list", "--json"))["keys"])

@@ -1,8 +1,9 @@
 -- Append one usage record to the usage stream exactly once (by its uid), and point the
--- request id at it for `tollgate explain`. All keys share the usage stream's hash slot.
+-- request id, per customer, at it for `tollgate explain`: request ids are scoped per customer,
+-- so two customers using one id each keep their own record. All keys share the stream's slot.
 --
--- KEYS: 1 usage stream (tollgate:usage)  2 {tollgate:usage}:uid:<uid>  3 {tollgate:usage}:request:<id>
--- ARGV: 1 the record as a JSON object of strings  2 ttl s of the uid and request index
+-- KEYS: 1 usage stream (tollgate:usage)  2 {tollgate:usage}:uid:<uid>  3 {tollgate:usage}:requests:<id> (hash)
+-- ARGV: 1 the record as a JSON object of strings  2 ttl s of the uid and request index  3 customer id
 -- Returns the stream entry id.
 local done = redis.call('GET', KEYS[2])
 if done then return done end
@@ -13,5 +14,6 @@ for k, v in pairs(cjson.decode(ARGV[1])) do
 end
 local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
 redis.call('SET', KEYS[2], id, 'EX', tonumber(ARGV[2]))
-redis.call('SET', KEYS[3], id, 'EX', tonumber(ARGV[2]))
+redis.call('HSET', KEYS[3], ARGV[3], id)
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[2]))
 return id

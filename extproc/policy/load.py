@@ -249,7 +249,7 @@ def _parse_providers(c: _Checker, raw: LocDict) -> dict[str, Provider]:
         pd = c.mapping(d, section, key, name)  # type: ignore[arg-type]
         if pd is None:
             continue
-        c.known_keys(pd, key, {"address", "tls", "api_key_env", "api_key_file", "timeout_s", "circuit"})
+        c.known_keys(pd, key, {"address", "tls", "api_key_env", "api_key_file", "timeout_s", "circuit", "headers", "query_params"})
         address = pd.get("address")
         m = re.match(r"^\[?([A-Za-z0-9.:-]+?)\]?:(\d{1,5})$", str(address)) if isinstance(address, str) else None
         if m is None or not 0 < int(m.group(2)) < 65536:
@@ -281,9 +281,48 @@ def _parse_providers(c: _Checker, raw: LocDict) -> dict[str, Provider]:
             api_key_env=key_env if isinstance(key_env, str) else None,
             api_key_file=key_file if isinstance(key_file, str) else None,
             timeout_s=float(timeout),
+            headers=_provider_headers(c, pd, key),
+            query_params=_query_params(c, pd, key),
             **circuit,
         )
     return out
+
+
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
+
+
+def _provider_headers(c: _Checker, pd: LocDict, key: str) -> tuple[tuple[str, str], ...]:
+    """`headers:` of a provider: name -> value, printable ASCII; never credentials or framing."""
+    from extproc.edge import RESERVED_HEADERS
+
+    if "headers" not in pd:
+        return ()
+    hd = c.mapping(pd["headers"], pd, f"{key}.headers", "headers")
+    if hd is None:
+        return ()
+    out: list[tuple[str, str]] = []
+    for name, value in hd.items():
+        lname = str(name).lower()
+        if not _TOKEN.match(str(name)) or lname in RESERVED_HEADERS or lname.startswith(("x-tollgate-", "x-envoy-")):
+            c.error(hd, f"{key}.headers.{name}", "not a header name the policy may set (credentials, framing and "
+                    "x-tollgate-*/x-envoy-* are the gateway's)", str(name))
+        elif not isinstance(value, (str, int)) or isinstance(value, bool) or not _PRINTABLE.match(str(value)):
+            c.error(hd, f"{key}.headers.{name}", f"must be a printable ASCII string, got {value!r}", str(name))
+        else:
+            out.append((lname, str(value)))
+    return tuple(out)
+
+
+def _query_params(c: _Checker, pd: LocDict, key: str) -> tuple[str, ...]:
+    """`query_params:` of a provider: the query parameter names a client may pass on."""
+    raw = pd.get("query_params")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(n, str) and _TOKEN.match(n) for n in raw):
+        c.error(pd, f"{key}.query_params", f"must be a list of parameter names, got {raw!r}", "query_params")
+        return ()
+    return tuple(raw)
 
 
 def _parse_models(c: _Checker, raw: LocDict, tiers: tuple[str, ...], providers: dict[str, Provider]) -> dict[str, Model]:

@@ -45,6 +45,8 @@ class Provider:
     circuit_failures: int = 5  # failures within the window that open the circuit
     circuit_window_s: int = 30
     circuit_cooldown_s: int = 30  # how long an open circuit skips the provider
+    headers: tuple[tuple[str, str], ...] = ()  # sent on every request to it (names lower case)
+    query_params: tuple[str, ...] = ()  # query parameters a client may pass on (e.g. api-version)
 
 
 @dataclass(frozen=True)
