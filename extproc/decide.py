@@ -60,6 +60,8 @@ def resolve_route(policy: Policy, key: KeyInfo, header_route: str | None, body_m
         name = body_model
     elif key.default_route and (not body_model or knows_model(policy, body_model)):
         name = key.default_route
+    elif not body_model:
+        return errors.invalid_request("You must provide a model parameter.", param="model")
     else:
         return errors.model_not_found(body_model or "")
     route = policy.routes.get(name)

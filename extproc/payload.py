@@ -48,8 +48,8 @@ def parse_request(path: str, raw: bytes) -> ParsedRequest | ApiError:
         return invalid_request("The request body must be a JSON object.")
     model = body.get("model")
     if model is None:
-        return invalid_request("You must provide a model parameter.", param="model")
-    if not isinstance(model, str) or not model:
+        model = ""  # absent: the route header or the key's default route decides (decide.resolve_route)
+    elif not isinstance(model, str) or not model:
         return invalid_request("'model' must be a non-empty string.", param="model")
     required = ENDPOINTS.get(path)
     if required is not None:

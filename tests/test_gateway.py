@@ -210,6 +210,14 @@ def test_missing_model_is_400_naming_the_parameter(stack: Stack, customer: str) 
     assert (err["error"]["code"], err["error"]["param"]) == ("invalid_request_error", "model")
 
 
+def test_absent_model_is_served_by_the_keys_default_route(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer, default_route="legal_summary")
+    status, headers, _ = post(stack, "/v1/chat/completions", json.dumps({"messages": MESSAGES}).encode(),
+                              {"authorization": f"Bearer {secret}"})
+    assert (status, headers["x-tollgate-route"]) == (200, "legal_summary")
+    assert stack.fakes["p3"].requests[-1].body["model"] == "o3"
+
+
 def test_missing_messages_is_400(stack: Stack, customer: str) -> None:
     _, secret = stack.create_key(customer)
     status, _, err = post(stack, "/v1/chat/completions", json.dumps({"model": "support_draft"}).encode(),
