@@ -25,14 +25,19 @@ USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 
 def text_bytes(obj: Any) -> int:
     """UTF-8 bytes of the generated text in a response or stream event: strings under
-    `choices` / `output` / `delta` / `text`, not ids, roles or other fixed fields."""
-    if isinstance(obj, str):
-        return len(obj.encode("utf-8", "surrogatepass"))
-    if isinstance(obj, list):
-        return sum(text_bytes(x) for x in obj)
-    if isinstance(obj, dict):
-        return sum(text_bytes(v) for k, v in obj.items() if k not in _NOT_TEXT)
-    return 0
+    `choices` / `output` / `delta` / `text`, not ids, roles or other fixed fields. Iterative,
+    so a hostile provider's deeply nested JSON cannot exhaust the stack."""
+    total = 0
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item.encode("utf-8", "surrogatepass"))
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(v for k, v in item.items() if k not in _NOT_TEXT)
+    return total
 
 
 _NOT_TEXT = frozenset({"id", "object", "role", "type", "finish_reason", "status", "model", "index", "logprobs",
