@@ -150,16 +150,23 @@ def is_money_refusal(a: Answer) -> bool:
 
 @contextlib.contextmanager
 def behaving(fake: FakeProvider, **methods: Any) -> Iterator[None]:
-    """Make one fake answer differently for the length of a test (its handler class gains the
-    given methods); the fake itself still receives and records every request."""
+    """Make one fake answer differently for the length of a test: its own handler class (one
+    per fake, shared by Envoy's pooled keep-alive connections) gets the given methods; the fake
+    still receives and records every request."""
     server = fake._server
     assert server is not None
-    original = server.RequestHandlerClass
-    server.RequestHandlerClass = type("Changed", (original,), methods)
+    handler = server.RequestHandlerClass
+    saved = {name: handler.__dict__.get(name) for name in methods}
+    for name, method in methods.items():
+        setattr(handler, name, method)
     try:
         yield
     finally:
-        server.RequestHandlerClass = original
+        for name, method in saved.items():
+            if method is None:
+                delattr(handler, name)
+            else:
+                setattr(handler, name, method)
 
 
 def overruns(stack: Stack, route: str, provider: str) -> float:
