@@ -577,3 +577,20 @@ def test_monthly_budget_without_max_tokens_20_concurrent_is_never_exceeded(stack
         statuses = list(pool.map(one, range(20)))
     assert 5 <= statuses.count(200) < 20
     assert_within_budget(stack, customer, statuses.count(200))
+
+
+def test_stream_meter_finds_usage_in_an_event_over_1_mib_fed_in_small_pieces() -> None:
+    """Envoy may hand a huge event over in one piece (the test above) or in many: in pieces the
+    meter holds no more than a window of it and still finds its usage."""
+    from extproc.stream import StreamMeter
+
+    event = {"type": "response.completed", "response": {"instructions": "x" * 3_000_000, "output": [],
+                                                        "usage": {"input_tokens": 7, "output_tokens": 9, "total_tokens": 16}}}
+    raw = b"event: response.completed\ndata: " + json.dumps(event).encode() + b"\n\n"
+    meter = StreamMeter()
+    for i in range(0, len(raw), 16_384):
+        assert meter.feed(raw[i:i + 16_384]) == raw[i:i + 16_384]
+        assert len(meter._line) <= (1 << 20) + 16_384  # never the whole 3 MB line
+    meter.finish()
+    assert meter.usage is not None
+    assert (meter.usage.prompt_tokens, meter.usage.completion_tokens) == (7, 9)
