@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from extproc.fakeprovider import Reply
 from extproc.quota import Account
 from tests.conftest import Stack
-from tests.test_money_suite import Answer, forwarded, money, records_of, send
+from tests.test_money_suite import Answer, forwarded, hints_of, money, records_of, send
 
 ROUTES = ("legal_summary", "support_draft", "embeddings")
 PATHS = ("/chat/completions", "/completions", "/responses", "/embeddings")
@@ -163,7 +163,7 @@ def check_invariants(stack: Stack, customer: str, plan: Plan, answers: dict[str,
     assert (m["reserved"], m["ws_reserved"]) == (0, 0)
     assert list(r.scan_iter(match=f"tollgate:{{c:{customer}}}:resv:*")) == []
     assert r.zcard(Account(customer, "", "").k("resv-index")) == 0
-    assert [h for h in r.zrange("tollgate:reservations", 0, -1) if json.loads(h)[0] == customer] == []
+    assert hints_of(stack, customer) == []
     assert sum(int(x["cost_micro_usd"]) for x in recs) == m["spend"]
     assert m["spend"] <= plan.micro, f"spent {m['spend']} of {plan.micro}"
     if plan.prepaid:

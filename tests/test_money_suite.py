@@ -125,6 +125,17 @@ def prompt_bytes(body: dict[str, Any]) -> int:
     return len(json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode())
 
 
+def hints_of(stack: Stack, customer: str, wait_s: float = 5) -> list[bytes]:
+    """The customer's reservation hints; the last goes just after its record is published, off
+    the reply path, so give it a moment."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = [m for m in stack.redis_sync().zrange("tollgate:reservations", 0, -1) if json.loads(m)[0] == customer]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
 def assert_paid_for(stack: Stack, customer: str, paid: int = PAID, served: int | None = None) -> None:
     """The promise: never more spent than paid, never a negative balance, nothing left in
     flight, and the records add up to the spend."""
@@ -137,7 +148,7 @@ def assert_paid_for(stack: Stack, customer: str, paid: int = PAID, served: int |
     assert (m["reserved"], m["ws_reserved"]) == (0, 0)
     assert list(r.scan_iter(match=f"tollgate:{{c:{customer}}}:resv:*")) == []
     assert r.zcard(Account(customer, "", "").k("resv-index")) == 0
-    assert [m for m in r.zrange("tollgate:reservations", 0, -1) if json.loads(m)[0] == customer] == []
+    assert hints_of(stack, customer) == []
     assert sum(int(x["cost_micro_usd"]) for x in recs) == m["spend"]
     if served is not None:
         assert len(recs) == served
@@ -594,3 +605,80 @@ def test_stream_meter_finds_usage_in_an_event_over_1_mib_fed_in_small_pieces() -
     meter.finish()
     assert meter.usage is not None
     assert (meter.usage.prompt_tokens, meter.usage.completion_tokens) == (7, 9)
+
+
+def read_stream(stack: Stack, secret: str, body: dict[str, Any], request_id: str) -> tuple[int, bool]:
+    """Read an SSE answer line by line: (data events seen, whether it ended with [DONE])."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", stack.envoy.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                 headers={"authorization": f"Bearer {secret}", "content-type": "application/json", "x-request-id": request_id})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    events, done = 0, False
+    try:
+        for line in resp:
+            if line.startswith(b"data: {"):
+                events += 1
+            done = done or line.startswith(b"data: [DONE]")
+    except http.client.IncompleteRead:
+        pass
+    finally:
+        conn.close()
+    return events, done
+
+
+def test_stream_flowing_longer_than_the_provider_timeout_is_not_cut(stack: Stack, customer: str) -> None:
+    """SPEC §1 Streaming: bounded by time to first byte and idle time, never cut while flowing.
+    p3's timeout_s is 2; this stream flows for ~4 s with 50 ms between chunks."""
+    secret = prepaid(stack, customer)
+    stack.fakes["p3"].default = Reply(completion_tokens=80, chunk_delay_s=0.05, prompt_per_byte=True)
+    events, done = read_stream(stack, secret, {"model": "legal_summary", "messages": MESSAGES, "stream": True}, f"long-{customer}")
+    assert (events, done) == (80, True)
+
+
+def test_long_stream_leaves_one_record_and_nothing_reserved_however_it_ends(stack: Stack, customer: str) -> None:
+    secret = prepaid(stack, customer)
+    stack.fakes["p3"].default = Reply(completion_tokens=80, chunk_delay_s=0.05, prompt_per_byte=True)
+    events, _ = read_stream(stack, secret, {"model": "legal_summary", "messages": MESSAGES, "stream": True}, f"long2-{customer}")
+    (rec,) = wait_records(stack, customer, 1)
+    assert events > 0 and int(rec["completion_tokens"]) > 0 and int(rec["cost_micro_usd"]) > 0
+    assert_paid_for(stack, customer, served=1)
+
+
+def huge_answer(stack: Stack, customer: str, route: str) -> tuple[Answer, int]:
+    """n=128 choices of 11,000 tokens ("[p1] w0 w1 ... w10999", 65,894 bytes each) make a JSON
+    answer of ~8.4 MB, past Envoy's 8 MiB buffer. Returns the answer and the prompt tokens."""
+    generous(stack, Reply(completion_tokens=11_000, prompt_per_byte=True))
+    rid = f"huge-{customer}"
+    a = send(stack, prepaid(stack, customer, HUGE_PAID), "/chat/completions",
+             {"model": route, "messages": MESSAGES, "n": 128, "max_tokens": 11_000}, rid)
+    return a, prompt_bytes(forwarded(stack, rid)[0])
+
+
+HUGE_PAID = 1_000_000  # 1,408,000 tokens at $0.60/M is $0.8448
+
+
+@pytest.mark.parametrize("route", ["support_draft", "legal_summary"])
+def test_non_stream_answer_over_the_8_mib_buffer_reaches_the_client(stack: Stack, customer: str, route: str) -> None:
+    if route == "legal_summary":  # at $8/M the answer costs $11.26
+        stack.redis_sync().incrby(Account(customer, "", "").k("balance"), 99 * HUGE_PAID)
+    a, _ = huge_answer(stack, customer, route)
+    if a.status == 200:
+        assert len(a.raw) > 8 * 1024 * 1024 and a.json()["usage"]["completion_tokens"] == 1_408_000
+    else:  # the promise allows an OpenAI-shaped error instead
+        assert set(a.json()["error"]) == {"message", "type", "param", "code"}, a.raw[:200]
+
+
+@pytest.mark.parametrize("route", ["support_draft", "legal_summary"])
+def test_non_stream_answer_over_the_8_mib_buffer_is_billed_from_its_usage(stack: Stack, customer: str, route: str) -> None:
+    price = LOW if route == "support_draft" else LEGAL
+    paid = HUGE_PAID if route == "support_draft" else 100 * HUGE_PAID
+    if route == "legal_summary":
+        stack.redis_sync().incrby(Account(customer, "", "").k("balance"), paid - HUGE_PAID)
+    _, p = huge_answer(stack, customer, route)
+    (rec,) = wait_records(stack, customer, 1)
+    assert (rec["usage_source"], int(rec["prompt_tokens"]), int(rec["completion_tokens"])) == ("provider", p, 1_408_000)
+    assert int(rec["cost_micro_usd"]) == cost(p, 1_408_000, price)
+    assert_paid_for(stack, customer, paid, served=1)
