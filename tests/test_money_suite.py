@@ -679,6 +679,6 @@ def test_non_stream_answer_over_the_8_mib_buffer_is_billed_from_its_usage(stack:
         stack.redis_sync().incrby(Account(customer, "", "").k("balance"), paid - HUGE_PAID)
     _, p = huge_answer(stack, customer, route)
     (rec,) = wait_records(stack, customer, 1)
-    assert (rec["usage_source"], int(rec["prompt_tokens"]), int(rec["completion_tokens"])) == ("provider", p, 1_408_000)
+    assert (rec["usage_source"], int(rec["prompt_tokens"]), int(rec["completion_tokens"])) == ("provider", p, 1_408_000), rec
     assert int(rec["cost_micro_usd"]) == cost(p, 1_408_000, price)
     assert_paid_for(stack, customer, paid, served=1)
