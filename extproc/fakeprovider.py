@@ -223,10 +223,13 @@ class _Handler(BaseHTTPRequestHandler):
             limit = body.get("max_completion_tokens") or body.get("max_tokens")
         if not isinstance(limit, int) or not reply.honour_cap:
             limit = None
+        if self.path == "/v1/embeddings":
+            return 0
         wanted = reply.completion_tokens
         if wanted is None:
-            return limit if limit is not None else reply.uncapped_tokens
-        return min(wanted, limit) if limit is not None else wanted
+            wanted = limit if limit is not None else reply.uncapped_tokens
+        # A fake must not exhaust the test machine: past this it answers less (like a model stop).
+        return min(wanted, limit if limit is not None else wanted, MAX_FAKE_TOKENS)
 
     @staticmethod
     def _choices(body: dict[str, Any]) -> tuple[int, int]:
@@ -241,7 +244,7 @@ class _Handler(BaseHTTPRequestHandler):
         per_choice = self._completion_tokens(body, reply)
         shown, billed = self._choices(body)
         n = per_choice * billed
-        text = " ".join(_words(per_choice))
+        text = "" if self.path == "/v1/embeddings" else " ".join(_words(per_choice))
         now = int(time.time())
         usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
         if self.path == "/v1/embeddings":
@@ -344,6 +347,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._chunk(b"")
 
 
+MAX_FAKE_TOKENS = 5_000_000  # words per choice the fake generates at most
 # The request fields a provider turns into prompt tokens.
 PROMPT_FIELDS = ("messages", "prompt", "input", "instructions", "tools", "functions", "response_format", "text")
 
