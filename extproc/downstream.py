@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from extproc import errors, metrics
 from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, all_candidates, first_step, outcome_of_status
 from extproc.decide import KeyInfo, RouteChoice, authorize, resolve_route, visible_routes
-from extproc.envoy_config import CLUSTER_HEADER, NS_ATTEMPTS, NS_REQUEST, chain_cluster
+from extproc.envoy_config import CLUSTER_HEADER, NS_ATTEMPTS, NS_REQUEST, chain_cluster, stream_target
 from extproc.errors import ApiError
 from extproc.health import Health
 from extproc.keys import KeyStore, secret_from_headers
@@ -54,6 +54,7 @@ from extproc.protocol import headers_of as _headers_of
 from extproc.protocol import immediate, metadata, namespace
 from extproc.quota import Account, Limits, Quota, Reservation, estimate, month_of, now_ms, reservation_ttl_ms, valid_id
 from extproc.records import Attempt
+from extproc.timeouts import PER_TRY_TIMEOUT_HEADER, attempt_budget_ms, size_explains_timeout
 
 log = logging.getLogger("tollgate.downstream")
 
@@ -109,6 +110,7 @@ class Exchange:
         self.upstream_status = 0
         self.local_reply = False
         self.streaming = False
+        self.last_byte = 0.0  # monotonic time of the stream's last chunk (idle cut detection)
         self.scanner: SseUsageScanner | None = None
         self.pending_remove: list[str] = []
         self.usage_source = "provider"
@@ -162,7 +164,8 @@ class Exchange:
         if isinstance(plan, ApiError):
             return self.reject(plan)
         primary = self.policy.models[route.primary_model]
-        step, skipped = first_step(self.policy, route, plan, self.gw.health.unhealthy)
+        circuits = self.gw.health.view()
+        step, skipped = first_step(self.policy, route, plan, circuits.unhealthy, circuits.opened_by)
         if skipped:
             self.skipped = Attempt(skipped[0].model, skipped[0].provider, 0, "provider_unhealthy")
             self.fallback_reason = "provider_unhealthy"
@@ -180,7 +183,11 @@ class Exchange:
         self.chained = route.max_attempts > 1
         body = rewrite_body(parsed, self.path, target.upstream_model)
         cluster = chain_cluster(choice.provider.name) if self.chained else choice.provider.name
-        set_headers = [_opt(CLUSTER_HEADER, cluster), _opt("content-length", str(len(body)))]
+        cap = self.output_cap()
+        # Attempt 1's provider's own budget; the relay bounds a later attempt by its provider's.
+        budget = attempt_budget_ms(choice.provider, cap, parsed.stream)
+        set_headers = [_opt(CLUSTER_HEADER, stream_target(cluster, parsed.stream)), _opt("content-length", str(len(body))),
+                       _opt(PER_TRY_TIMEOUT_HEADER, str(budget))]
         remove = ["api-key", *self.client_internal_headers]
         provider_secret = self.gw.provider_secrets.get(choice.provider.name)
         if provider_secret:
@@ -192,8 +199,8 @@ class Exchange:
             set_headers.append(_opt("x-envoy-max-retries", str(route.max_attempts - 1)))
             dynamic = metadata({NS_REQUEST: {
                 "route": route.name, "plan": plan.name, "m1": target.name, "p1": choice.provider.name, "t1": now_ms(),
-                "unhealthy": ",".join(sorted(self.gw.health.unhealthy)),
-                **({"skip": skipped[0].model, "skip_p": skipped[0].provider} if skipped else {}),
+                "unhealthy": ",".join(sorted(circuits.unhealthy)), "cap": cap, "stream": parsed.stream, "cust": key.customer,
+                **({"skip": skipped[0].model, "skip_p": skipped[0].provider, "skip_o": skipped[0].opened_by} if skipped else {}),
             }})
         return pb.ProcessingResponse(
             request_body=pb.BodyResponse(
@@ -264,6 +271,7 @@ class Exchange:
             return self.headers_reply(self.attribution(cost), remove)
         if self.replacement is None and not self.local_reply and "text/event-stream" in h.get("content-type", ""):
             self.streaming = True
+            self.last_byte = time.monotonic()
             self.scanner = SseUsageScanner()
             resp = self.headers_reply(self.attribution(cost_micro=None), remove)
             resp.mode_override.CopyFrom(
@@ -325,6 +333,7 @@ class Exchange:
                                            f"No provider could serve the request after {n} attempt(s) ({reason}){why}.")
 
     async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        self.last_byte = time.monotonic()
         if self.streaming:
             assert self.scanner is not None
             self.scanner.feed(msg.body)
@@ -349,12 +358,52 @@ class Exchange:
         Envoy reset the stream), account for it now: nothing reserved may stay open."""
         if self.finished or self.reservation is None:
             return
-        if self.streaming:
+        if self.stalled():  # cut by Envoy's idle timeout, billed for what went out
+            last = self.attempts[-1]
+            self.attempts[-1] = Attempt(last.model, last.provider, last.status, "timeout")
+            await self.finish(self.stream_usage(), status=504)
+        elif self.streaming:
             await self.finish(self.stream_usage(), status=499)
         else:
             await self.finish(None, status=499)
 
     # --- accounting ---------------------------------------------------------------------
+
+    def output_cap(self) -> int:
+        """The request's output token cap (what its time budget and reservation assume)."""
+        assert self.parsed is not None and self.route is not None
+        return self.parsed.max_tokens or self.route.default_max_tokens
+
+    def note_health(self) -> None:
+        """The final attempt's outcome feeds its provider's circuit (earlier attempts' were
+        noted by the upstream processor). A timeout the request's own size explains is not
+        the provider's failure; a provider's 4xx answer shows it is alive."""
+        if not self.attempts or self.key is None or self.parsed is None:
+            return
+        last = self.attempts[-1]
+        provider = self.policy.providers.get(last.provider)
+        if provider is None or last.reason == "unknown":
+            return
+        if last.reason in ("ok", "client_error"):
+            self.gw.health.record_success(last.provider)
+        elif last.reason in HEALTH_FAILURES and not (
+                last.reason == "timeout" and size_explains_timeout(provider, self.output_cap(), self.parsed.stream)):
+            self.gw.spawn(self.gw.health.record_failure(last.provider, self.key.customer, last.reason))
+
+    def client_status(self) -> int:
+        """The status the client received: the gateway's own error when it replaced the
+        provider's answer (e.g. 502 for a provider's 500), else the upstream's."""
+        if self.replacement is not None:
+            return self.replacement.status
+        if self.local_reply and self.stop_reason is None:
+            return self.local_reply_error().status
+        return self.upstream_status
+
+    def stalled(self) -> bool:
+        """A stream that went silent for its provider's idle timeout: Envoy cut it."""
+        if self.choice is None or not self.streaming:
+            return False
+        return time.monotonic() - self.last_byte >= 0.9 * self.choice.provider.idle_s
 
     def stream_usage(self) -> Usage | None:
         """A stream's usage chunk; without one (cut short), an estimate from what was seen."""
@@ -375,7 +424,7 @@ class Exchange:
             return 0
         self.finished = True
         c = self.choice
-        final_status = status or self.upstream_status
+        final_status = status or self.client_status()
         served = usage is not None
         cost = c.target.price.cost_micro(usage.prompt_tokens, usage.completion_tokens) if usage else 0
         kind = self.spend_kind()
@@ -383,9 +432,11 @@ class Exchange:
         for a in self.attempts:
             metrics.UPSTREAM_ATTEMPTS.labels(c.route.name, a.model, a.provider, a.reason).inc()
         for before, after in itertools.pairwise(self.chain):
-            metrics.FALLBACKS.labels(c.route.name, before.model, after.model, before.reason).inc()
-        if self.attempts and self.attempts[-1].reason in HEALTH_FAILURES:
-            self.gw.spawn(self.gw.health.record_failure(self.attempts[-1].provider))
+            if before.model != after.model:
+                metrics.FALLBACKS.labels(c.route.name, before.model, after.model, before.reason).inc()
+            else:
+                metrics.RETRIES.labels(c.route.name, after.model, before.reason).inc()
+        self.note_health()
         if usage is not None:
             metrics.TOKENS.labels(c.route.name, c.target.name, "prompt").inc(usage.prompt_tokens)
             metrics.TOKENS.labels(c.route.name, c.target.name, "completion").inc(usage.completion_tokens)

@@ -269,9 +269,10 @@ def test_streaming_falls_back_before_the_first_byte_and_bills_the_usage_chunk(st
 
 def test_failing_provider_opens_its_circuit_and_is_skipped_then_tried_again(stack: Stack, customer: str) -> None:
     _, secret = stack.create_key(customer)
+    _, other = stack.create_key(customer + "-other")
     stack.fakes["p4"].default = Reply(status=500)
-    for _ in range(2):  # two failures open p4's circuit (policy: failures 2, cooldown 2 s)
-        assert call(stack, secret, "flaky").status == 200
+    for s in (secret, other):  # two failures from two customers open p4's circuit (failures 2, cooldown 2 s)
+        assert call(stack, s, "flaky").status == 200
     assert stack.fakes["p4"].calls() == 2
     time.sleep(1.5)  # every processor refreshes open circuits each second
     res = call(stack, secret, "flaky")
