@@ -169,6 +169,7 @@ class Exchange:
         if skipped:
             self.skipped = Attempt(skipped[0].model, skipped[0].provider, 0, "provider_unhealthy")
             self.fallback_reason = "provider_unhealthy"
+            self.rule = step.rule
         if not step.go:
             self.rule = step.rule
             return self.reject(errors.upstream_unavailable(503, f"The route's provider is unhealthy and its policy allows no fallback ({step.rule})."))
@@ -199,7 +200,7 @@ class Exchange:
             set_headers.append(_opt("x-envoy-max-retries", str(route.max_attempts - 1)))
             dynamic = metadata({NS_REQUEST: {
                 "route": route.name, "plan": plan.name, "m1": target.name, "p1": choice.provider.name, "t1": now_ms(),
-                "unhealthy": ",".join(sorted(circuits.unhealthy)), "cap": cap, "stream": parsed.stream, "cust": key.customer,
+                "unhealthy": ",".join(sorted(circuits.after_first)), "cap": cap, "stream": parsed.stream, "cust": key.customer,
                 **({"skip": skipped[0].model, "skip_p": skipped[0].provider, "skip_o": skipped[0].opened_by} if skipped else {}),
             }})
         return pb.ProcessingResponse(

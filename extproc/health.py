@@ -64,6 +64,12 @@ class Circuits:
 
     unhealthy: frozenset[str] = frozenset()
     opened_by: Mapping[str, str] = field(default_factory=dict)
+    probing: frozenset[str] = frozenset()  # half-open, and this request is the probe
+
+    @property
+    def after_first(self) -> frozenset[str]:
+        """Providers later attempts skip: a probe gets one attempt, never a retry on it."""
+        return self.unhealthy | self.probing
 
 
 class Health:
@@ -79,14 +85,15 @@ class Health:
     def view(self) -> Circuits:
         """The circuits for one request. A half-open provider is skipped except for one
         request a second (the probe, which this call hands out)."""
-        unhealthy = set(self.open)
+        unhealthy, probing = set(self.open), set()
         now = time.monotonic()
         for provider in self.half_open:
             if now >= self.next_probe.get(provider, 0.0):
                 self.next_probe[provider] = now + PROBE_INTERVAL_S
+                probing.add(provider)
             else:
                 unhealthy.add(provider)
-        return Circuits(frozenset(unhealthy), {**self.half_open, **self.open})
+        return Circuits(frozenset(unhealthy), {**self.half_open, **self.open}, frozenset(probing))
 
     def record_success(self, provider: str) -> None:
         """Counted in memory; flushed with the next refresh (no Redis call per request)."""
