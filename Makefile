@@ -2,7 +2,7 @@
 VENV := .venv/bin
 POLICY := extproc/examples/policy
 
-.PHONY: setup demo test lint protos envoy-example deploy-config bench soak clean
+.PHONY: setup demo test lint protos envoy-example deploy-config bench soak load clean
 
 setup:
 	@scripts/setup.sh
@@ -33,6 +33,9 @@ bench: setup
 soak: setup
 	@TOLLGATE_APT_EXTRA=wrk scripts/setup.sh
 	$(VENV)/python -m bench.soak
+
+load: setup  # 2,000 concurrent slow streams through one Envoy and one processor (issue 10)
+	TOLLGATE_LOAD_STREAMS=2000 TOLLGATE_LOAD_GAP_S=15 TOLLGATE_LOAD_RAMP_S=12 $(VENV)/pytest -q -s tests/test_load.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

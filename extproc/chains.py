@@ -21,6 +21,7 @@ plan to allow it; an upgrade also needs both prices within the plan's `max_cost_
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -56,6 +57,7 @@ class Tried:
     provider: str
     outcome: str  # one of OUTCOMES, or "ok"
     real: bool = True  # False: skipped without an upstream call (provider_unhealthy)
+    opened_by: str = ""  # skipped: the failure event that opened the provider's circuit
 
 
 @dataclass(frozen=True)
@@ -156,26 +158,45 @@ def all_candidates(policy: Policy, route: Route, plan: Plan) -> list[Model]:
     return [policy.models[n] for n in dict.fromkeys(names)]
 
 
-def first_step(policy: Policy, route: Route, plan: Plan, unhealthy: frozenset[str]) -> tuple[Step, list[Tried]]:
+def first_step(policy: Policy, route: Route, plan: Plan, unhealthy: frozenset[str],
+               opened_by: Mapping[str, str] | None = None) -> tuple[Step, list[Tried]]:
     """Where the first attempt goes: the primary, unless its provider's circuit is open; then
-    the route's `on_provider_unhealthy` rule decides (unnamed: fail closed)."""
+    the route's `on_provider_unhealthy` rule decides, or, when the route names none, the rule
+    of the failure that opened the circuit (`rule_event`)."""
     primary = policy.models[route.primary_model]
     if primary.provider not in unhealthy:
         return Step(True, primary.name), []
-    skipped = [Tried(primary.name, primary.provider, "provider_unhealthy", real=False)]
+    cause = (opened_by or {}).get(primary.provider, "")
+    skipped = [Tried(primary.name, primary.provider, "provider_unhealthy", real=False, opened_by=cause)]
     return next_step(policy, route, plan, skipped, unhealthy), skipped
+
+
+def rule_event(route: Route, first: Tried) -> str:
+    """The event whose rule picks the sequence. SPEC §5: a route naming no
+    `on_provider_unhealthy` treats an open circuit like the failure that opened it (5xx,
+    timeout, connect failure); the unhealthy provider itself is skipped, so that rule's
+    retries on it fall away and its switch remains."""
+    if (first.outcome == "provider_unhealthy" and first.opened_by in HEALTH_FAILURES
+            and "on_provider_unhealthy" not in route.fallback.rules):
+        return first.opened_by
+    return first.outcome
 
 
 def next_step(policy: Policy, route: Route, plan: Plan, history: list[Tried], unhealthy: frozenset[str]) -> Step:
     """After the attempts in `history` failed, where does the next one go?"""
     real = sum(1 for t in history if t.real)
     first, last = history[0].outcome, history[-1].outcome
-    rule_text = f"on_{first}: {route.fallback.rule(f'on_{first}').action}"
+    event = rule_event(route, history[0])
+    rule_text = f"on_{event}: {route.fallback.rule(f'on_{event}').action}"
+    if event != first:
+        rule_text = f"on_provider_unhealthy (not named) follows {rule_text}, the failure that opened the circuit"
     if real >= route.max_attempts:
         return Step(False, reason=first, rule=f"{rule_text}; max_attempts {route.max_attempts} reached")
-    if route.fallback.rule(f"on_{last}").action == "fail_closed":
+    if len(history) > 1 and route.fallback.rule(f"on_{last}").action == "fail_closed":
         return Step(False, reason=first, rule=f"on_{last}: fail_closed")
-    models, refused = sequence(policy, route, plan, first)
+    if len(history) == 1 and route.fallback.rule(f"on_{event}").action == "fail_closed":
+        return Step(False, reason=first, rule=f"on_{event}: fail_closed")
+    models, refused = sequence(policy, route, plan, event)
     position = 0  # the attempts after the first walked the sequence in order, maybe skipping
     for tried in history[1:]:
         while position < len(models) and models[position] != tried.model:

@@ -33,7 +33,7 @@ from extproc import config, errors, metrics
 from extproc.caps import CostBound, cost_bound
 from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, all_candidates, first_step, outcome_of_status
 from extproc.decide import KeyInfo, RouteChoice, authorize, resolve_route, visible_routes
-from extproc.envoy_config import CLUSTER_HEADER, NS_ATTEMPTS, NS_REQUEST, chain_cluster
+from extproc.envoy_config import CLUSTER_HEADER, NS_ATTEMPTS, NS_REQUEST, chain_cluster, stream_target
 from extproc.errors import ApiError
 from extproc.health import Health
 from extproc.keys import KeyStore, secret_from_headers
@@ -47,6 +47,7 @@ from extproc.protocol import immediate, metadata, namespace
 from extproc.quota import Account, Limits, Quota, Reservation, ReserveResult, month_of, now_ms, reservation_ttl_ms, valid_id
 from extproc.records import Attempt
 from extproc.stream import StreamMeter, text_bytes
+from extproc.timeouts import PER_TRY_TIMEOUT_HEADER, attempt_budget_ms, size_explains_timeout
 
 log = logging.getLogger("tollgate.downstream")
 
@@ -68,11 +69,12 @@ class Gateway:
     reservation_grace_s: float = config.RESERVATION_GRACE_S
     max_body_bytes: int = config.MAX_BODY_BYTES  # Envoy buffers bodies up to this (envoy_config)
 
-    def spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> asyncio.Task[None]:
         """Run work the reply need not wait for, keeping a reference until it is done."""
         task = asyncio.get_running_loop().create_task(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+        return task
 
 
 class Exchange:
@@ -107,6 +109,7 @@ class Exchange:
         self.local_reply = False
         self.streaming = False  # the response body passes in STREAMED mode (SSE, or too large)
         self.meter: StreamMeter | None = None
+        self.last_byte = 0.0  # monotonic time of the stream's last chunk (idle cut detection)
         self.pending_remove: list[str] = []
         self.usage_source = "provider"  # or "estimated" (no usage came), "reservation" (answer lost)
         self.overrun = False  # the provider billed more than was reserved
@@ -160,10 +163,12 @@ class Exchange:
         if isinstance(plan, ApiError):
             return self.reject(plan)
         primary = self.policy.models[route.primary_model]
-        step, skipped = first_step(self.policy, route, plan, self.gw.health.unhealthy)
+        circuits = self.gw.health.view()
+        step, skipped = first_step(self.policy, route, plan, circuits.unhealthy, circuits.opened_by)
         if skipped:
             self.skipped = Attempt(skipped[0].model, skipped[0].provider, 0, "provider_unhealthy")
             self.fallback_reason = "provider_unhealthy"
+            self.rule = step.rule
         if not step.go:
             self.rule = step.rule
             return self.reject(errors.upstream_unavailable(503, f"The route's provider is unhealthy and its policy allows no fallback ({step.rule})."))
@@ -179,7 +184,11 @@ class Exchange:
         assert self.reservation is not None
         body = rewrite_body(parsed, self.path, target.upstream_model, self.reservation.cap)
         cluster = chain_cluster(choice.provider.name) if self.chained else choice.provider.name
-        set_headers = [_opt(CLUSTER_HEADER, cluster), _opt("content-length", str(len(body)))]
+        cap = self.output_cap()
+        # Attempt 1's provider's own budget; the relay bounds a later attempt by its provider's.
+        budget = attempt_budget_ms(choice.provider, cap, parsed.stream)
+        set_headers = [_opt(CLUSTER_HEADER, stream_target(cluster, parsed.stream)), _opt("content-length", str(len(body))),
+                       _opt(PER_TRY_TIMEOUT_HEADER, str(budget))]
         remove = ["api-key", *self.client_internal_headers]
         provider_secret = self.gw.provider_secrets.get(choice.provider.name)
         if provider_secret:
@@ -191,8 +200,8 @@ class Exchange:
             set_headers.append(_opt("x-envoy-max-retries", str(route.max_attempts - 1)))
             dynamic = metadata({NS_REQUEST: {
                 "route": route.name, "plan": plan.name, "m1": target.name, "p1": choice.provider.name, "t1": now_ms(),
-                "unhealthy": ",".join(sorted(self.gw.health.unhealthy)),
-                **({"skip": skipped[0].model, "skip_p": skipped[0].provider} if skipped else {}),
+                "unhealthy": ",".join(sorted(circuits.after_first)), "cap": cap, "stream": parsed.stream, "cust": key.customer,
+                **({"skip": skipped[0].model, "skip_p": skipped[0].provider, "skip_o": skipped[0].opened_by} if skipped else {}),
             }})
         return pb.ProcessingResponse(
             request_body=pb.BodyResponse(
@@ -212,9 +221,13 @@ class Exchange:
         candidates = all_candidates(self.policy, route, plan)
         self.bound = bound = cost_bound(self.path, parsed.body, parsed.body_bytes, route.default_max_tokens, candidates)
         res = Reservation(Account(key.customer, key.workspace, key.key_id), self.request_id, month_of(self.started_ms / 1000), plan.prepaid)
-        # In flight at most: every attempt timing out on the slowest provider it may reach.
-        ttl = reservation_ttl_ms([self.policy.providers[m.provider].timeout_s for m in candidates], route.max_attempts,
-                                 self.gw.reservation_grace_s)
+        # In flight at most: every attempt using its whole time budget on the slowest provider
+        # it may reach (a stream: its first byte or its longest silence; it extends the
+        # reservation while it flows).
+        budgets = [attempt_budget_ms(p, bound.output_tokens, parsed.stream) for p in (self.policy.providers[m.provider] for m in candidates)]
+        if parsed.stream:
+            budgets += [int(self.policy.providers[m.provider].idle_s * 1000) for m in candidates]
+        ttl = reservation_ttl_ms(budgets, route.max_attempts, self.gw.reservation_grace_s)
         try:
             result = await self.gw.quota.reserve(res, bound, Limits.of(plan, key.rpm, key.tpm), ttl, self.record_base())
         except RedisError:
@@ -286,6 +299,7 @@ class Exchange:
         JSON answer too large for Envoy's buffer. The meter bills it from its usage; a client
         that did not ask for a stream's usage chunk never sees it."""
         self.streaming = True
+        self.last_byte = time.monotonic()
         parsed = self.parsed
         strip = is_sse and parsed is not None and not parsed.wants_usage_chunk and self.path != "/v1/responses"
         self.meter = StreamMeter(strip_usage=strip, json_body=not is_sse)
@@ -349,6 +363,7 @@ class Exchange:
                                            f"No provider could serve the request after {n} attempt(s) ({reason}){why}.")
 
     async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        self.last_byte = time.monotonic()
         if not self.path:
             return pb.ProcessingResponse(response_body=pb.BodyResponse())
         if self.streaming:
@@ -412,7 +427,11 @@ class Exchange:
         if self.finished or self.reservation is None:
             return
         status = 502 if self.meter is not None and self.meter.json_body else 499  # Envoy's answer to an oversized body
-        if self.streaming and (self.meter is None or not self.meter.json_body or self.meter.usage is not None):
+        if self.stalled():  # cut by Envoy's idle timeout, billed for what went out
+            last = self.attempts[-1]
+            self.attempts[-1] = Attempt(last.model, last.provider, last.status, "timeout")
+            await self.finish(self.stream_usage(), status=504)
+        elif self.streaming and (self.meter is None or not self.meter.json_body or self.meter.usage is not None):
             await self.finish(self.stream_usage(), status=499)
         elif self.served():
             self.usage_source = "reservation"
@@ -421,6 +440,42 @@ class Exchange:
             await self.finish(None, status=499)
 
     # --- accounting ---------------------------------------------------------------------
+
+    def output_cap(self) -> int:
+        """The output token cap written into the forwarded body (what its time budget assumes)."""
+        assert self.reservation is not None
+        return self.reservation.cap
+
+    def note_health(self) -> None:
+        """The final attempt's outcome feeds its provider's circuit (earlier attempts' were
+        noted by the upstream processor). A timeout the request's own size explains is not
+        the provider's failure; a provider's 4xx answer shows it is alive."""
+        if not self.attempts or self.key is None or self.parsed is None or self.reservation is None:
+            return
+        last = self.attempts[-1]
+        provider = self.policy.providers.get(last.provider)
+        if provider is None or last.reason == "unknown":
+            return
+        if last.reason in ("ok", "client_error"):
+            self.gw.health.record_success(last.provider)
+        elif last.reason in HEALTH_FAILURES and not (
+                last.reason == "timeout" and size_explains_timeout(provider, self.output_cap(), self.parsed.stream)):
+            self.gw.spawn(self.gw.health.record_failure(last.provider, self.key.customer, last.reason))
+
+    def client_status(self) -> int:
+        """The status the client received: the gateway's own error when it replaced the
+        provider's answer (e.g. 502 for a provider's 500), else the upstream's."""
+        if self.replacement is not None:
+            return self.replacement.status
+        if self.local_reply and self.stop_reason is None:
+            return self.local_reply_error().status
+        return self.upstream_status
+
+    def stalled(self) -> bool:
+        """A stream that went silent for its provider's idle timeout: Envoy cut it."""
+        if self.choice is None or not self.streaming:
+            return False
+        return time.monotonic() - self.last_byte >= 0.9 * self.choice.provider.idle_s
 
     def stream_usage(self) -> Usage | None:
         """A streamed answer's usage; without it (cut short, or a provider that sends none),
@@ -453,7 +508,7 @@ class Exchange:
             return 0
         self.finished = True
         c = self.choice
-        final_status = status or self.upstream_status
+        final_status = status or self.client_status()
         served = usage is not None or charge is not None
         cost = c.target.price.cost_micro(usage.prompt_tokens, usage.completion_tokens) if usage else (charge or 0)
         kind = self.spend_kind()
@@ -465,9 +520,11 @@ class Exchange:
         for a in self.attempts:
             metrics.UPSTREAM_ATTEMPTS.labels(c.route.name, a.model, a.provider, a.reason).inc()
         for before, after in itertools.pairwise(self.chain):
-            metrics.FALLBACKS.labels(c.route.name, before.model, after.model, before.reason).inc()
-        if self.attempts and self.attempts[-1].reason in HEALTH_FAILURES:
-            self.gw.spawn(self.gw.health.record_failure(self.attempts[-1].provider))
+            if before.model != after.model:
+                metrics.FALLBACKS.labels(c.route.name, before.model, after.model, before.reason).inc()
+            else:
+                metrics.RETRIES.labels(c.route.name, after.model, before.reason).inc()
+        self.note_health()
         if usage is not None:
             metrics.TOKENS.labels(c.route.name, c.target.name, "prompt").inc(usage.prompt_tokens)
             metrics.TOKENS.labels(c.route.name, c.target.name, "completion").inc(usage.completion_tokens)

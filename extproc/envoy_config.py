@@ -45,6 +45,29 @@ def chain_cluster(provider: str) -> str:
     return f"via_{provider}"
 
 
+STREAM_SUFFIX = "+stream"  # header values that select a provider's stream route (idle-bounded)
+
+
+def stream_target(name: str, stream: bool) -> str:
+    """The internal header value for `name` (a provider, or a chain's aggregate): streams take
+    routes with a per-try idle timeout; non-stream answers are silent until complete."""
+    return name + STREAM_SUFFIX if stream else name
+
+
+def _timeouts(p: Provider, stream: bool) -> dict[str, Any]:
+    """Routes have no total cap (it would cut a flowing stream). The per-try timeout (the
+    processor sends each request's own in a header; this is the fallback) ends when the
+    response starts; a stream is then bounded by the idle time between chunks (`_idle`)."""
+    return {"per_try_timeout": f"{p.ttfb_s if stream else p.timeout_s:g}s"}
+
+
+def _idle(p: Provider, stream: bool) -> dict[str, Any]:
+    """A stream route's idle timeout: the connection manager cuts a stream silent this long
+    (measured: reliable, where the router's per_try_idle_timeout was not armed on some streams).
+    It runs from the request on, so a stream's first byte is awaited at most this long too."""
+    return {"idle_timeout": f"{p.idle_s:g}s"} if stream else {}
+
+
 def relay_cluster(slot: int) -> str:
     return f"tollgate_relay_{slot}"
 DEFAULT_MAX_BODY_BYTES = config.MAX_BODY_BYTES
@@ -138,23 +161,29 @@ def _provider_cluster(p: Provider, max_body: int) -> dict[str, Any]:
     return cluster
 
 
-def _provider_route(p: Provider) -> dict[str, Any]:
+def _provider_route(p: Provider, stream: bool) -> dict[str, Any]:
+    value = stream_target(p.name, stream)
     return {
-        "name": f"provider:{p.name}",
-        "match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": p.name}}]},
+        "name": f"provider:{value}",
+        "match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": value}}]},
         # A literal rewrite happens before the upstream filters (the provider gate removes the
         # x-envoy-original-host it leaves); auto_host_rewrite would add that header after them.
-        "route": {"cluster": p.name, "timeout": f"{p.timeout_s:g}s", "host_rewrite_literal": p.host},
+        "route": {"cluster": p.name, "timeout": "0s", "host_rewrite_literal": p.host,
+                  "retry_policy": {"num_retries": 0, **_timeouts(p, stream)}, **_idle(p, stream)},
         "request_headers_to_remove": [CLUSTER_HEADER],
     }
 
 
-def _chain_route(p: Provider, per_try_timeout_s: float) -> dict[str, Any]:
+def _chain_route(p: Provider, per_try_timeout_s: float, stream: bool) -> dict[str, Any]:
     """Attempt 1 goes straight to the provider; Envoy retries onto the relay slots in order
-    (previous_priorities) and the upstream processor decides what each retry is."""
+    (previous_priorities) and the upstream processor decides what each retry is.
+
+    No back-off here: a retry that switches provider goes at once; the upstream processor
+    itself waits before a retry on the same provider (`upstream.SAME_PROVIDER_BACKOFF_S`)."""
+    value = stream_target(chain_cluster(p.name), stream)
     return {
-        "name": f"chain:{p.name}",
-        "match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": chain_cluster(p.name)}}]},
+        "name": f"chain:{value}",
+        "match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": value}}]},
         "route": {
             "cluster": chain_cluster(p.name),
             "timeout": "0s",
@@ -171,8 +200,10 @@ def _chain_route(p: Provider, per_try_timeout_s: float) -> dict[str, Any]:
                         "update_frequency": 1,
                     },
                 },
-                "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.05s"},
+                # Envoy's jittered back-off waits random() % interval ms: 1 ms means 0 ms.
+                "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.001s"},
             },
+            **_idle(p, stream),
         },
         "request_headers_to_remove": [CLUSTER_HEADER],
     }
@@ -191,6 +222,9 @@ def _ext_proc_filter(message_timeout_s: float, modes: dict[str, str], *, forward
         "status_on_error": {"code": 503},
         "message_timeout": f"{message_timeout_s:g}s",
         "allow_mode_override": True,
+        # The processor sets per-request Envoy controls (per-try timeout, max retries) and
+        # removes client-sent x-envoy-* headers: without this Envoy silently ignores both.
+        "mutation_rules": {"allow_envoy": True},
         "processing_mode": {**modes, "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
         "metadata_options": {"forwarding_namespaces": {"untyped": forwarding}, "receiving_namespaces": {"untyped": receiving}},
     }
@@ -293,12 +327,14 @@ def _relay_listener(policy: Policy, max_body: int) -> dict[str, Any]:
     own timeout, and reports its own failures (connect, timeout) in a response header."""
     routes = [
         {
-            "name": f"relay:{p.name}",
-            "match": {"prefix": "/", "headers": [{"name": TARGET_HEADER, "string_match": {"exact": p.name}}]},
-            "route": {"cluster": p.name, "timeout": f"{p.timeout_s:g}s", "auto_host_rewrite": True},
+            "name": f"relay:{stream_target(p.name, stream)}",
+            "match": {"prefix": "/", "headers": [{"name": TARGET_HEADER, "string_match": {"exact": stream_target(p.name, stream)}}]},
+            "route": {"cluster": p.name, "timeout": "0s", "auto_host_rewrite": True,
+                      "retry_policy": {"num_retries": 0, **_timeouts(p, stream)}, **_idle(p, stream)},
             "request_headers_to_remove": [TARGET_HEADER],
         }
         for p in policy.providers.values()
+        for stream in (False, True)
     ]
     routes.append({"name": "relay:none", "match": {"prefix": "/"}, "direct_response": {"status": 503}})
     hcm = {
@@ -372,6 +408,7 @@ def render_bootstrap(
 
     slots = max_chain_attempts(policy)
     per_try = max((p.timeout_s for p in policy.providers.values()), default=30.0)
+    per_try_stream = max((p.ttfb_s for p in policy.providers.values()), default=30.0)
     routes: list[dict[str, Any]] = [
         {
             "name": "healthz",
@@ -384,8 +421,9 @@ def render_bootstrap(
                 }
             },
         },
-        *(_provider_route(p) for p in policy.providers.values()),
-        *(_chain_route(p, per_try) for p in (policy.providers.values() if slots > 1 else ())),
+        *(_provider_route(p, stream) for p in policy.providers.values() for stream in (False, True)),
+        *(_chain_route(p, per_try_stream if stream else per_try, stream)
+          for p in (policy.providers.values() if slots > 1 else ()) for stream in (False, True)),
         {
             "name": "unselected",
             "match": {"prefix": "/"},

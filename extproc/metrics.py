@@ -17,7 +17,10 @@ REQUESTS = Counter(
     "tollgate_requests_total", "Requests answered, by final status code.", ["route", "primary_model", "final_model", "code"]
 )
 FALLBACKS = Counter(
-    "tollgate_fallbacks_total", "Model changes after a failed attempt.", ["route", "from_model", "to_model", "reason"]
+    "tollgate_fallbacks_total", "Model changes after a failed attempt (from_model != to_model).", ["route", "from_model", "to_model", "reason"]
+)
+RETRIES = Counter(
+    "tollgate_retries_total", "Another attempt on the same model after a failed attempt.", ["route", "model", "reason"]
 )
 UPSTREAM_ATTEMPTS = Counter(
     "tollgate_upstream_attempts_total", "Upstream attempts by outcome.", ["route", "model", "provider", "outcome"]

@@ -364,7 +364,8 @@ class Quota:
                 await self.redis.hset(target, name, value)
 
 
-def reservation_ttl_ms(timeouts_s: list[float], max_attempts: int, grace_s: float = config.RESERVATION_GRACE_S) -> int:
-    """How long a reservation may stay in flight before the reaper calls it unsettled:
-    every attempt timing out, plus a grace. A flowing stream extends it (`extend`)."""
-    return int((max(timeouts_s) * max_attempts + grace_s) * 1000)
+def reservation_ttl_ms(budgets_ms: list[int], max_attempts: int, grace_s: float = config.RESERVATION_GRACE_S) -> int:
+    """How long a reservation may stay in flight before the reaper calls it unsettled: every
+    attempt using the largest time budget (`timeouts.attempt_budget_ms`), plus a grace. A
+    flowing stream extends it (`extend`)."""
+    return max(budgets_ms) * max_attempts + int(grace_s * 1000)

@@ -128,8 +128,9 @@ class Processor:
                 _phase_timer(kind, attempt is not None).observe(time.perf_counter() - started)
                 yield reply
         finally:
-            if ex is not None:
-                await ex.close()
+            if ex is not None and not ex.finished:
+                # Envoy's reset cancels this handler: the accounting runs to its end anyway.
+                await asyncio.shield(self.gateway.spawn(ex.close()))
 
     async def dispatch(self, ex: Exchange | None, attempt: AttemptExchange | None, kind: str | None,
                        req: pb.ProcessingRequest) -> pb.ProcessingResponse:

@@ -13,27 +13,32 @@ everything it needs travels in dynamic metadata, the policy and the re-sent body
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 from typing import Any
 
 from extproc import errors
 from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, Step, Tried, next_step, outcome_of_status
 from extproc.downstream import STOP_HEADER, Gateway
-from extproc.envoy_config import NS_ATTEMPTS, NS_LAST, NS_REQUEST, TARGET_HEADER
+from extproc.envoy_config import NS_ATTEMPTS, NS_LAST, NS_REQUEST, TARGET_HEADER, stream_target
 from extproc.errors import ApiError
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.protocol import attribute, header, immediate, metadata, namespace
 from extproc.quota import now_ms
+from extproc.timeouts import PER_TRY_TIMEOUT_HEADER, attempt_budget_ms, size_explains_timeout
+
+SAME_PROVIDER_BACKOFF_S = 0.025  # before a retry on the provider that just failed (jittered 50-100%)
 
 
-def classify_attempt(entry: dict[str, Any], last: dict[str, Any], now_ms: int, timeout_s: float) -> str:
+def classify_attempt(entry: dict[str, Any], last: dict[str, Any], now_ms: int, budget_ms: int) -> str:
     """How an attempt without a recorded outcome ended, from what Envoy left behind."""
     status = str(last.get("status") or "")
     flags = str(last.get("flags") or "")
     if not status:
         # No response at all: the per-try timer fired, or the connection was reset.
         started = float(entry.get("t", now_ms))
-        return "timeout" if now_ms - started >= 0.8 * timeout_s * 1000 else "connect_failure"
+        return "timeout" if now_ms - started >= 0.8 * budget_ms else "connect_failure"
     if "UT" in flags:
         return "timeout"
     if any(f in flags for f in ("UF", "UH", "UC", "LR", "URX")):
@@ -64,6 +69,7 @@ class AttemptExchange:
         policy = self.gw.policy
         entries = namespace(req, NS_ATTEMPTS)
         last = namespace(req, NS_LAST)
+        cap, stream = int(request.get("cap") or 0), bool(request.get("stream"))
         # Complete the record of every earlier attempt; the one just before may lack its outcome.
         for k in range(1, n):
             e = entries.get(str(k))
@@ -73,13 +79,15 @@ class AttemptExchange:
                 e = {"m": "", "p": "", "o": "connect_failure"}
             if "o" not in e:
                 p = policy.providers.get(str(e.get("p", "")))
-                e = {**e, "o": classify_attempt(e, last, now, p.timeout_s if p else 30.0), "s": int(last.get("status") or 0)}
-                if e["o"] in HEALTH_FAILURES:
-                    self.note_failure(str(e.get("p", "")))
+                budget = attempt_budget_ms(p, cap, stream) if p else 30_000
+                e = {**e, "o": classify_attempt(e, last, now, budget), "s": int(last.get("status") or 0)}
+                if p is not None and e["o"] in HEALTH_FAILURES and not (e["o"] == "timeout" and size_explains_timeout(p, cap, stream)):
+                    self.gw.spawn(self.gw.health.record_failure(p.name, str(request.get("cust", "")), str(e["o"])))
             entries[str(k)] = e
         history: list[Tried] = []
         if request.get("skip"):
-            history.append(Tried(str(request["skip"]), str(request.get("skip_p", "")), "provider_unhealthy", real=False))
+            history.append(Tried(str(request["skip"]), str(request.get("skip_p", "")), "provider_unhealthy", real=False,
+                                 opened_by=str(request.get("skip_o", ""))))
         history += [Tried(str(entries[str(k)].get("m", "")), str(entries[str(k)].get("p", "")), str(entries[str(k)]["o"]))
                     for k in range(1, n)]
         route = policy.routes.get(str(request.get("route", "")))
@@ -99,7 +107,9 @@ class AttemptExchange:
         model = policy.models[step.model]
         entries[str(n)] = {"m": model.name, "p": model.provider, "t": now, "rule": step.rule, "reason": step.reason}
         self.upstream_model = model.upstream_model
-        set_headers = [header(TARGET_HEADER, model.provider)]
+        # The relay bounds this attempt by its own provider's budget (and idle time, for streams).
+        set_headers = [header(TARGET_HEADER, stream_target(model.provider, stream)),
+                       header(PER_TRY_TIMEOUT_HEADER, str(attempt_budget_ms(policy.providers[model.provider], cap, stream)))]
         remove: list[str] = []
         secret = self.gw.provider_secrets.get(model.provider)
         if secret:
@@ -112,6 +122,9 @@ class AttemptExchange:
             ),
             dynamic_metadata=metadata({NS_ATTEMPTS: entries, NS_LAST: {"status": "", "flags": ""}}),
         )
+        if history[-1].real and history[-1].provider == model.provider:
+            # Back-off only where the rule retries the same provider; a switch goes at once.
+            await asyncio.sleep(SAME_PROVIDER_BACKOFF_S * random.uniform(0.5, 1.0))
         # The re-sent body is needed to rewrite `model`: ask for it for this attempt only.
         resp.mode_override.CopyFrom(pb.ProcessingMode(request_body_mode=pb.ProcessingMode.BUFFERED,
                                                       response_body_mode=pb.ProcessingMode.NONE))
@@ -130,6 +143,4 @@ class AttemptExchange:
             )
         )
 
-    def note_failure(self, provider: str) -> None:
-        if provider:
-            self.gw.spawn(self.gw.health.record_failure(provider))
+

@@ -35,7 +35,8 @@ SEED = Path(__file__).resolve().parent.parent / "extproc" / "examples" / "policy
 
 
 # The shared providers' circuits never open: tests that make them fail must not affect others.
-NEVER_OPENS = {"circuit": {"failures": 100000}}
+# Their expected generation rate is high, so a non-stream attempt's budget is about timeout_s.
+NEVER_OPENS = {"circuit": {"failures": 100000}, "tokens_per_s": 10000}
 
 
 def _dead_port() -> int:
@@ -57,9 +58,9 @@ def catalog(fakes: dict[str, FakeProvider]) -> dict[str, Any]:
             "p3": {"address": fakes["p3"].address, "tls": False, "api_key_env": "TG_TEST_P3_KEY", "timeout_s": 2, **NEVER_OPENS},
             # Only the circuit tests use p4; it opens after 2 failures and recovers after 2 s.
             "p4": {"address": fakes["p4"].address, "tls": False, "api_key_env": "TG_TEST_P4_KEY", "timeout_s": 2,
-                   "circuit": {"failures": 2, "window_s": 30, "cooldown_s": 2}},
+                   "tokens_per_s": 10000, "circuit": {"failures": 2, "window_s": 30, "cooldown_s": 2}},
             # Nothing listens here: every connection is refused.
-            "dead": {"address": f"127.0.0.1:{DEAD_PORT}", "tls": False, "timeout_s": 2, "circuit": {"failures": 100000}},
+            "dead": {"address": f"127.0.0.1:{DEAD_PORT}", "tls": False, "timeout_s": 2, **NEVER_OPENS},
         },
         "models": {
             "low_cost_chat": {"provider": "p1", "upstream_model": "gpt-4o-mini", "tier": "low",

@@ -47,10 +47,11 @@ def policy(tmp_path: Path) -> Policy:
     return load_policy([f])
 
 
-def steps(p: Policy, route: str, plan: str, outcomes: list[str], unhealthy: frozenset[str] = frozenset()) -> list[str]:
+def steps(p: Policy, route: str, plan: str, outcomes: list[str], unhealthy: frozenset[str] = frozenset(),
+          opened_by: dict[str, str] | None = None) -> list[str]:
     """Drive a route through failures; returns the model of every attempt, then 'stop:<reason>'."""
     r, pl = p.routes[route], p.plans[plan]
-    step, history = first_step(p, r, pl, unhealthy)
+    step, history = first_step(p, r, pl, unhealthy, opened_by)
     tried: list[str] = []
     for outcome in outcomes:
         if not step.go:
@@ -118,8 +119,24 @@ def test_unhealthy_primary_follows_on_provider_unhealthy(tmp_path: Path) -> None
     assert steps(policy(tmp_path), "unhealthy", "basic", ["ok"], frozenset({"pa"})) == ["b_low", "stop:provider_unhealthy"]
 
 
-def test_unhealthy_primary_without_a_rule_fails_closed(tmp_path: Path) -> None:
+def test_unhealthy_primary_without_a_rule_or_a_known_cause_fails_closed(tmp_path: Path) -> None:
     assert steps(policy(tmp_path), "seed", "basic", [], frozenset({"pa"})) == ["stop:provider_unhealthy"]
+
+
+def test_circuit_opened_by_5xx_follows_the_5xx_rule_without_retrying_the_unhealthy_provider(tmp_path: Path) -> None:
+    # seed: on_provider_5xx retry_once_then_switch_same_price_tier, max_attempts 2: the retry on
+    # pa falls away (skipped, no attempt spent) and the switch to b_low remains, then c_low.
+    assert steps(policy(tmp_path), "seed", "basic", ["provider_5xx", "provider_5xx"], frozenset({"pa"}), {"pa": "provider_5xx"}) == [
+        "b_low", "c_low", "stop:provider_unhealthy"]
+
+
+def test_circuit_opened_by_an_event_the_route_does_not_name_fails_closed(tmp_path: Path) -> None:
+    assert steps(policy(tmp_path), "seed", "basic", [], frozenset({"pa"}), {"pa": "timeout"}) == ["stop:provider_unhealthy"]
+
+
+def test_a_named_on_provider_unhealthy_rule_wins_over_the_opening_failure(tmp_path: Path) -> None:
+    assert steps(policy(tmp_path), "unhealthy", "basic", ["ok"], frozenset({"pa"}), {"pa": "provider_5xx"}) == [
+        "b_low", "stop:provider_unhealthy"]
 
 
 def test_unhealthy_candidates_are_skipped(tmp_path: Path) -> None:

@@ -273,9 +273,10 @@ def test_streaming_falls_back_before_the_first_byte_and_bills_the_usage_chunk(st
 
 def test_failing_provider_opens_its_circuit_and_is_skipped_then_tried_again(stack: Stack, customer: str) -> None:
     _, secret = stack.create_key(customer)
+    _, other = stack.create_key(customer + "-other")
     stack.fakes["p4"].default = Reply(status=500)
-    for _ in range(2):  # two failures open p4's circuit (policy: failures 2, cooldown 2 s)
-        assert call(stack, secret, "flaky").status == 200
+    for s in (secret, other):  # two failures from two customers open p4's circuit (failures 2, cooldown 2 s)
+        assert call(stack, s, "flaky").status == 200
     assert stack.fakes["p4"].calls() == 2
     time.sleep(1.5)  # every processor refreshes open circuits each second
     res = call(stack, secret, "flaky")
@@ -335,3 +336,31 @@ def test_the_first_attempt_costs_no_per_attempt_message_and_a_retry_costs_one(st
     stack.fakes["p1"].script(Reply(status=429))
     assert call(stack, secret, "support_draft").headers["x-tollgate-attempts"] == "2"
     assert upstream_messages() == before + 1
+
+
+# --- truthful attribution (issue 10) ---------------------------------------------------------------
+
+
+def test_a_same_model_retry_is_counted_as_a_retry_not_as_a_model_change(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer)
+    stack.fakes["p1"].script(Reply(status=500))
+    fallbacks = metric(stack, "tollgate_fallbacks_total", route="support_draft", from_model="low_cost_chat", to_model="low_cost_chat")
+    retries = metric(stack, "tollgate_retries_total", route="support_draft", model="low_cost_chat", reason="provider_5xx")
+    assert call(stack, secret, "support_draft").status == 200
+    assert metric(stack, "tollgate_retries_total", route="support_draft", model="low_cost_chat", reason="provider_5xx") == retries + 1
+    assert metric(stack, "tollgate_fallbacks_total", route="support_draft", from_model="low_cost_chat",
+                  to_model="low_cost_chat") == fallbacks == 0
+
+
+def test_record_status_and_metric_code_are_what_the_client_received(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer)
+    stack.fakes["p3"].script(Reply(status=500))  # legal_summary fails closed: the gateway answers 502
+    before = metric(stack, "tollgate_requests_total", route="legal_summary", code="502")
+    before_500 = metric(stack, "tollgate_requests_total", route="legal_summary", code="500")
+    res = call(stack, secret, "legal_summary")
+    assert res.status == 502 and res.body["error"]["code"] == "upstream_unavailable"
+    rec = record(stack, res.request_id)
+    assert rec["status"] == "502"
+    assert [(a["status"], a["reason"]) for a in rec["attempt_list"]] == [(500, "provider_5xx")]  # what the provider said
+    assert metric(stack, "tollgate_requests_total", route="legal_summary", code="502") == before + 1
+    assert metric(stack, "tollgate_requests_total", route="legal_summary", code="500") == before_500

@@ -132,3 +132,37 @@ def test_serve_refuses_an_invalid_policy_with_exit_1(tmp_path: Path) -> None:
 
 def test_cli_usage_error_is_exit_2() -> None:
     assert tollgate("keys", "create").returncode == 2
+
+
+def test_check_warns_when_the_seeds_retry_and_switch_cannot_both_fit_in_max_attempts() -> None:
+    out = tollgate("policy", "check", str(EXAMPLES))
+    assert out.returncode == 0, out.stderr  # a warning: the seed must load verbatim
+    line = next(x for x in out.stdout.splitlines() if "fallback.on_provider_5xx" in x)
+    assert "support_draft.yaml:4: warning:" in line
+    assert "retry and switch need max_attempts >= 3, got 2" in line
+    assert "retried once on the same provider" in line and "without switching" in line  # what happens instead
+
+
+def test_check_does_not_warn_when_retry_and_switch_fit(tmp_path: Path) -> None:
+    route = write(tmp_path, "r.yaml", SEED.read_text().replace("max_attempts: 2", "max_attempts: 3"))
+    _, issues = check_policy([EXAMPLES / "catalog.yaml", route])
+    assert not [i for i in issues if "retry and switch" in i.message]
+
+
+def test_provider_timeouts_and_circuit_settings_load_with_defaults_in_one_place(tmp_path: Path) -> None:
+    text = (EXAMPLES / "catalog.yaml").read_text().replace(
+        "    api_key_env: BACKUP_API_KEY\n",
+        "    api_key_env: BACKUP_API_KEY\n    tokens_per_s: 80\n    ttfb_timeout_s: 5\n    idle_timeout_s: 12\n"
+        "    circuit: {failures: 7, failure_rate: 0.25, customers: 3}\n")
+    policy = load_policy([write(tmp_path, "c.yaml", text)])
+    backup, primary = policy.providers["backup_vendor"], policy.providers["primary_openai"]
+    assert (backup.tokens_per_s, backup.ttfb_s, backup.idle_s) == (80.0, 5.0, 12.0)
+    assert (backup.circuit_failures, backup.circuit_failure_rate, backup.circuit_customers) == (7, "0.25", 3)
+    assert (primary.tokens_per_s, primary.ttfb_s, primary.idle_s) == (50.0, 30.0, 30.0)  # defaults: 50 tokens/s, timeout_s
+    assert (primary.circuit_failures, primary.circuit_failure_rate, primary.circuit_customers) == (5, "0.5", 2)
+
+
+def test_a_negative_tokens_per_s_is_an_error_naming_the_key(tmp_path: Path) -> None:
+    text = (EXAMPLES / "catalog.yaml").read_text().replace("    api_key_env: BACKUP_API_KEY\n", "    api_key_env: BACKUP_API_KEY\n    tokens_per_s: -3\n")
+    _, issues = check_policy([write(tmp_path, "c.yaml", text)])
+    assert any(i.level == "error" and i.key == "providers.backup_vendor.tokens_per_s" for i in issues)

@@ -3,6 +3,7 @@ about fallbacks, spend and quota rejections match the usage records of the same 
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -101,22 +102,25 @@ def test_promql_answers_match_the_usage_records(fakes: dict[str, FakeProvider], 
 
         # Two batches with a scrape between them, so rates see an increase.
         batch(rate_limited=2, failing=1, normal=2, refused=1)
-        wait_for(prom, "sum by (reason) (tollgate_fallbacks_total)", {"provider_5xx": 1, "rate_limit": 2})
+        wait_for(prom, "sum by (reason) (tollgate_fallbacks_total)", {"rate_limit": 2})
         batch(rate_limited=2, failing=1, normal=3, refused=2)
 
         recs = records(s)
         assert len(recs) == 11  # 4 fallbacks + 2 retries + 5 normal; refusals have no record
-        # Fallback counts by reason, from the records' attempt lists
+        # Model changes and same-model retries by reason, from the records' attempt lists
         want_fallbacks: Counter[str] = Counter()
+        want_retries: Counter[str] = Counter()
         for r in recs:
-            for a in r["attempt_list"][:-1]:
-                want_fallbacks[a["reason"]] += 1
+            for a, b in itertools.pairwise(r["attempt_list"]):
+                (want_fallbacks if a["model"] != b["model"] else want_retries)[a["reason"]] += 1
         wait_for(prom, "sum by (reason) (tollgate_fallbacks_total)", dict(want_fallbacks))
-        assert dict(want_fallbacks) == {"rate_limit": 4, "provider_5xx": 2}
+        wait_for(prom, "sum by (reason) (tollgate_retries_total)", dict(want_retries))
+        assert (dict(want_fallbacks), dict(want_retries)) == ({"rate_limit": 4}, {"provider_5xx": 2})
 
-        # Fallback rate by reason over the last minute
+        # Fallback and retry rates by reason over the last minute
         rates = query(prom, "sum by (reason) (rate(tollgate_fallbacks_total[1m]))")
-        assert rates["rate_limit"] > 0 and rates["provider_5xx"] > 0
+        assert rates["rate_limit"] > 0 and "provider_5xx" not in rates
+        assert query(prom, "sum by (reason) (rate(tollgate_retries_total[1m]))")["provider_5xx"] > 0
 
         # Spend by route and kind, in USD, equals the records' micro-dollars
         want_spend: Counter[str] = Counter()

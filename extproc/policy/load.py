@@ -26,6 +26,8 @@ from extproc.money import usd_to_micro
 from extproc.policy.model import (
     ACTIONS,
     DEFAULT_TIERS,
+    DEFAULT_TIMEOUT_S,
+    DEFAULT_TOKENS_PER_S,
     EVENTS,
     PLAN_FALLBACK_KINDS,
     FallbackRule,
@@ -176,6 +178,17 @@ def _bool(c: _Checker, d: LocDict, key: str, field: str, default: bool) -> bool:
     return v
 
 
+def _seconds(c: _Checker, d: LocDict, key: str, field: str, default: float | None, limit: float = 3600) -> float | None:
+    """A positive number (seconds, or a rate) up to `limit`; the default when absent or invalid."""
+    v = d.get(field, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= limit:
+        c.error(d, f"{key}.{field}", f"must be a number between 0 and {limit:g}, got {v!r}", field)
+        return default
+    return float(v)
+
+
 def _usd_to_micro(c: _Checker, d: LocDict, key: str, field: str) -> int | None:
     """A non-negative USD amount from YAML as exact micro-dollars (rounded up)."""
     v = d.get(field)
@@ -249,30 +262,37 @@ def _parse_providers(c: _Checker, raw: LocDict) -> dict[str, Provider]:
         pd = c.mapping(d, section, key, name)  # type: ignore[arg-type]
         if pd is None:
             continue
-        c.known_keys(pd, key, {"address", "tls", "api_key_env", "api_key_file", "timeout_s", "circuit", "headers", "query_params"})
+        c.known_keys(pd, key, {"address", "tls", "api_key_env", "api_key_file", "timeout_s", "tokens_per_s", "ttfb_timeout_s",
+                               "idle_timeout_s", "circuit", "headers", "query_params"})
         address = pd.get("address")
         m = re.match(r"^\[?([A-Za-z0-9.:-]+?)\]?:(\d{1,5})$", str(address)) if isinstance(address, str) else None
         if m is None or not 0 < int(m.group(2)) < 65536:
             c.error(pd, f"{key}.address", f"must be host:port, got {address!r}", "address")
             continue
         host, port = m.group(1), int(m.group(2))
-        timeout = pd.get("timeout_s", 30)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
-            c.error(pd, f"{key}.timeout_s", f"must be seconds between 0 and 3600, got {timeout!r}", "timeout_s")
-            timeout = 30
+        timeout = _seconds(c, pd, key, "timeout_s", DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S
+        tokens_per_s = _seconds(c, pd, key, "tokens_per_s", DEFAULT_TOKENS_PER_S, limit=1_000_000) or DEFAULT_TOKENS_PER_S
+        ttfb = _seconds(c, pd, key, "ttfb_timeout_s", None)
+        idle = _seconds(c, pd, key, "idle_timeout_s", None)
         key_env, key_file = pd.get("api_key_env"), pd.get("api_key_file")
         for f, v in (("api_key_env", key_env), ("api_key_file", key_file)):
             if v is not None and not isinstance(v, str):
                 c.error(pd, f"{key}.{f}", f"must be a string, got {v!r}", f)
-        circuit: dict[str, int] = {}
+        circuit: dict[str, Any] = {}
         if "circuit" in pd:
             cd = c.mapping(pd["circuit"], pd, f"{key}.circuit", "circuit")
             if cd is not None:
-                c.known_keys(cd, f"{key}.circuit", {"failures", "window_s", "cooldown_s"})
-                for f in ("failures", "window_s", "cooldown_s"):
+                c.known_keys(cd, f"{key}.circuit", {"failures", "failure_rate", "customers", "window_s", "cooldown_s"})
+                for f in ("failures", "customers", "window_s", "cooldown_s"):
                     v = _int(c, cd, f"{key}.circuit", f, 1)
                     if v is not None:
                         circuit[f"circuit_{f}"] = v
+                rate = cd.get("failure_rate")
+                if rate is not None:
+                    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+                        c.error(cd, f"{key}.circuit.failure_rate", f"must be a share between 0 and 1, got {rate!r}", "failure_rate")
+                    else:
+                        circuit["circuit_failure_rate"] = str(rate)
         out[name] = Provider(
             name=name,
             host=host,
@@ -280,7 +300,10 @@ def _parse_providers(c: _Checker, raw: LocDict) -> dict[str, Provider]:
             tls=_bool(c, pd, key, "tls", port == 443),
             api_key_env=key_env if isinstance(key_env, str) else None,
             api_key_file=key_file if isinstance(key_file, str) else None,
-            timeout_s=float(timeout),
+            timeout_s=timeout,
+            tokens_per_s=tokens_per_s,
+            ttfb_timeout_s=ttfb,
+            idle_timeout_s=idle,
             headers=_provider_headers(c, pd, key),
             query_params=_query_params(c, pd, key),
             **circuit,
@@ -486,7 +509,17 @@ def _parse_route(c: _Checker, rd: LocDict, index: int) -> Route | None:
             budget = rules.get("on_budget_exceeded")
             if budget is not None and budget.action != "fail_closed":
                 c.warn(fd, f"{key}.fallback.on_budget_exceeded", f"is {budget.action!r}: budget exhaustion should fail closed", "on_budget_exceeded")
+            cap = max_attempts or 1
             for event, rule in rules.items():
+                if rule.action == "retry_once_then_switch_same_price_tier" and cap < 3:
+                    instead = ("the failed attempt is neither retried nor switched" if cap == 1 else
+                               "the failed attempt is retried once on the same provider and, if that fails too, the request "
+                               "fails (upstream_unavailable) without switching")
+                    c.warn(fd, f"{key}.fallback.{event}", f"retry and switch need max_attempts >= 3, got {cap}: {instead}; "
+                           "it switches to the same price tier at once only while the provider's circuit is open", event)
+                if rule.action == "retry_same" and max_attempts is not None and rule.count >= max_attempts:
+                    c.warn(fd, f"{key}.fallback.{event}", f"retry_same count {rule.count} does not fit in max_attempts "
+                           f"{max_attempts}: only {max_attempts - 1} retr{'y' if max_attempts == 2 else 'ies'} will be made", event)
                 if rule.action == "retry_same" and max_attempts is None:
                     c.warn(fd, f"{key}.fallback.{event}", "retry_same with no max_attempts: retries are uncapped per error type", event)
     else:

@@ -29,6 +29,14 @@ ACTIONS = (
 )
 PLAN_FALLBACK_KINDS = ("same_tier", "downgrade", "upgrade")
 DEFAULT_TIERS = ("low", "standard", "premium")
+# Provider defaults, in one place (README "Timeouts and provider health").
+DEFAULT_TIMEOUT_S = 30.0  # an attempt's base time budget, and the default for the stream bounds
+DEFAULT_TOKENS_PER_S = 50.0  # output tokens per second a provider is expected to generate at least
+DEFAULT_CIRCUIT_FAILURES = 5  # failed attempts within the window, at least, to open a circuit
+DEFAULT_CIRCUIT_FAILURE_RATE = "0.5"  # failed share of the window's attempts, at least (decimal string)
+DEFAULT_CIRCUIT_CUSTOMERS = 2  # distinct customers among those failures, at least
+DEFAULT_CIRCUIT_WINDOW_S = 30
+DEFAULT_CIRCUIT_COOLDOWN_S = 30
 
 
 @dataclass(frozen=True)
@@ -41,12 +49,25 @@ class Provider:
     tls: bool
     api_key_env: str | None = None
     api_key_file: str | None = None
-    timeout_s: float = 30.0
-    circuit_failures: int = 5  # failures within the window that open the circuit
-    circuit_window_s: int = 30
-    circuit_cooldown_s: int = 30  # how long an open circuit skips the provider
+    timeout_s: float = DEFAULT_TIMEOUT_S  # non-stream attempts: plus the output cap at tokens_per_s
+    tokens_per_s: float = DEFAULT_TOKENS_PER_S
+    ttfb_timeout_s: float | None = None  # streams: until the first byte; None means timeout_s
+    idle_timeout_s: float | None = None  # streams: between two chunks; None means timeout_s
+    circuit_failures: int = DEFAULT_CIRCUIT_FAILURES
+    circuit_failure_rate: str = DEFAULT_CIRCUIT_FAILURE_RATE
+    circuit_customers: int = DEFAULT_CIRCUIT_CUSTOMERS
+    circuit_window_s: int = DEFAULT_CIRCUIT_WINDOW_S
+    circuit_cooldown_s: int = DEFAULT_CIRCUIT_COOLDOWN_S  # how long an open circuit skips the provider
     headers: tuple[tuple[str, str], ...] = ()  # sent on every request to it (names lower case)
     query_params: tuple[str, ...] = ()  # query parameters a client may pass on (e.g. api-version)
+
+    @property
+    def ttfb_s(self) -> float:
+        return self.ttfb_timeout_s if self.ttfb_timeout_s is not None else self.timeout_s
+
+    @property
+    def idle_s(self) -> float:
+        return self.idle_timeout_s if self.idle_timeout_s is not None else self.timeout_s
 
 
 @dataclass(frozen=True)
