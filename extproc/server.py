@@ -75,6 +75,32 @@ def _failure_reply(kind: str | None) -> pb.ProcessingResponse:
     return _empty_reply(kind)
 
 
+# How long a stream whose last message was answered waits for Envoy's reset before the
+# processor closes it itself (with OK status, which Envoy takes as "nothing more to process").
+RESET_WAIT_S = 5.0
+
+
+def is_last_message(kind: str | None, req: pb.ProcessingRequest, reply: pb.ProcessingResponse, upstream: bool) -> bool:
+    """True when Envoy will send nothing more on this stream: an immediate response, or the
+    end of the response (downstream) or of the re-sent request body (upstream attempt, whose
+    response phases are skipped).
+
+    Why it matters: Envoy ends every ext_proc stream with a half-close *and* a reset. A handler
+    that is then reading (the next message) or sending the final status has a gRPC batch fail,
+    and grpc.aio leaks that batch's op array (grpc/grpc#43360): ~140 bytes per request, for
+    ever. Waiting on a plain timer instead lets grpc's cancellation end the handler with no
+    batch in flight; nothing leaks."""
+    if reply.HasField("immediate_response"):
+        return True
+    if kind == "response_body":
+        return req.response_body.end_of_stream
+    if kind == "response_headers":
+        return req.response_headers.end_of_stream
+    if kind == "request_body":
+        return upstream and req.request_body.end_of_stream
+    return False
+
+
 def provider_secrets(policy: Policy) -> dict[str, str]:
     """Each provider's API key from its environment variable or file (never logged)."""
     out: dict[str, str] = {}
@@ -126,6 +152,9 @@ class Processor:
                     reply = _failure_reply(kind)
                 _phase_timer(kind, attempt is not None).observe(time.perf_counter() - started)
                 yield reply
+                if is_last_message(kind, req, reply, upstream=attempt is not None):
+                    await asyncio.sleep(RESET_WAIT_S)  # cancelled by Envoy's reset (see is_last_message)
+                    return
         finally:
             if ex is not None:
                 await ex.close()
