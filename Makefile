@@ -2,7 +2,7 @@
 VENV := .venv/bin
 POLICY := extproc/examples/policy
 
-.PHONY: setup demo test lint protos envoy-example deploy-config bench clean
+.PHONY: setup demo test lint protos envoy-example deploy-config bench soak soak-quick clean
 
 setup:
 	@scripts/setup.sh
@@ -29,6 +29,14 @@ deploy-config: setup
 bench: setup
 	@TOLLGATE_APT_EXTRA=wrk scripts/setup.sh
 	$(VENV)/python -m bench.run
+
+# Memory soak (issue 14): N requests of mixed traffic, RSS and Redis sampled every 10 s.
+N ?= 500000
+soak: setup
+	$(VENV)/python -m bench.soak --requests $(N)
+
+soak-quick: setup
+	$(VENV)/python -m bench.soak --requests 50000
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

@@ -47,9 +47,11 @@ def _with_redis(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int]]) -
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.policy import PolicyError
-    from extproc.server import serve
+    from extproc.server import IDEMPOTENCY_ENV, serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.idempotency_window is not None:  # workers (spawned processes) inherit the environment
+        os.environ[IDEMPOTENCY_ENV] = str(args.idempotency_window)
     try:
         return serve(args.policy, _redis_url(args), args.listen, args.metrics_port, args.workers, args.log_level)
     except PolicyError as exc:
@@ -232,6 +234,13 @@ def cmd_fake_provider(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -249,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=9464)
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--log-level", default=os.environ.get("TOLLGATE_LOG_LEVEL", "INFO"))
+    s.add_argument("--idempotency-window", type=_positive_int, metavar="SECONDS",
+                   help="how long a served x-request-id stays spent and `explain` finds it (overrides the policy's "
+                        "settings.idempotency_window_s; default 86400)")
     s.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("envoy-config", help="print the Envoy bootstrap for a policy")

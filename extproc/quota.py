@@ -13,12 +13,14 @@ script's keys live in one Redis Cluster slot:
   tollgate:{c:C}:ws:W:{reserved,spend:YYYYMM,limits,rpm,tpm}   the same per workspace
   tollgate:{c:C}:{rpm,tpm}               token buckets per customer (limits: plan, or limits hash)
   tollgate:{c:C}:key:K:{rpm,tpm}         token buckets per API key
-  tollgate:{c:C}:req:ID                  request-id marker (inflight / settled / unsettled)
+  tollgate:{c:C}:req:ID                  request-id marker (inflight / settled / unsettled; kept for the
+                                         idempotency window, `settings.idempotency_window_s`, 24 h)
   tollgate:{c:C}:resv:ID                 one reservation: amount, tokens, deadline, record
   tollgate:{c:C}:resv-index              the customer's reservations by deadline
   tollgate:{c:C}:outbox                  records written with the money, not yet in the stream
   tollgate:usage                         the usage stream (SPEC §6)
-  {tollgate:usage}:uid:U, :request:ID    publish-once marks and request id -> entry (same slot)
+  {tollgate:usage}:uid:U, :request:ID    publish-once marks and request id -> entry (same slot; the
+                                         request index is kept for the idempotency window)
   tollgate:reservations, tollgate:outboxes  hints (global zsets) so the reaper and the drainer
                                          find what a crashed processor left; written before,
                                          removed after the real work, never trusted alone
@@ -39,13 +41,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.policy.model import Model, Plan
+from extproc.policy.model import DEFAULT_IDEMPOTENCY_WINDOW_S, Model, Plan
 from extproc.store import RedisLike, Scripts
 from extproc.store import text as _s
 
 USAGE_STREAM = "tollgate:usage"
 RESERVATIONS = "tollgate:reservations"
-MARKER_TTL_S = 7 * 24 * 3600
+UID_MARK_TTL_S = 7 * 24 * 3600  # publish-once marks (owned by the usage export)
 ID_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
 
@@ -181,8 +183,10 @@ def request_key(request_id: str) -> str:
 
 
 class Quota:
-    def __init__(self, redis: RedisLike) -> None:
+    def __init__(self, redis: RedisLike, idempotency_window_s: int = DEFAULT_IDEMPOTENCY_WINDOW_S) -> None:
         self.redis = redis
+        # Served-request markers and the explain index live this long (a policy/CLI setting).
+        self.idempotency_window_s = idempotency_window_s
         self.scripts = Scripts(redis, "reserve", "finish", "expire", "publish", "hint_done")
 
     async def reserve(self, res: Reservation, limits: Limits, ttl_ms: int, record: dict[str, str]) -> ReserveResult:
@@ -223,7 +227,7 @@ class Quota:
             a.k(f"key:{a.key_id}:tpm"), a.w("tpm"), a.k("outbox"), a.k("tpm"),
         ]
         body = json.dumps(record)
-        args: list[Any] = [cost_micro, int(res.prepaid), actual_tokens, res.request_id, MARKER_TTL_S, int(served), uid, body]
+        args: list[Any] = [cost_micro, int(res.prepaid), actual_tokens, res.request_id, self.idempotency_window_s, int(served), uid, body]
 
         await self.scripts.batch(
             # Before the record exists; NX keeps the time of the oldest pending write, so even a
@@ -238,9 +242,8 @@ class Quota:
     def _publish(self, client: Any, uid: str, request_id: str, body: str) -> Any:
         return self.scripts.call(client, "publish", *self._publish_args(uid, request_id, body))
 
-    @staticmethod
-    def _publish_args(uid: str, request_id: str, body: str) -> tuple[list[str], list[Any]]:
-        return [USAGE_STREAM, uid_key(uid), request_key(request_id)], [body, MARKER_TTL_S]
+    def _publish_args(self, uid: str, request_id: str, body: str) -> tuple[list[str], list[Any]]:
+        return [USAGE_STREAM, uid_key(uid), request_key(request_id)], [body, UID_MARK_TTL_S, self.idempotency_window_s]
 
     async def drain_outboxes(self, older_than_ms: int = 5000, limit: int = 100) -> int:
         """Publish records a processor settled but did not publish (it died in between)."""
@@ -273,7 +276,7 @@ class Quota:
             await self.redis.zadd(OUTBOX_HINTS, {customer: now_ms()}, nx=True)
             keys = [a.k(f"req:{request_id}"), a.k(f"resv:{request_id}"), a.k("resv-index"), a.k("reserved"), a.w("reserved"),
                     a.k("outbox")]
-            state = int(await self.scripts.eval("expire", keys, [request_id, MARKER_TTL_S, uid]))
+            state = int(await self.scripts.eval("expire", keys, [request_id, self.idempotency_window_s, uid]))
             if state == 1:
                 body = await self.redis.hget(a.k("outbox"), uid)
                 if body is not None:

@@ -101,6 +101,16 @@ def is_last_message(kind: str | None, req: pb.ProcessingRequest, reply: pb.Proce
     return False
 
 
+IDEMPOTENCY_ENV = "TOLLGATE_IDEMPOTENCY_WINDOW_S"
+
+
+def idempotency_window(policy: Policy) -> int:
+    """`tollgate serve --idempotency-window` (passed to workers as TOLLGATE_IDEMPOTENCY_WINDOW_S),
+    else the policy's `settings.idempotency_window_s` (default 24 h)."""
+    override = os.environ.get(IDEMPOTENCY_ENV)
+    return int(override) if override else policy.settings.idempotency_window_s
+
+
 def provider_secrets(policy: Policy) -> dict[str, str]:
     """Each provider's API key from its environment variable or file (never logged)."""
     out: dict[str, str] = {}
@@ -127,7 +137,8 @@ class Processor:
         self.policy_paths = policy_paths
         policy = load_policy(policy_paths)
         self.redis = redis_client(redis_url)
-        self.gateway = Gateway(policy=policy, keys=KeyStore(self.redis), quota=Quota(self.redis), health=Health(self.redis, policy),
+        self.gateway = Gateway(policy=policy, keys=KeyStore(self.redis), quota=Quota(self.redis, idempotency_window(policy)),
+                               health=Health(self.redis, policy),
                                provider_secrets=provider_secrets(policy))
         self._mtimes = self._stat()
 
@@ -200,6 +211,7 @@ class Processor:
         self.gateway.policy = policy
         self.gateway.health.policy = policy
         self.gateway.provider_secrets = provider_secrets(policy)
+        self.gateway.quota.idempotency_window_s = idempotency_window(policy)
         metrics.POLICY_RELOADS.labels("ok").inc()
         log.info("policy reloaded: %d routes", len(policy.routes))
         return True

@@ -2,7 +2,8 @@
 -- request id at it for `tollgate explain`. All keys share the usage stream's hash slot.
 --
 -- KEYS: 1 usage stream (tollgate:usage)  2 {tollgate:usage}:uid:<uid>  3 {tollgate:usage}:request:<id>
--- ARGV: 1 the record as a JSON object of strings  2 ttl s of the uid and request index
+-- ARGV: 1 the record as a JSON object of strings  2 ttl s of the uid mark
+--       3 ttl s of the request index (the idempotency window; absent: as 2)
 -- Returns the stream entry id.
 local done = redis.call('GET', KEYS[2])
 if done then return done end
@@ -13,5 +14,5 @@ for k, v in pairs(cjson.decode(ARGV[1])) do
 end
 local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
 redis.call('SET', KEYS[2], id, 'EX', tonumber(ARGV[2]))
-redis.call('SET', KEYS[3], id, 'EX', tonumber(ARGV[2]))
+redis.call('SET', KEYS[3], id, 'EX', tonumber(ARGV[3] or ARGV[2]))
 return id

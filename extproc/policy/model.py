@@ -27,6 +27,9 @@ ACTIONS = (
 )
 PLAN_FALLBACK_KINDS = ("same_tier", "downgrade", "upgrade")
 DEFAULT_TIERS = ("low", "standard", "premium")
+# How long a served request id stays spent (409 duplicate_request) and `explain` finds it by id:
+# 24 h, the window payment APIs give idempotency keys. Policy `settings.idempotency_window_s`.
+DEFAULT_IDEMPOTENCY_WINDOW_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,13 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class Settings:
+    """Process-wide settings (top-level `settings:`); every per-request Redis key is bounded by them."""
+
+    idempotency_window_s: int = DEFAULT_IDEMPOTENCY_WINDOW_S
+
+
+@dataclass(frozen=True)
 class Policy:
     tiers: tuple[str, ...]
     providers: dict[str, Provider]
@@ -126,6 +136,7 @@ class Policy:
     plans: dict[str, Plan]
     routes: dict[str, Route]
     sources: tuple[str, ...] = ()
+    settings: Settings = Settings()
 
     def model_of_route(self, route: Route) -> Model:
         return self.models[route.primary_model]
