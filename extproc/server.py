@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import multiprocess as _multiprocess
 from redis.exceptions import RedisError
 
 from extproc import metrics
@@ -268,7 +269,8 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
     loop.add_signal_handler(signal.SIGHUP, processor.reload)
     tasks = [asyncio.create_task(processor.watch_policy()),
              asyncio.create_task(processor.gateway.health.run()),
-             asyncio.create_task(processor.reap_reservations(float(os.environ.get("TOLLGATE_REAPER_INTERVAL_S", "2"))))]
+             asyncio.create_task(processor.reap_reservations(float(os.environ.get("TOLLGATE_REAPER_INTERVAL_S", "2")))),
+             asyncio.create_task(metrics.sample_memory())]
     await stop.wait()
     log.info("worker %d stopping: finishing streams in flight (up to %.0fs)", os.getpid(), grace_s)
     await health_service.enter_graceful_shutdown()  # probes see NOT_SERVING from now on
@@ -320,6 +322,8 @@ def serve(policy_paths: list[str], redis_url: str, listen: str, metrics_port: in
         for i, p in enumerate(procs):
             p.join(timeout=0.2)
             if not p.is_alive() and not stopping:
+                if p.pid is not None:
+                    _multiprocess.mark_process_dead(p.pid)  # type: ignore[no-untyped-call]  # drop its live gauges
                 log.error("worker %s on %s exited with %s; starting a new one", p.pid, endpoints[i], p.exitcode)
                 time.sleep(1.0)  # no tight loop if a worker cannot start
                 procs[i] = ctx.Process(target=_worker_main, args=(policy_paths, redis_url, str(endpoints[i]), log_level))
