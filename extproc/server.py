@@ -15,7 +15,6 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +85,12 @@ def is_last_message(kind: str | None, req: pb.ProcessingRequest, reply: pb.Proce
     end of the response (downstream) or of the re-sent request body (upstream attempt, whose
     response phases are skipped).
 
-    Why it matters: Envoy ends every ext_proc stream with a half-close *and* a reset. A handler
-    that is then reading (the next message) or sending the final status has a gRPC batch fail,
-    and grpc.aio leaks that batch's op array (grpc/grpc#43360): ~140 bytes per request, for
-    ever. Waiting on a plain timer instead lets grpc's cancellation end the handler with no
-    batch in flight; nothing leaks."""
+    Why it matters: Envoy ends every ext_proc stream with a half-close *and* a reset, often
+    before grpc has told Python that the last reply was written. A handler that is then reading
+    (the next message), writing, or sending the final status has a gRPC batch fail or its
+    awaiter cancelled, and grpc.aio leaks that batch (grpc/grpc#43360; op array and message):
+    ~140 bytes per request, for ever. So the last write is shielded from the cancellation, and
+    the handler then waits on a plain timer: grpc's cancellation ends it with no batch lost."""
     if reply.HasField("immediate_response"):
         return True
     if kind == "response_body":
@@ -143,13 +143,15 @@ class Processor:
                                provider_secrets=provider_secrets(policy))
         self._mtimes = self._stat()
 
-    async def process(self, requests: AsyncIterator[pb.ProcessingRequest], context: Any) -> AsyncIterator[pb.ProcessingResponse]:
+    async def process(self, _requests: Any, context: Any) -> None:
         """One stream: a downstream request (four phases) or one upstream attempt. Envoy's
-        upstream filter announces itself with the `upstream.request_attempt_count` attribute."""
+        upstream filter announces itself with the `upstream.request_attempt_count` attribute.
+        Reader/writer API rather than a generator: the last reply's write must be shielded from
+        the cancellation Envoy's reset causes (see is_last_message)."""
         ex: Exchange | None = None
         attempt: AttemptExchange | None = None
         try:
-            async for req in requests:
+            while (req := await context.read()) is not grpc.aio.EOF:
                 kind = req.WhichOneof("request")
                 if ex is None and attempt is None:
                     if attribute(req, "upstream.request_attempt_count") is not None:
@@ -163,10 +165,12 @@ class Processor:
                     log.exception("processing %s failed", kind)
                     reply = _failure_reply(kind)
                 _phase_timer(kind, attempt is not None).observe(time.perf_counter() - started)
-                yield reply
-                if is_last_message(kind, req, reply, upstream=attempt is not None):
-                    await asyncio.sleep(RESET_WAIT_S)  # cancelled by Envoy's reset (see is_last_message)
-                    return
+                if not is_last_message(kind, req, reply, upstream=attempt is not None):
+                    await context.write(reply)
+                    continue
+                await asyncio.shield(context.write(reply))  # completes (freeing its batch) even if Envoy resets now
+                await asyncio.sleep(RESET_WAIT_S)  # cancelled by Envoy's reset
+                return
         finally:
             if ex is not None:
                 await ex.close()
