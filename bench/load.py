@@ -96,6 +96,13 @@ class LoadStack:
     keys: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> LoadStack:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # a part that failed to start must not leave the others running
+            raise
+
+    def _start(self) -> LoadStack:
         ok, sse, limited, admin = free_port(), free_port(), free_port(), free_port()
         cfg = {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
                "static_resources": {"listeners": [_listener("ok", ok, 200, COMPLETION, "application/json"),
