@@ -2,7 +2,7 @@
 VENV := .venv/bin
 POLICY := extproc/examples/policy
 
-.PHONY: setup demo test lint protos envoy-example deploy-config bench soak load clean
+.PHONY: setup demo test lint protos envoy-example deploy-config bench soak soak-quick export-soak load clean
 
 setup:
 	@scripts/setup.sh
@@ -30,9 +30,18 @@ bench: setup
 	@TOLLGATE_APT_EXTRA=wrk scripts/setup.sh
 	$(VENV)/python -m bench.run
 
+# Memory soak (issue 14): N requests of mixed traffic, RSS and Redis sampled every 10 s.
+N ?= 500000
 soak: setup
+	$(VENV)/python -m bench.soak --requests $(N)
+
+soak-quick: setup
+	$(VENV)/python -m bench.soak --requests 50000
+
+# Export soak (issue 13): stream length and export lag with `usage export` running.
+export-soak: setup
 	@TOLLGATE_APT_EXTRA=wrk scripts/setup.sh
-	$(VENV)/python -m bench.soak
+	$(VENV)/python -m bench.export_soak
 
 load: setup  # 2,000 concurrent slow streams through one Envoy and one processor (issue 10)
 	TOLLGATE_LOAD_STREAMS=2000 TOLLGATE_LOAD_GAP_S=15 TOLLGATE_LOAD_RAMP_S=12 $(VENV)/pytest -q -s tests/test_load.py

@@ -1,132 +1,140 @@
-"""`make soak`: Redis stays bounded while the exporter runs (issue 13). Not a CI test: figures
-are printed and written to bench/soak.json, never asserted.
+"""`make soak N=500000`: a long run of mixed traffic; does memory stay flat?
 
-Tollgate (Envoy + one processor + Redis) in front of a canned provider (an Envoy answering
-with direct_response), wrk pushing requests for SOAK_SECONDS (default 120; at least 50,000
-requests on this machine), and `tollgate usage export` running against a ledger
-(SOAK_LEDGER, default a SQLite file). Every 0.25 s the sampler reads the stream length and the
-export group's lag (entries not yet acknowledged). At the end it waits for the exporter to
-catch up and checks that the ledger holds exactly as many records as were ever added to the
-stream.
+Drives N requests of `bench.load.MIX` (normal, streams, fallbacks, quota refusals, bad keys)
+through Envoy -> `tollgate serve` (one worker) -> Redis, and every 10 s samples the processor's
+RSS, Envoy's RSS and Redis `used_memory`. Results go to bench/soak-results.json and a small
+table. The verdict line applies the rule of issue 14: after warm-up (the first 10% of the
+requests) every processor RSS sample stays within +-5% of the first one, and it reports the
+growth per request (least-squares slope of RSS over requests) for the processor and Redis.
+Timings are reported, never asserted; the CI-sized check is tests/test_memory.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-import redis as redis_sync
-import yaml
+from bench.load import LoadStack, Tally, drive, redis_used_memory, rss_bytes
 
-import bench.run as bench_run
-from bench.run import COMPLETION, _key, _listener, _start_envoy, wrk
-from extproc.devstack import Envoy, Processor, RedisServer, free_port
-from extproc.ledger_store import open_store
-from extproc.quota import USAGE_STREAM
-
-SECONDS = int(os.environ.get("SOAK_SECONDS", "120"))
+RESULTS = Path(__file__).with_name("soak-results.json")
+TOLERANCE = 0.05
 
 
-def sample(r: Any, stop: threading.Event, out: list[tuple[float, int, int]]) -> None:
-    while not stop.is_set():
-        length = int(r.xlen(USAGE_STREAM))
-        lag = 0
-        if length:
-            for g in r.xinfo_groups(USAGE_STREAM):
-                lag = int(g["pending"]) + int(g.get("lag") or 0)
-        out.append((time.monotonic(), length, lag))
-        stop.wait(0.25)
+@dataclass
+class Sample:
+    t_s: float
+    requests: int
+    processor_rss: int
+    envoy_rss: int
+    redis_used: int
+    redis_keys: int
 
 
-def key_kinds(r: Any) -> dict[str, str]:
-    """Per-request keys left in Redis, by kind, with the longest TTL seen (seconds)."""
-    out = {}
-    for name, pattern in (("publish markers", "{tollgate:usage}:uid:*"), ("explain pointers", "{tollgate:usage}:request:*"),
-                          ("request-id markers (409 duplicate_request)", "tollgate:{c:*}:req:*")):
-        keys = list(r.scan_iter(match=pattern, count=5000))
-        ttl = max((int(r.ttl(k)) for k in keys[:2000]), default=0)
-        out[name] = f"{len(keys)} keys, TTL <= {ttl} s"
-    return out
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys over xs (0 with fewer than two distinct xs)."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
 
 
-def main() -> int:
-    logdir = Path(tempfile.mkdtemp(prefix="tollgate-soak-"))
-    ledger = os.environ.get("SOAK_LEDGER") or f"sqlite:///{logdir}/ledger.db"
-    ok_port, prov_admin = free_port(), free_port()
-    provider = {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": prov_admin}}},
-                "static_resources": {"listeners": [_listener("ok", ok_port, 200, COMPLETION)]}}
-    policy = {
-        "providers": {"fast": {"address": f"127.0.0.1:{ok_port}", "tls": False, "circuit": {"failures": 10**9}}},
-        "models": {"low_cost_chat": {"provider": "fast", "upstream_model": "m", "tier": "low",
-                                     "price": {"input_per_mtok_usd": 0.15, "output_per_mtok_usd": 0.6}}},
-        "plans": {"bench": {"routes": "*"}},
-        "routes": [{"route": "direct", "primary_model": "low_cost_chat", "fallback": {"max_attempts": 1}}],
-    }
-    policy_file = logdir / "policy.yaml"
-    policy_file.write_text(yaml.safe_dump(policy))
-    parts: list[Any] = []
-    provider_proc = _start_envoy(provider, prov_admin, logdir, "providers")
-    exporter: subprocess.Popen[bytes] | None = None
-    samples: list[tuple[float, int, int]] = []
+@dataclass
+class Verdict:
+    warmup_requests: int
+    base_rss: int
+    min_rss: int
+    max_rss: int
+    max_deviation: float
+    processor_bytes_per_request: float
+    redis_bytes_per_request: float
+    envoy_bytes_per_request: float
+    passed: bool
+
+
+def judge(samples: list[Sample], warmup: int, tolerance: float = TOLERANCE) -> Verdict:
+    """The +-5% rule on the samples after warm-up, and growth per request."""
+    after = [s for s in samples if s.requests >= warmup] or samples[-1:]
+    base = after[0].processor_rss
+    rss = [s.processor_rss for s in after]
+    dev = max(abs(r - base) / base for r in rss)
+    xs = [float(s.requests) for s in after]
+    return Verdict(warmup, base, min(rss), max(rss), round(dev, 4),
+                   round(slope(xs, [float(r) for r in rss]), 2), round(slope(xs, [float(s.redis_used) for s in after]), 1),
+                   round(slope(xs, [float(s.envoy_rss) for s in after]), 2), dev <= tolerance)
+
+
+def run(total: int, interval_s: float, connections: int) -> tuple[list[Sample], Tally]:
+    stack = LoadStack().start()
+    assert stack.processor is not None and stack.processor.proc is not None and stack.envoy is not None
+    assert stack.envoy.proc is not None and stack.redis is not None
+    ppid, epid, url = stack.processor.proc.pid, stack.envoy.proc.pid, stack.redis.url
+    tally = Tally()
+    samples: list[Sample] = []
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def sample() -> None:
+        used, keys = redis_used_memory(url)
+        samples.append(Sample(round(time.monotonic() - started, 1), tally.done, rss_bytes(ppid), rss_bytes(epid), used, keys))
+        s = samples[-1]
+        print(f"  {s.t_s:7.0f}s {s.requests:>9,} req  processor {s.processor_rss / 1e6:6.1f} MB  envoy {s.envoy_rss / 1e6:6.1f} MB"
+              f"  redis {s.redis_used / 1e6:7.1f} MB", flush=True)
+
+    def sampler() -> None:
+        while not stop.wait(interval_s):
+            sample()
+
     try:
-        rs = RedisServer().start()
-        parts.append(rs)
-        proc = Processor([str(policy_file)], rs.url, log_path=str(logdir / "extproc.log"), env={"TOLLGATE_LOG_LEVEL": "WARNING"}).start()
-        parts.append(proc)
-        envoy = Envoy([str(policy_file)], proc.endpoints, log_path=str(logdir / "envoy.log")).start()
-        parts.append(envoy)
-        key = asyncio.run(_key(rs.url))
-        exporter = subprocess.Popen([sys.executable, "-m", "extproc.cli", "usage", "export", "--to", ledger, "--redis-url", rs.url],
-                                    stdout=open(logdir / "export.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        r = redis_sync.Redis.from_url(rs.url)
-        stop = threading.Event()
-        sampler = threading.Thread(target=sample, args=(r, stop, samples), daemon=True)
-        sampler.start()
-        bench_run.DURATION_S = SECONDS
-        started = time.monotonic()
-        load = wrk(envoy.base_url, key, "direct", logdir)
-        load_s = time.monotonic() - started
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and (not samples or samples[-1][2] > 0):
-            time.sleep(0.25)
-        caught_up_s = time.monotonic() - started - load_s
-        time.sleep(1.5)  # one more trim
+        sample()
+        thread = threading.Thread(target=sampler, daemon=True)
+        thread.start()
+        asyncio.run(drive(stack.envoy.port, stack.keys, total, connections, tally))
         stop.set()
-        sampler.join()
-        added = int(r.xinfo_stream(USAGE_STREAM)["entries-added"])
-        store = open_store(ledger)
-        in_ledger = store.count()
-        store.close()
-        during = [s for s in samples if s[0] - started <= load_s]
-        result = {
-            "seconds": SECONDS, "requests": int(load["requests"]), "rps": load["rps"], "non_2xx": int(load["non_2xx"]),
-            "records_added_to_stream": added, "records_in_ledger": in_ledger,
-            "max_stream_length": max(s[1] for s in during), "max_export_lag_entries": max(s[2] for s in during),
-            "mean_stream_length": round(sum(s[1] for s in during) / len(during)),
-            "stream_length_after": int(r.xlen(USAGE_STREAM)), "caught_up_after_load_s": round(caught_up_s, 1),
-            "redis_keys_after": int(r.dbsize()), "redis_keys_by_kind": key_kinds(r), "redis_used_memory_mb": round(int(r.info("memory")["used_memory"]) / 2**20, 1),
-            "ledger": ledger.split("@")[-1],
-        }
+        thread.join()
+        time.sleep(1)
+        sample()
     finally:
-        if exporter is not None:
-            exporter.terminate()
-            exporter.wait(15)
-        for part in reversed(parts):
-            part.stop()
-        provider_proc.terminate()
-        provider_proc.wait()
-    print(json.dumps(result, indent=2))
-    Path(__file__).with_name("soak.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"logs in {logdir}")
-    return 0
+        stop.set()
+        stack.stop()
+    return samples, tally
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.soak")
+    ap.add_argument("--requests", type=int, default=500_000)
+    ap.add_argument("--interval", type=float, default=10.0, help="seconds between samples")
+    ap.add_argument("--connections", type=int, default=16)
+    args = ap.parse_args(argv)
+    print(f"soak: {args.requests:,} requests of mixed traffic, sampling every {args.interval:g} s", flush=True)
+    t0 = time.monotonic()
+    samples, tally = run(args.requests, args.interval, args.connections)
+    elapsed = time.monotonic() - t0
+    verdict = judge(samples, warmup=args.requests // 10)
+    kinds: dict[str, int] = {}
+    for (kind, status), n in sorted(tally.statuses.items()):
+        kinds[f"{kind} {status}"] = n
+    RESULTS.write_text(json.dumps({"requests": tally.done, "seconds": round(elapsed, 1), "responses": kinds,
+                                   "unexpected": tally.unexpected(), "verdict": asdict(verdict),
+                                   "samples": [asdict(s) for s in samples]}, indent=1) + "\n")
+    print(f"\n{'requests':>10} {'processor RSS':>14} {'envoy RSS':>10} {'redis used':>11}")
+    step = max(1, len(samples) // 12)
+    for s in samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else []):
+        print(f"{s.requests:>10,} {s.processor_rss / 1e6:>11.1f} MB {s.envoy_rss / 1e6:>7.1f} MB {s.redis_used / 1e6:>8.1f} MB")
+    print(f"\nresponses: {kinds}; unexpected: {tally.unexpected() or 'none'}; {tally.done / elapsed:.0f} req/s")
+    print(f"processor RSS after warm-up ({verdict.warmup_requests:,} req): {verdict.base_rss / 1e6:.1f} MB, "
+          f"range {verdict.min_rss / 1e6:.1f}-{verdict.max_rss / 1e6:.1f} MB, max deviation {verdict.max_deviation:.1%}")
+    print(f"growth per request: processor {verdict.processor_bytes_per_request:.1f} B, envoy {verdict.envoy_bytes_per_request:.1f} B, "
+          f"redis {verdict.redis_bytes_per_request:.0f} B")
+    print(f"{'PASS' if verdict.passed else 'FAIL'}: processor RSS within +-{TOLERANCE:.0%} after warm-up; results in {RESULTS}")
+    return 0 if verdict.passed else 1
 
 
 if __name__ == "__main__":

@@ -50,9 +50,11 @@ def _with_redis(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int]]) -
 def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.envoy_config import GrpcEndpoint
     from extproc.policy import PolicyError
-    from extproc.server import serve
+    from extproc.server import IDEMPOTENCY_ENV, serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.idempotency_window is not None:  # workers (spawned processes) inherit the environment
+        os.environ[IDEMPOTENCY_ENV] = str(args.idempotency_window)
     host, port = "0.0.0.0", args.metrics_port
     if args.metrics_listen:
         try:
@@ -315,6 +317,13 @@ def cmd_fake_provider(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -333,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-listen", help="HOST:PORT for /metrics instead (e.g. 127.0.0.1:9464 for loopback only)")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--log-level", default=os.environ.get("TOLLGATE_LOG_LEVEL", "INFO"))
+    s.add_argument("--idempotency-window", type=_positive_int, metavar="SECONDS",
+                   help="how long a served x-request-id stays spent and `explain` finds it (overrides the policy's "
+                        "settings.idempotency_window_s; default 86400)")
     s.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("envoy-config", help="print the Envoy bootstrap for a policy")

@@ -8,9 +8,11 @@ spend lives in usage records, never in labels.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import resource
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import multiprocess as _multiprocess
 
 REQUESTS = Counter(
@@ -43,6 +45,10 @@ DECISION_SECONDS = Histogram(
 )
 REDIS_ERRORS = Counter("tollgate_redis_errors_total", "Redis operations that failed.", ["operation"])
 POLICY_RELOADS = Counter("tollgate_policy_reloads_total", "Policy reloads by result.", ["result"])
+# One series per live worker (label `pid` with --workers > 1): the memory alerts watch it, since
+# prometheus_client's own process_* metrics are not collected from multiprocess workers.
+RESIDENT_MEMORY = Gauge("tollgate_process_resident_memory_bytes", "Resident memory of each processor worker.",
+                        multiprocess_mode="liveall")
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
@@ -53,6 +59,22 @@ def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
         start_http_server(port, addr=host, registry=registry)
     else:
         start_http_server(port, addr=host)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+async def sample_memory(interval_s: float = 10.0) -> None:
+    """Keep tollgate_process_resident_memory_bytes current (a worker's background task)."""
+    while True:
+        RESIDENT_MEMORY.set(resident_bytes())
+        await asyncio.sleep(interval_s)
 
 
 def usd(micro: int) -> float:

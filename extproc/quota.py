@@ -13,12 +13,14 @@ script's keys live in one Redis Cluster slot:
   tollgate:{c:C}:ws:W:{reserved,spend:YYYYMM,limits,rpm,tpm}   the same per workspace
   tollgate:{c:C}:{rpm,tpm}               token buckets per customer (limits: plan, or limits hash)
   tollgate:{c:C}:key:K:{rpm,tpm}         token buckets per API key
-  tollgate:{c:C}:req:ID                  request-id marker (inflight / settled / unsettled)
+  tollgate:{c:C}:req:ID                  request-id marker (inflight / settled / unsettled; kept for the
+                                         idempotency window, `settings.idempotency_window_s`, 24 h)
   tollgate:{c:C}:resv:ID                 one reservation: amount, tokens, deadline, record
   tollgate:{c:C}:resv-index              the customer's reservations by deadline
   tollgate:{c:C}:outbox                  records written with the money, not yet in the stream
   tollgate:usage                         the usage stream (SPEC §6)
-  {tollgate:usage}:uid:U, :requests:ID   publish-once marks; request id -> {customer: entry} (same slot)
+  {tollgate:usage}:uid:U, :requests:ID   publish-once marks; request id -> {customer: entry} (same slot;
+                                         the request index is kept for the idempotency window)
   tollgate:reservations, tollgate:outboxes  hints (global zsets) so the reaper and the drainer
                                          find what a crashed processor left; written before,
                                          removed after the real work, never trusted alone
@@ -40,13 +42,13 @@ from typing import Any
 
 from extproc import config
 from extproc.caps import CostBound
-from extproc.policy.model import Plan
+from extproc.policy.model import DEFAULT_IDEMPOTENCY_WINDOW_S, Plan
 from extproc.store import RedisLike, Scripts
 from extproc.store import text as _s
 
 USAGE_STREAM = "tollgate:usage"
 RESERVATIONS = "tollgate:reservations"
-MARKER_TTL_S = 7 * 24 * 3600
+UID_MARK_TTL_S = 7 * 24 * 3600  # publish-once marks (owned by the usage export)
 ID_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
 
@@ -194,14 +196,17 @@ def request_key(request_id: str) -> str:
     return f"{{{USAGE_STREAM}}}:requests:{request_id}"
 
 
-def publish_args(uid: str, request_id: str, customer: str, body: str) -> tuple[list[str], list[Any]]:
-    """publish.lua's keys and arguments for one record."""
-    return [USAGE_STREAM, uid_key(uid), request_key(request_id)], [body, MARKER_TTL_S, customer]
+def publish_args(uid: str, request_id: str, customer: str, body: str,
+                 window_s: int = DEFAULT_IDEMPOTENCY_WINDOW_S) -> tuple[list[str], list[Any]]:
+    """publish.lua's keys and arguments for one record (the explain index lives `window_s`)."""
+    return [USAGE_STREAM, uid_key(uid), request_key(request_id)], [body, UID_MARK_TTL_S, customer, window_s]
 
 
 class Quota:
-    def __init__(self, redis: RedisLike) -> None:
+    def __init__(self, redis: RedisLike, idempotency_window_s: int = DEFAULT_IDEMPOTENCY_WINDOW_S) -> None:
         self.redis = redis
+        # Served-request markers and the explain index live this long (a policy/CLI setting).
+        self.idempotency_window_s = idempotency_window_s
         self.scripts = Scripts(redis, "reserve", "finish", "expire", "publish", "hint_done", "extend")
 
     async def reserve(self, res: Reservation, bound: CostBound, limits: Limits, ttl_ms: int, record: dict[str, str]) -> ReserveResult:
@@ -254,7 +259,7 @@ class Quota:
             a.k(f"key:{a.key_id}:tpm"), a.w("tpm"), a.k("outbox"), a.k("tpm"),
         ]
         body = json.dumps(record)
-        args: list[Any] = [cost_micro, int(res.prepaid), actual_tokens, res.request_id, MARKER_TTL_S, int(served), uid, body]
+        args: list[Any] = [cost_micro, int(res.prepaid), actual_tokens, res.request_id, self.idempotency_window_s, int(served), uid, body]
 
         await self.scripts.batch(
             # Before the record exists; NX keeps the time of the oldest pending write, so even a
@@ -265,7 +270,7 @@ class Quota:
 
     async def publish(self, res: Reservation, record: dict[str, str]) -> None:
         """After `finish`: the record to the usage stream, exactly once (by its uid)."""
-        await self.scripts.eval("publish", *publish_args(record["record_id"], res.request_id, res.account.customer, json.dumps(record)))
+        await self.scripts.eval("publish", *publish_args(record["record_id"], res.request_id, res.account.customer, json.dumps(record), self.idempotency_window_s))
 
     async def published(self, res: Reservation, record: dict[str, str]) -> None:
         """After `publish`: the outbox entry and the reservation's hint are no longer needed.
@@ -276,7 +281,7 @@ class Quota:
         )
 
     def _publish(self, client: Any, uid: str, request_id: str, customer: str, body: str) -> Any:
-        return self.scripts.call(client, "publish", *publish_args(uid, request_id, customer, body))
+        return self.scripts.call(client, "publish", *publish_args(uid, request_id, customer, body, self.idempotency_window_s))
 
 
     async def drain_outboxes(self, older_than_ms: int = 5000, limit: int = 100) -> int:
@@ -288,7 +293,7 @@ class Quota:
             outbox = Account(customer, "", "").k("outbox")
             for uid, body in (await self.redis.hgetall(outbox)).items():
                 text = _s(body)
-                await self.scripts.eval("publish", *publish_args(_s(uid), json.loads(text).get("request_id", ""), customer, text))
+                await self.scripts.eval("publish", *publish_args(_s(uid), json.loads(text).get("request_id", ""), customer, text, self.idempotency_window_s))
                 await self.redis.hdel(outbox, uid)
                 published += 1
             if await self.redis.hlen(outbox):
@@ -310,11 +315,11 @@ class Quota:
             await self.redis.zadd(OUTBOX_HINTS, {customer: now_ms()}, nx=True)
             keys = [a.k(f"req:{request_id}"), a.k(f"resv:{request_id}"), a.k("resv-index"), a.k("reserved"), a.w("reserved"),
                     a.k("outbox")]
-            state = int(await self.scripts.eval("expire", keys, [request_id, MARKER_TTL_S, uid]))
+            state = int(await self.scripts.eval("expire", keys, [request_id, self.idempotency_window_s, uid]))
             if state == 1:
                 body = await self.redis.hget(a.k("outbox"), uid)
                 if body is not None:
-                    await self.scripts.eval("publish", *publish_args(uid, request_id, customer, _s(body)))
+                    await self.scripts.eval("publish", *publish_args(uid, request_id, customer, _s(body), self.idempotency_window_s))
                     await self.redis.hdel(a.k("outbox"), uid)
                 done += 1
             if state in (0, 1):

@@ -15,13 +15,13 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import multiprocess as _multiprocess
 from redis.exceptions import RedisError
 
 from extproc import config, metrics, published
@@ -75,6 +75,43 @@ def _failure_reply(kind: str | None) -> pb.ProcessingResponse:
     return _empty_reply(kind)
 
 
+# How long a stream whose last message was answered waits for Envoy's reset before the
+# processor closes it itself (with OK status, which Envoy takes as "nothing more to process").
+RESET_WAIT_S = 5.0
+
+
+def is_last_message(kind: str | None, req: pb.ProcessingRequest, reply: pb.ProcessingResponse, upstream: bool) -> bool:
+    """True when Envoy will send nothing more on this stream: an immediate response, or the
+    end of the response (downstream) or of the re-sent request body (upstream attempt, whose
+    response phases are skipped).
+
+    Why it matters: Envoy ends every ext_proc stream with a half-close *and* a reset, often
+    before grpc has told Python that the last reply was written. A handler that is then reading
+    (the next message), writing, or sending the final status has a gRPC batch fail or its
+    awaiter cancelled, and grpc.aio leaks that batch (grpc/grpc#43360; op array and message):
+    ~140 bytes per request, for ever. So the last write is shielded from the cancellation, and
+    the handler then waits on a plain timer: grpc's cancellation ends it with no batch lost."""
+    if reply.HasField("immediate_response"):
+        return True
+    if kind == "response_body":
+        return req.response_body.end_of_stream
+    if kind == "response_headers":
+        return req.response_headers.end_of_stream
+    if kind == "request_body":
+        return upstream and req.request_body.end_of_stream
+    return False
+
+
+IDEMPOTENCY_ENV = "TOLLGATE_IDEMPOTENCY_WINDOW_S"
+
+
+def idempotency_window(policy: Policy) -> int:
+    """`tollgate serve --idempotency-window` (passed to workers as TOLLGATE_IDEMPOTENCY_WINDOW_S),
+    else the policy's `settings.idempotency_window_s` (default 24 h)."""
+    override = os.environ.get(IDEMPOTENCY_ENV)
+    return int(override) if override else policy.settings.idempotency_window_s
+
+
 def provider_secrets(policy: Policy) -> dict[str, str]:
     """Each provider's API key from its environment variable or file (never logged)."""
     out: dict[str, str] = {}
@@ -101,18 +138,20 @@ class Processor:
         self.policy_paths = policy_paths
         policy = load_policy(policy_paths)
         self.redis = redis_client(redis_url)
-        self.gateway = Gateway(policy=policy, keys=KeyStore(self.redis), quota=Quota(self.redis), health=Health(self.redis, policy),
-                               provider_secrets=provider_secrets(policy),
+        self.gateway = Gateway(policy=policy, keys=KeyStore(self.redis), quota=Quota(self.redis, idempotency_window(policy)),
+                               health=Health(self.redis, policy), provider_secrets=provider_secrets(policy),
                                reservation_grace_s=float(os.environ.get("TOLLGATE_RESERVATION_GRACE_S", config.RESERVATION_GRACE_S)))
         self._mtimes = self._stat()
 
-    async def process(self, requests: AsyncIterator[pb.ProcessingRequest], context: Any) -> AsyncIterator[pb.ProcessingResponse]:
+    async def process(self, _requests: Any, context: Any) -> None:
         """One stream: a downstream request (four phases) or one upstream attempt. Envoy's
-        upstream filter announces itself with the `upstream.request_attempt_count` attribute."""
+        upstream filter announces itself with the `upstream.request_attempt_count` attribute.
+        Reader/writer API rather than a generator: the last reply's write must be shielded from
+        the cancellation Envoy's reset causes (see is_last_message)."""
         ex: Exchange | None = None
         attempt: AttemptExchange | None = None
         try:
-            async for req in requests:
+            while (req := await context.read()) is not grpc.aio.EOF:
                 kind = req.WhichOneof("request")
                 if ex is None and attempt is None:
                     if attribute(req, "upstream.request_attempt_count") is not None:
@@ -126,7 +165,12 @@ class Processor:
                     log.exception("processing %s failed", kind)
                     reply = _failure_reply(kind)
                 _phase_timer(kind, attempt is not None).observe(time.perf_counter() - started)
-                yield reply
+                if not is_last_message(kind, req, reply, upstream=attempt is not None):
+                    await context.write(reply)
+                    continue
+                await asyncio.shield(context.write(reply))  # completes (freeing its batch) even if Envoy resets now
+                await asyncio.sleep(RESET_WAIT_S)  # cancelled by Envoy's reset
+                return
         finally:
             if ex is not None and not ex.finished:
                 # Envoy's reset cancels this handler: the accounting runs to its end anyway.
@@ -173,6 +217,7 @@ class Processor:
         self.gateway.policy = policy
         self.gateway.health.policy = policy
         self.gateway.provider_secrets = provider_secrets(policy)
+        self.gateway.quota.idempotency_window_s = idempotency_window(policy)
         metrics.POLICY_RELOADS.labels("ok").inc()
         log.info("policy reloaded: %d routes", len(policy.routes))
         self.gateway.spawn(self.publish_policy())
@@ -249,7 +294,8 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
     tasks = [asyncio.create_task(processor.watch_policy()),
              asyncio.create_task(processor.keep_policy_published()),
              asyncio.create_task(processor.gateway.health.run()),
-             asyncio.create_task(processor.reap_reservations(float(os.environ.get("TOLLGATE_REAPER_INTERVAL_S", "2"))))]
+             asyncio.create_task(processor.reap_reservations(float(os.environ.get("TOLLGATE_REAPER_INTERVAL_S", "2")))),
+             asyncio.create_task(metrics.sample_memory())]
     await stop.wait()
     log.info("worker %d stopping: finishing streams in flight (up to %.0fs)", os.getpid(), grace_s)
     await health_service.enter_graceful_shutdown()  # probes see NOT_SERVING from now on
@@ -302,6 +348,8 @@ def serve(policy_paths: list[str], redis_url: str, listen: str, metrics_port: in
         for i, p in enumerate(procs):
             p.join(timeout=0.2)
             if not p.is_alive() and not stopping:
+                if p.pid is not None:
+                    _multiprocess.mark_process_dead(p.pid)  # type: ignore[no-untyped-call]  # drop its live gauges
                 log.error("worker %s on %s exited with %s; starting a new one", p.pid, endpoints[i], p.exitcode)
                 time.sleep(1.0)  # no tight loop if a worker cannot start
                 procs[i] = ctx.Process(target=_worker_main, args=(policy_paths, redis_url, str(endpoints[i]), log_level))

@@ -20,7 +20,7 @@ from extproc.devstack import RedisServer
 from extproc.export import ExportConfig, Exporter, redis_sync_client
 from extproc.ledger_rows import row_of
 from extproc.ledger_store import open_store
-from extproc.quota import MARKER_TTL_S, USAGE_STREAM, Account, Limits, Quota, Reservation, publish_args, uid_key
+from extproc.quota import UID_MARK_TTL_S, USAGE_STREAM, Account, Limits, Quota, Reservation, publish_args, uid_key
 from extproc.store import redis_client
 from tests.ledger_helpers import add_records, ledger_url, postgres, tollgate, tollgate_bg, usage_record, wait_for
 
@@ -161,7 +161,7 @@ def test_publish_markers_get_a_short_ttl_once_exported(server: RedisServer, ledg
         await client.aclose()
 
     asyncio.run(publish())
-    assert r.ttl(uid_key("rec-7")) > MARKER_TTL_S - 60
+    assert r.ttl(uid_key("rec-7")) > UID_MARK_TTL_S - 60
     exporter(server, ledger_url, marker_ttl_s=120).run_once()
     assert 0 < r.ttl(uid_key("rec-7")) <= 120
 

@@ -16,7 +16,7 @@ MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 def one_record(stack: Stack, customer: str) -> dict[str, Any]:
     """The customer's only usage record (published just after the reply: wait for it)."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20
     while not (recs := records_of(stack, customer)) and time.monotonic() < deadline:
         time.sleep(0.05)
     (rec,) = recs

@@ -38,6 +38,7 @@ from extproc.policy.model import (
     Provider,
     Route,
     RouteFallback,
+    Settings,
 )
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -247,6 +248,18 @@ def _merge(docs: list[Any]) -> tuple[LocDict, list[LocDict]]:
                 if k == "tiers":
                     merged["_tiers_doc"] = doc
     return merged, list(routes.values()) + loose
+
+
+def _parse_settings(c: _Checker, raw: LocDict) -> Settings:
+    section = raw.get("settings")
+    if section is None:
+        return Settings()
+    d = c.mapping(section, raw, "settings", "settings")
+    if d is None:
+        return Settings()
+    c.known_keys(d, "settings", {"idempotency_window_s"})
+    window = _int(c, d, "settings", "idempotency_window_s", minimum=1)
+    return Settings() if window is None else Settings(idempotency_window_s=window)
 
 
 def _parse_providers(c: _Checker, raw: LocDict) -> dict[str, Provider]:
@@ -582,7 +595,7 @@ def parse_policy(docs: list[Any], sources: tuple[str, ...]) -> tuple[Policy, lis
         c.error(doc, "routes", "must be a list of route mappings", "routes")
     for d in good_docs:
         if "route" not in d or "routes" in d:
-            c.known_keys(d, "(top level)", {"tiers", "providers", "models", "plans", "routes"})
+            c.known_keys(d, "(top level)", {"tiers", "providers", "models", "plans", "routes", "settings"})
 
     tiers = DEFAULT_TIERS
     tiers_doc = raw.pop("_tiers_doc", None)
@@ -602,7 +615,7 @@ def parse_policy(docs: list[Any], sources: tuple[str, ...]) -> tuple[Policy, lis
         if route is not None:
             routes[route.name] = route
             docs_by_route[route.name] = rd
-    policy = Policy(tiers, providers, models, plans, routes, sources)
+    policy = Policy(tiers, providers, models, plans, routes, sources, _parse_settings(c, raw))
     plan_docs = raw.get("plans") if isinstance(raw.get("plans"), LocDict) else None
     _check_references(c, policy, docs_by_route, plan_docs)
 

@@ -37,6 +37,9 @@ DEFAULT_CIRCUIT_FAILURE_RATE = "0.5"  # failed share of the window's attempts, a
 DEFAULT_CIRCUIT_CUSTOMERS = 2  # distinct customers among those failures, at least
 DEFAULT_CIRCUIT_WINDOW_S = 30
 DEFAULT_CIRCUIT_COOLDOWN_S = 30
+# How long a served request id stays spent (409 duplicate_request) and `explain` finds it by id:
+# 24 h, the window payment APIs give idempotency keys. Policy `settings.idempotency_window_s`.
+DEFAULT_IDEMPOTENCY_WINDOW_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,13 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class Settings:
+    """Process-wide settings (top-level `settings:`); every per-request Redis key is bounded by them."""
+
+    idempotency_window_s: int = DEFAULT_IDEMPOTENCY_WINDOW_S
+
+
+@dataclass(frozen=True)
 class Policy:
     tiers: tuple[str, ...]
     providers: dict[str, Provider]
@@ -155,6 +165,7 @@ class Policy:
     plans: dict[str, Plan]
     routes: dict[str, Route]
     sources: tuple[str, ...] = ()
+    settings: Settings = Settings()
 
     def model_of_route(self, route: Route) -> Model:
         return self.models[route.primary_model]
