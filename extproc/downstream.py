@@ -238,7 +238,7 @@ class Exchange:
             return ApiError(409, "duplicate_request", f"The request id {self.request_id!r} was already used for a served request; "
                             "send a new x-request-id.", param="x-request-id")
         if result.status != "ok":
-            self.gw.spawn(self.gw.quota.forget_hint(res))
+            self.gw.quota.forget_hint(res)
             return self.refusal(route.name, result, bound)
         self.reservation = Reservation(res.account, res.request_id, res.month, res.prepaid, result.amount, result.cap)
         self.reservation_ttl_ms = ttl
@@ -540,7 +540,6 @@ class Exchange:
         until then, so at worst the reaper turns it into an 'unsettled' record — never lost."""
         try:
             await self.gw.quota.finish(res, cost, tokens, served, record)
-            await self.publish(res, record)
             return
         except RedisError:
             metrics.REDIS_ERRORS.labels("finish").inc()
@@ -550,29 +549,12 @@ class Exchange:
                 await asyncio.sleep(delay)
                 try:
                     await self.gw.quota.finish(res, cost, tokens, served, record)
-                    await self.publish(res, record)
                     return
                 except RedisError:
                     metrics.REDIS_ERRORS.labels("finish").inc()
             log.error("request %s: could not settle; its reservation will expire as an unsettled record", res.request_id)
 
         self.gw.spawn(retry())
-
-    async def publish(self, res: Reservation, record: dict[str, str]) -> None:
-        """The settled record to the stream before the reply (the drainer does it if this
-        fails); the clean-up after it goes off the reply path."""
-        try:
-            await self.gw.quota.publish(res, record)
-        except RedisError:
-            metrics.REDIS_ERRORS.labels("publish").inc()
-            return
-        self.gw.spawn(self.cleanup(res, record))
-
-    async def cleanup(self, res: Reservation, record: dict[str, str]) -> None:
-        try:
-            await self.gw.quota.published(res, record)
-        except RedisError:
-            metrics.REDIS_ERRORS.labels("publish").inc()
 
     def spend_kind(self) -> str:
         """normal: the primary served on the first attempt; retry: a later attempt on the

@@ -37,6 +37,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +208,7 @@ class Quota:
         self.redis = redis
         # Served-request markers and the explain index live this long (a policy/CLI setting).
         self.idempotency_window_s = idempotency_window_s
+        self._chores: list[Callable[[Any], Any]] = []  # clean-ups for the next round trip
         self.scripts = Scripts(redis, "reserve", "finish", "expire", "publish", "hint_done", "extend")
 
     async def reserve(self, res: Reservation, bound: CostBound, limits: Limits, ttl_ms: int, record: dict[str, str]) -> ReserveResult:
@@ -220,10 +222,14 @@ class Quota:
         ]
         args = [json.dumps(reserve_args(bound, limits, ttl_ms, res.request_id)), json.dumps(record)]
 
-        # The hint goes first: a reservation that exists always has one.
-        _, r = await self.scripts.batch(
+        # Earlier requests' clean-ups ride along; then the hint, so that a reservation that
+        # exists always has one.
+        chores = self.take_chores()
+        *_, r = await self.scripts.batch(
+            *chores,
             lambda c: c.zadd(RESERVATION_HINTS, {res.member: now_ms() + ttl_ms + 1000}),
             lambda c: self.scripts.call(c, "reserve", keys, args),
+            tolerate=len(chores),
         )
         code = int(r[0])
         rate = RateInfo(*(int(float(x)) for x in r[3:9]))
@@ -231,10 +237,23 @@ class Quota:
         cap, amount, need, available = (int(float(x)) for x in r[9:13])
         return ReserveResult(status, _s(r[1]), int(r[2]), rate, cap, amount, need, available)
 
-    async def forget_hint(self, res: Reservation) -> None:
-        """Drop a reservation's hint once the reservation is gone (refused, or finished: only
-        after `finish` succeeded, so a failed settlement always leaves a hint for the reaper)."""
-        await self.redis.zrem(RESERVATION_HINTS, res.member)
+    def forget_hint(self, res: Reservation) -> None:
+        """The reservation is gone (refused, or settled and published): its hint goes with the
+        next round trip. Never before `finish` succeeded, so a failed settlement always leaves
+        a hint for the reaper."""
+        self._chores.append(lambda c: c.zrem(RESERVATION_HINTS, res.member))
+
+    def take_chores(self) -> list[Callable[[Any], Any]]:
+        """Clean-ups queued by earlier requests (idempotent; a lost one is redone by the reaper
+        or the drainer): they cost no round trip of their own."""
+        chores, self._chores = self._chores, []
+        return chores
+
+    async def flush_chores(self) -> None:
+        """Run queued clean-ups now (the reaper does, so an idle processor leaves none)."""
+        chores = self.take_chores()
+        if chores:
+            await self.scripts.batch(*chores, tolerate=len(chores))
 
     async def extend(self, res: Reservation, ttl_ms: int) -> bool:
         """Push a live reservation's deadline `ttl_ms` from now (a flowing stream); False when
@@ -247,10 +266,11 @@ class Quota:
         return int(deadline) > 0
 
     async def finish(self, res: Reservation, cost_micro: int, actual_tokens: int, served: bool, record: dict[str, str]) -> None:
-        """Settle (or release, with cost 0) and put the record in the customer's outbox, in
-        one atomic step. Raises if that failed: then the reservation and its hint stay for the
-        reaper. Only after it returned may the caller `publish` (record to the stream, hint
-        gone); a processor that dies in between leaves the outbox to the drainer."""
+        """Settle (or release, with cost 0) and put the record in the customer's outbox, in one
+        atomic step; then publish it to the usage stream exactly once (by its uid). One round
+        trip. Raises if either failed: then the reservation's hint stays for the reaper and the
+        outbox entry for the drainer. Only after both succeeded are the outbox entry and the
+        hint removed, with the next round trip (`take_chores`)."""
         a = res.account
         uid = record["record_id"]
         keys = [
@@ -266,19 +286,10 @@ class Quota:
             # customer who never pauses gets drained.
             lambda c: c.zadd(OUTBOX_HINTS, {a.customer: now_ms()}, nx=True),
             lambda c: self.scripts.call(c, "finish", keys, args),
+            lambda c: self._publish(c, uid, res.request_id, a.customer, body),
         )
-
-    async def publish(self, res: Reservation, record: dict[str, str]) -> None:
-        """After `finish`: the record to the usage stream, exactly once (by its uid)."""
-        await self.scripts.eval("publish", *publish_args(record["record_id"], res.request_id, res.account.customer, json.dumps(record), self.idempotency_window_s))
-
-    async def published(self, res: Reservation, record: dict[str, str]) -> None:
-        """After `publish`: the outbox entry and the reservation's hint are no longer needed.
-        Never before: a failed publish leaves the outbox to the drainer."""
-        await self.scripts.batch(
-            lambda c: c.hdel(res.account.k("outbox"), record["record_id"]),
-            lambda c: c.zrem(RESERVATION_HINTS, res.member),
-        )
+        self._chores.append(lambda c: c.hdel(a.k("outbox"), uid))
+        self.forget_hint(res)
 
     def _publish(self, client: Any, uid: str, request_id: str, customer: str, body: str) -> Any:
         return self.scripts.call(client, "publish", *publish_args(uid, request_id, customer, body, self.idempotency_window_s))

@@ -245,6 +245,7 @@ class Processor:
                 n = await self.gateway.quota.expire_overdue()
                 if n:
                     log.warning("expired %d overdue reservation(s) into unsettled usage records", n)
+                await self.gateway.quota.flush_chores()
                 n = await self.gateway.quota.drain_outboxes()
                 if n:
                     log.warning("published %d usage record(s) a stopped processor had settled", n)

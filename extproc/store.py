@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError, NoScriptError, RedisError, TimeoutError
 
 RedisLike: TypeAlias = "aioredis.Redis | RedisCluster"
 CLUSTER_SCHEME = "redis+cluster://"
@@ -64,18 +64,32 @@ class Scripts:
             await self.load()
             return await fn()
 
-    async def batch(self, *commands: Any) -> list[Any]:
+    async def batch(self, *commands: Any, tolerate: int = 0) -> list[Any]:
         """Run commands (functions of a client) in order: pipelined in one round trip on one
         Redis; one after another on a cluster, where pipelines may not carry scripts and
-        commands to different nodes would not keep their order."""
+        commands to different nodes would not keep their order. The first `tolerate`
+        commands are chores whose failure is ignored (their reply is then the exception);
+        any other failure raises."""
 
         async def run() -> list[Any]:
             if is_cluster(self.redis):
-                return [await command(self.redis) for command in commands]
+                out: list[Any] = []
+                for i, command in enumerate(commands):
+                    try:
+                        out.append(await command(self.redis))
+                    except RedisError as exc:
+                        if i >= tolerate or isinstance(exc, (ConnectionError, TimeoutError)):
+                            raise
+                        out.append(exc)
+                return out
             pipe = self.redis.pipeline(transaction=False)
             for command in commands:
                 command(pipe)
-            return list(await pipe.execute())
+            results = list(await pipe.execute(raise_on_error=False))
+            for r in results[tolerate:]:
+                if isinstance(r, Exception):
+                    raise r
+            return results
 
         return list(await self.run(run))
 

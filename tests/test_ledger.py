@@ -182,7 +182,6 @@ def test_an_expired_reservation_settled_late_is_in_the_ledger_once_at_its_cost(s
         assert await q.expire_overdue() == 1
         late = {**base, "cost_micro_usd": "321"}
         await q.finish(res, 321, 50, True, late)
-        await q.publish(res, late)
         await client.aclose()
 
     asyncio.run(scenario())
