@@ -108,7 +108,8 @@ def _cel(expression: str) -> dict[str, Any]:
     }}
 
 
-def _mapper(expression: str, code: str, message: str, type_: str, status: int | None = None) -> dict[str, Any]:
+def mapper(expression: str, code: str, message: str, type_: str, status: int | None = None) -> dict[str, Any]:
+    """One local-reply mapper: replies matching the CEL `expression` get an OpenAI-shaped body."""
     m: dict[str, Any] = {
         "filter": _cel(expression),
         "body_format_override": {"json_format": {"error": {"message": message, "type": type_, "param": None, "code": code}}},
@@ -125,13 +126,13 @@ def early_mappers() -> list[dict[str, Any]]:
     """Mappers that come before the processor-failure one: client errors Envoy detects, and
     a processor that failed after the request had gone to a provider."""
     return [
-        _mapper("response.code_details == 'upgrade_failed'", "invalid_request_error",
+        mapper("response.code_details == 'upgrade_failed'", "invalid_request_error",
                 "Protocol upgrades (WebSocket) are not supported; send a plain HTTP request.", "invalid_request_error", 400),
-        _mapper("response.code_details == 'path_normalization_failed'", "invalid_request_error",
+        mapper("response.code_details == 'path_normalization_failed'", "invalid_request_error",
                 "The request path is not valid (a '#fragment', '..' segment or escaped slash is not allowed).",
                 "invalid_request_error", 400),
         # The processor failed while a provider was already answering: do not claim otherwise.
-        _mapper("response.code_details.startsWith('ext_proc') && upstream.address != ''", "quota_unavailable",
+        mapper("response.code_details.startsWith('ext_proc') && upstream.address != ''", "quota_unavailable",
                 "The gateway's processor failed while this request was in progress; it may have reached a provider. "
                 "Its reservation is settled when it expires.", "server_error", 503),
     ]
@@ -140,10 +141,10 @@ def early_mappers() -> list[dict[str, Any]]:
 def late_mappers() -> list[dict[str, Any]]:
     """Any other reply of Envoy's own (not Tollgate's, not the processor's failure)."""
     return [
-        _mapper(f"response.code == 413 && {NOT_OURS}", "request_too_large",
+        mapper(f"response.code == 413 && {NOT_OURS}", "request_too_large",
                 "The request body is larger than the gateway's limit.", "invalid_request_error"),
-        _mapper(f"response.code >= 400 && response.code < 500 && {NOT_OURS}", "invalid_request_error",
+        mapper(f"response.code >= 400 && response.code < 500 && {NOT_OURS}", "invalid_request_error",
                 "The gateway could not read the request (%RESPONSE_CODE_DETAILS%).", "invalid_request_error"),
-        _mapper(f"response.code >= 500 && {NOT_OURS}", "upstream_unavailable",
+        mapper(f"response.code >= 500 && {NOT_OURS}", "upstream_unavailable",
                 "No provider could serve the request (%RESPONSE_CODE_DETAILS%).", "server_error"),
     ]

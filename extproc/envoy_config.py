@@ -456,32 +456,17 @@ def render_bootstrap(
         # With the processor down or too slow, Envoy refuses the request itself (fail closed);
         # say so in OpenAI's shape instead of an empty body. Tollgate's own replies carry
         # details "tollgate_*" and are left alone.
-        "local_reply_config": {"mappers": [*edge.early_mappers(), {
-            "filter": {"extension_filter": {
-                "name": "envoy.access_loggers.extension_filters.cel",
-                "typed_config": {"@type": _T + "extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                                 "expression": "response.code_details.startsWith('ext_proc')"},
-            }},
-            "status_code": 503,
-            "body_format_override": {"json_format": {"error": {
-                "message": "The gateway cannot check this request right now; it was not sent to any provider.",
-                "type": "server_error", "param": None, "code": "quota_unavailable",
-            }}},
-        }, {
+        "local_reply_config": {"mappers": [
+            *edge.early_mappers(),
+            edge.mapper("response.code_details.startsWith('ext_proc')", "quota_unavailable",
+                        "The gateway cannot check this request right now; it was not sent to any provider.", "server_error", 503),
             # A non-stream answer larger than the response buffer: the provider served (and
             # the request is billed at its reservation), the client is told what to change.
-            "filter": {"extension_filter": {
-                "name": "envoy.access_loggers.extension_filters.cel",
-                "typed_config": {"@type": _T + "extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                                 "expression": "response.code_details == 'response_payload_too_large'"},
-            }},
-            "status_code": 502,
-            "body_format_override": {"json_format": {"error": {
-                "message": f"The provider's answer is larger than the gateway's {max_body_bytes >> 20} MiB response buffer; "
-                           "ask for fewer choices or tokens, or stream it (stream: true).",
-                "type": "server_error", "param": None, "code": "upstream_unavailable",
-            }}},
-        }, *edge.late_mappers()]},
+            edge.mapper("response.code_details == 'response_payload_too_large'", "upstream_unavailable",
+                        f"The provider's answer is larger than the gateway's {max_body_bytes >> 20} MiB response buffer; "
+                        "ask for fewer choices or tokens, or stream it (stream: true).", "server_error", 502),
+            *edge.late_mappers(),
+        ]},
         "http_filters": [
             _ext_proc_filter(
                 message_timeout_s,
