@@ -29,6 +29,7 @@ INTERNAL_HEADERS = (CLUSTER_HEADER, TARGET_HEADER)
 NS_REQUEST = "tollgate.request"
 NS_ATTEMPTS = "tollgate.attempts"
 NS_LAST = "tollgate.last"
+NS_REWRITE = "tollgate.rewrite"  # a later attempt's body head: old -> new (upstream processor -> Lua)
 
 # Records each attempt's status (and the relay's response flags) for the next attempt.
 STATUS_RECORDER_LUA = """
@@ -36,6 +37,28 @@ function envoy_on_response(handle)
   local md = handle:streamInfo():dynamicMetadata()
   md:set("tollgate.last", "status", handle:headers():get(":status"))
   md:set("tollgate.last", "flags", handle:headers():get("x-tollgate-relay-flags") or "")
+end
+"""
+
+
+# A later attempt's body gets its provider's model name here, at no gRPC cost: the body the
+# downstream processor wrote starts with `{"model":"<first attempt's model>"` (payload.rewrite_body);
+# the upstream processor names the old and the new head in metadata. Attempt 1 has no such
+# metadata and passes untouched (its body is never buffered here).
+MODEL_REWRITE_LUA = """
+function envoy_on_request(handle)
+  local rw = handle:streamInfo():dynamicMetadata():get("tollgate.rewrite")
+  if rw == nil or rw["old"] == nil then return end
+  local body = handle:body()
+  local text = body:getBytes(0, body:length())
+  local old = rw["old"]
+  if text:sub(1, #old) ~= old then
+    handle:logErr("tollgate: a retried body does not start with the expected model; sent unchanged")
+    return
+  end
+  local new = rw["new"] .. text:sub(#old + 1)
+  body:setBytes(new)
+  handle:headers():replace("content-length", tostring(#new))
 end
 """
 
@@ -267,12 +290,19 @@ def _upstream_filters(message_timeout_s: float, p: Provider) -> list[dict[str, A
         },
         _retries_only(_ext_proc_filter(
             message_timeout_s,
-            # Retries ask for the body (to rewrite `model`) by mode override.
+            # One message per retry: its headers. The body's `model` is rewritten by Lua below.
             {"request_header_mode": "SEND", "response_header_mode": "SKIP", "request_body_mode": "NONE", "response_body_mode": "NONE"},
             forwarding=[NS_REQUEST, NS_ATTEMPTS, NS_LAST],
-            receiving=[NS_ATTEMPTS, NS_LAST],
+            receiving=[NS_ATTEMPTS, NS_LAST, NS_REWRITE],
             request_attributes=["upstream.request_attempt_count"],
         )),
+        {
+            "name": "tollgate.model_rewrite",
+            "typed_config": {
+                "@type": _T + "extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": MODEL_REWRITE_LUA},
+            },
+        },
         # Attempt 1 goes straight to `p` (its cluster's own filters do not run through the
         # aggregate): gate it here; retries bound for the relay are gated by their target.
         edge.gate_filter(p, pass_header=TARGET_HEADER),

@@ -79,14 +79,19 @@ def parse_request(path: str, raw: bytes) -> ParsedRequest | ApiError:
 
 def rewrite_body(parsed: ParsedRequest, path: str, upstream_model: str, output_cap: int) -> bytes:
     """The body the provider gets: its own model name, the gateway's output cap (caps.py);
-    streams ask for the final usage chunk."""
-    body = dict(parsed.body)
-    body["model"] = upstream_model
+    streams ask for the final usage chunk. `model` comes first, so a later attempt's model is
+    a rewrite of the body's head (`envoy_config.MODEL_REWRITE_LUA`), not a re-parse."""
+    body = {"model": upstream_model, **{k: v for k, v in parsed.body.items() if k != "model"}}
     write_cap(path, body, output_cap)
     if parsed.stream and path in ("/v1/chat/completions", "/v1/completions"):
         options = body.get("stream_options")
         body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def model_head(upstream_model: str) -> str:
+    """How a body from `rewrite_body` begins: `{"model":"<upstream model>"`."""
+    return '{"model":' + json.dumps(upstream_model, ensure_ascii=False)
 
 
 @dataclass(frozen=True)

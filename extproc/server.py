@@ -81,9 +81,8 @@ RESET_WAIT_S = 5.0
 
 
 def is_last_message(kind: str | None, req: pb.ProcessingRequest, reply: pb.ProcessingResponse, upstream: bool) -> bool:
-    """True when Envoy will send nothing more on this stream: an immediate response, or the
-    end of the response (downstream) or of the re-sent request body (upstream attempt, whose
-    response phases are skipped).
+    """True when Envoy will send nothing more on this stream: an immediate response, the end
+    of the response (downstream), or an upstream attempt's request headers (its only message).
 
     Why it matters: Envoy ends every ext_proc stream with a half-close *and* a reset, often
     before grpc has told Python that the last reply was written. A handler that is then reading
@@ -97,8 +96,8 @@ def is_last_message(kind: str | None, req: pb.ProcessingRequest, reply: pb.Proce
         return req.response_body.end_of_stream
     if kind == "response_headers":
         return req.response_headers.end_of_stream
-    if kind == "request_body":
-        return upstream and req.request_body.end_of_stream
+    if kind == "request_headers":
+        return upstream  # an upstream attempt costs one message: its request headers
     return False
 
 
@@ -181,8 +180,6 @@ class Processor:
         if attempt is not None:
             if kind == "request_headers":
                 return await attempt.on_request_headers(req)
-            if kind == "request_body":
-                return await attempt.on_request_body(req.request_body)
             return _empty_reply(kind)
         assert ex is not None
         if kind == "request_headers":

@@ -14,15 +14,15 @@ everything it needs travels in dynamic metadata, the policy and the re-sent body
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from typing import Any
 
 from extproc import errors
 from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, Step, Tried, next_step, outcome_of_status
 from extproc.downstream import STOP_HEADER, Gateway
-from extproc.envoy_config import NS_ATTEMPTS, NS_LAST, NS_REQUEST, TARGET_HEADER, stream_target
+from extproc.envoy_config import NS_ATTEMPTS, NS_LAST, NS_REQUEST, NS_REWRITE, TARGET_HEADER, stream_target
 from extproc.errors import ApiError
+from extproc.payload import model_head
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.protocol import attribute, header, immediate, metadata, namespace
 from extproc.quota import now_ms
@@ -56,7 +56,6 @@ def error_for(step: Step, last_outcome: str, attempts: int) -> ApiError:
 class AttemptExchange:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self.upstream_model = ""
 
     async def on_request_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
         now = now_ms()
@@ -106,7 +105,8 @@ class AttemptExchange:
             )
         model = policy.models[step.model]
         entries[str(n)] = {"m": model.name, "p": model.provider, "t": now, "rule": step.rule, "reason": step.reason}
-        self.upstream_model = model.upstream_model
+        first = policy.models.get(str(request.get("m1", "")))
+        rewrite = {"old": model_head(first.upstream_model), "new": model_head(model.upstream_model)} if first else {}
         # The relay bounds this attempt by its own provider's budget (and idle time, for streams).
         set_headers = [header(TARGET_HEADER, stream_target(model.provider, stream)),
                        header(PER_TRY_TIMEOUT_HEADER, str(attempt_budget_ms(policy.providers[model.provider], cap, stream)))]
@@ -120,27 +120,11 @@ class AttemptExchange:
             request_headers=pb.HeadersResponse(
                 response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove))
             ),
-            dynamic_metadata=metadata({NS_ATTEMPTS: entries, NS_LAST: {"status": "", "flags": ""}}),
+            dynamic_metadata=metadata({NS_ATTEMPTS: entries, NS_LAST: {"status": "", "flags": ""}, NS_REWRITE: rewrite}),
         )
         if history[-1].real and history[-1].provider == model.provider:
             # Back-off only where the rule retries the same provider; a switch goes at once.
             await asyncio.sleep(SAME_PROVIDER_BACKOFF_S * random.uniform(0.5, 1.0))
-        # The re-sent body is needed to rewrite `model`: ask for it for this attempt only.
-        resp.mode_override.CopyFrom(pb.ProcessingMode(request_body_mode=pb.ProcessingMode.BUFFERED,
-                                                      response_body_mode=pb.ProcessingMode.NONE))
         return resp
-
-    async def on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
-        body = json.loads(msg.body)
-        body["model"] = self.upstream_model
-        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        return pb.ProcessingResponse(
-            request_body=pb.BodyResponse(
-                response=pb.CommonResponse(
-                    header_mutation=pb.HeaderMutation(set_headers=[header("content-length", str(len(data)))]),
-                    body_mutation=pb.BodyMutation(body=data),
-                )
-            )
-        )
 
 
