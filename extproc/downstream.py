@@ -537,9 +537,11 @@ class Exchange:
 
     async def settle(self, res: Reservation, cost: int, tokens: int, served: bool, record: dict[str, str]) -> None:
         """Settle now; if Redis fails, keep retrying in the background. The reservation stays
-        until then, so at worst the reaper turns it into an 'unsettled' record — never lost."""
+        until then, so at worst the reaper turns it into an 'unsettled' record — never lost.
+        Shielded: Envoy may reset this request's stream meanwhile, which must not cut the
+        settlement (or its clean-ups) in half."""
         try:
-            await self.gw.quota.finish(res, cost, tokens, served, record)
+            await asyncio.shield(self.gw.spawn(self.gw.quota.finish(res, cost, tokens, served, record)))
             return
         except RedisError:
             metrics.REDIS_ERRORS.labels("finish").inc()

@@ -225,12 +225,16 @@ class Quota:
         # Earlier requests' clean-ups ride along; then the hint, so that a reservation that
         # exists always has one.
         chores = self.take_chores()
-        *_, r = await self.scripts.batch(
-            *chores,
-            lambda c: c.zadd(RESERVATION_HINTS, {res.member: now_ms() + ttl_ms + 1000}),
-            lambda c: self.scripts.call(c, "reserve", keys, args),
-            tolerate=len(chores),
-        )
+        try:
+            *_, r = await self.scripts.batch(
+                *chores,
+                lambda c: c.zadd(RESERVATION_HINTS, {res.member: now_ms() + ttl_ms + 1000}),
+                lambda c: self.scripts.call(c, "reserve", keys, args),
+                tolerate=len(chores),
+            )
+        except BaseException:
+            self._chores[:0] = chores  # maybe not run (Redis error, or cancelled): run them again later
+            raise
         code = int(r[0])
         rate = RateInfo(*(int(float(x)) for x in r[3:9]))
         status = {1: "ok", 0: "refused", -1: "duplicate"}[code]
@@ -253,7 +257,11 @@ class Quota:
         """Run queued clean-ups now (the reaper does, so an idle processor leaves none)."""
         chores = self.take_chores()
         if chores:
-            await self.scripts.batch(*chores, tolerate=len(chores))
+            try:
+                await self.scripts.batch(*chores, tolerate=len(chores))
+            except BaseException:
+                self._chores[:0] = chores
+                raise
 
     async def extend(self, res: Reservation, ttl_ms: int) -> bool:
         """Push a live reservation's deadline `ttl_ms` from now (a flowing stream); False when
