@@ -116,13 +116,6 @@ def usage_from_json(obj: Any) -> Usage | None:
     return Usage(max(0, prompt), max(0, completion))
 
 
-def usage_from_body(raw: bytes) -> Usage | None:
-    try:
-        return usage_from_json(json.loads(raw))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-
-
 def estimated_usage(prompt_estimate: int, text_bytes: int) -> Usage:
     """Usage of a served answer that came without it: the prompt's typical size and the
     generated text at BYTES_PER_TOKEN (never 0 for a served answer)."""

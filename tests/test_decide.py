@@ -105,4 +105,4 @@ def test_sse_scanner_finds_usage_split_across_chunks() -> None:
 
 
 def test_usage_of_responses_api_uses_input_and_output_tokens() -> None:
-    assert payload.usage_from_body(b'{"usage":{"input_tokens":5,"output_tokens":9}}') == payload.Usage(5, 9)
+    assert payload.usage_from_json({"usage": {"input_tokens": 5, "output_tokens": 9}}) == payload.Usage(5, 9)
