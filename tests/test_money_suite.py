@@ -126,8 +126,8 @@ def prompt_bytes(body: dict[str, Any]) -> int:
 
 
 def hints_of(stack: Stack, customer: str, wait_s: float = 5) -> list[bytes]:
-    """The customer's reservation hints; the last goes just after its record is published, off
-    the reply path, so give it a moment."""
+    """The customer's reservation hints; a settled request's hint goes with its processor's
+    next Redis round trip (or reaper pass), so give it a moment."""
     deadline = time.monotonic() + wait_s
     while True:
         left = [m for m in stack.redis_sync().zrange("tollgate:reservations", 0, -1) if json.loads(m)[0] == customer]
@@ -148,9 +148,6 @@ def assert_paid_for(stack: Stack, customer: str, paid: int = PAID, served: int |
     assert (m["reserved"], m["ws_reserved"]) == (0, 0)
     assert list(r.scan_iter(match=f"tollgate:{{c:{customer}}}:resv:*")) == []
     assert r.zcard(Account(customer, "", "").k("resv-index")) == 0
-    deadline = time.monotonic() + 5  # a settled request's hint goes with the next round trip
-    while hints_of(stack, customer) and time.monotonic() < deadline:
-        time.sleep(0.02)
     assert hints_of(stack, customer) == []
     assert sum(int(x["cost_micro_usd"]) for x in recs) == m["spend"]
     if served is not None:
