@@ -164,3 +164,16 @@ def write_cap(path: str, body: dict[str, Any], cap: int) -> None:
         v = body.get(f)
         if f != honoured and isinstance(v, int) and v > cap:
             body[f] = cap
+
+
+def answer_bytes_bound(path: str, body: dict[str, Any], output_cap: int, choices: int, body_bytes: int) -> int:
+    """At most how many bytes a non-stream answer to this request can be (a deliberately
+    generous bound, see config): whether Envoy may buffer it whole."""
+    if path == "/v1/embeddings":
+        inputs = body.get("input")
+        count = len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
+        return config.ANSWER_OVERHEAD_BYTES + count * config.ANSWER_BYTES_PER_EMBEDDING
+    logprobs = bool(body.get("logprobs")) or bool(body.get("top_logprobs")) or "logprobs" in str(body.get("include", ""))
+    per_token = config.ANSWER_BYTES_PER_TOKEN_WITH_LOGPROBS if logprobs else config.ANSWER_BYTES_PER_TOKEN
+    echoed = 6 * body_bytes if body.get("echo") else 0  # completions can echo the prompt, JSON-escaped
+    return config.ANSWER_OVERHEAD_BYTES + echoed + output_cap * choices * per_token

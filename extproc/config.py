@@ -37,3 +37,23 @@ RESERVATION_GRACE_S = 60.0
 ORPHAN_SWEEP_INTERVAL_S = 60.0
 # A stream extends its reservation when less than this share of its lifetime is left.
 EXTEND_WHEN_LEFT = 0.5
+
+# --- Redis (store.py) -------------------------------------------------------------------------
+# One deadline per round trip on the request path: a Redis that does not answer within it
+# fails the request closed (503) instead of holding it.
+REDIS_DEADLINE_S = 2.0
+# Tools and background work use per-command socket timeouts instead.
+REDIS_SOCKET_TIMEOUT_S = 1.0
+# One pass of the reaper (expire, drain, sweep) gives up after this and tries again later.
+REAPER_PASS_DEADLINE_S = 30.0
+
+# --- answers Envoy reads itself (caps.answer_fits) ---------------------------------------------
+# A non-stream JSON answer's usage is read by Envoy (json_to_metadata), which buffers the whole
+# answer; one that might not fit the buffer takes a route where the processor reads it instead
+# (streamed through if large). Bounds on answer bytes, deliberately generous: a token is at most
+# this many bytes once JSON-escaped (the longest real tokens are ~128 bytes of spaces or code),
+# far more with per-token log probabilities, and an embedding vector is at most this long.
+ANSWER_BYTES_PER_TOKEN = 256
+ANSWER_BYTES_PER_TOKEN_WITH_LOGPROBS = 8_192
+ANSWER_BYTES_PER_EMBEDDING = 160_000  # 4,096 dimensions x ~39 bytes per float
+ANSWER_OVERHEAD_BYTES = 64 * 1024  # ids, roles, finish reasons, usage

@@ -1,19 +1,23 @@
 """The downstream ext_proc filter's processor: one `Exchange` per HTTP request.
 
-Envoy sends four messages per request (request headers, request body, response headers,
-response body) on one gRPC stream; `Exchange` keeps what was learned in each phase and
-answers with mutations. Decisions come from pure functions (`decide`, `payload`, `quota`
-estimates); this module gathers facts, calls them, and translates results into Envoy's protocol.
+A normal request costs Envoy two messages on one gRPC stream (contract.py shows the path):
 
-  request headers  -> authenticate (key cache; Redis on a miss); GET /v1/models answered here
-  request body     -> validate, resolve the route, check the plan, RESERVE quota (Redis, Lua),
-                      choose the provider, rewrite model and credential
-  response headers -> streams switch to STREAMED mode and get their attribution headers
-  response body    -> usage -> cost; FINISH (settle + record, Redis, Lua); attribution headers
+  request body     -> with the few headers it needs as attributes: authenticate (key cache;
+                      Redis on a miss), validate, resolve the route, check the plan, RESERVE
+                      (Redis, Lua), choose the provider; reply with the rewritten body and the
+                      headers to apply (metadata for Envoy's apply filter)
+  response headers -> with the answer's usage (Envoy's json_to_metadata read it from the JSON
+                      body): cost, SETTLE (settle + record, Redis, Lua), attribution headers
 
-Redis round trips on the normal path: two (reserve, finish); the key lookup is cached.
-Every path that reserved money ends in exactly one `finish` — success, provider error,
-Envoy's own error, or the client going away (`close`).
+Only these ask for the response body too (`mode_override`): streams (metered chunk by chunk),
+failed answers rewritten in OpenAI's shape, and answers whose usage Envoy could not read.
+GET /v1/models sends its headers instead (a per-route override) and is answered at once.
+
+Redis round trips: one per request (reserve); settlements share round trips with other
+requests (store.GroupCommit). Every path that reserved money ends in exactly one `finish`:
+success, provider error, Envoy's own error, or the client going away (`close`). Decisions
+come from pure functions (`decide`, `payload`, `caps`, `chains`); this module gathers facts,
+calls them, and translates results into Envoy's protocol.
 """
 
 from __future__ import annotations
@@ -24,57 +28,54 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from extproc import config, errors, metrics
-from extproc.caps import CostBound, cost_bound
+from extproc.caps import CostBound, answer_bytes_bound, cost_bound
 from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, all_candidates, first_step, outcome_of_status
+from extproc.contract import (
+    ATTR_CODE_DETAILS,
+    ATTRIBUTION_PREFIX,
+    CLUSTER_HEADER,
+    NS_ANSWER,
+    NS_APPLY,
+    NS_ATTEMPTS,
+    NS_REQUEST,
+    NS_USAGE,
+    ORIGINAL_CONTENT_TYPE_HEADER,
+    ROUTE_HEADER,
+    STOP_HEADER,
+)
 from extproc.decide import KeyInfo, RouteChoice, authorize, resolve_route, visible_routes
-from extproc.envoy_config import CLUSTER_HEADER, NS_ATTEMPTS, NS_REQUEST, chain_cluster, stream_target
+from extproc.envoy_config import chain_cluster, stream_target
 from extproc.errors import ApiError
-from extproc.health import Health
-from extproc.keys import KeyStore, secret_from_headers
+from extproc.gateway import Gateway
+from extproc.keys import secret_from_headers
 from extproc.money import format_usd
-from extproc.payload import ENDPOINTS, ParsedRequest, Usage, estimated_usage, parse_request, rewrite_body, usage_from_json
+from extproc.payload import (
+    ENDPOINTS,
+    ParsedRequest,
+    Usage,
+    estimated_usage,
+    parse_request,
+    rewrite_body,
+    usage_from_json,
+    usage_from_metadata,
+)
 from extproc.pb import ext_proc_pb2 as pb
-from extproc.policy.model import Policy, Route
+from extproc.policy.model import Route
+from extproc.protocol import attribute, immediate, metadata, namespace, request_headers
 from extproc.protocol import header as _opt
 from extproc.protocol import headers_of as _headers_of
-from extproc.protocol import immediate, metadata, namespace
-from extproc.quota import Account, Limits, Quota, Reservation, ReserveResult, month_of, now_ms, reservation_ttl_ms, valid_id
+from extproc.quota import Account, Limits, Reservation, ReserveResult, month_of, now_ms, reservation_ttl_ms, valid_id
 from extproc.records import Attempt
 from extproc.stream import StreamMeter, text_bytes
 from extproc.timeouts import PER_TRY_TIMEOUT_HEADER, attempt_budget_ms, size_explains_timeout
 
 log = logging.getLogger("tollgate.downstream")
 
-ATTRIBUTION_PREFIX = "x-tollgate-"
-ROUTE_HEADER = "x-tollgate-route"
-STOP_HEADER = "x-tollgate-stop-reason"  # set by the upstream processor when it ends a chain
-
-
-@dataclass
-class Gateway:
-    """What every exchange of one process shares: the policy, stores, provider secrets."""
-
-    policy: Policy
-    keys: KeyStore
-    quota: Quota
-    health: Health
-    provider_secrets: dict[str, str] = field(default_factory=dict)
-    background: set[asyncio.Task[None]] = field(default_factory=set)
-    reservation_grace_s: float = config.RESERVATION_GRACE_S
-    max_body_bytes: int = config.MAX_BODY_BYTES  # Envoy buffers bodies up to this (envoy_config)
-
-    def spawn(self, coro: Any) -> asyncio.Task[None]:
-        """Run work the reply need not wait for, keeping a reference until it is done."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-        return task
 
 
 class Exchange:
@@ -89,7 +90,6 @@ class Exchange:
         self.request_id = ""
         self.key: KeyInfo | None = None
         self.header_route: str | None = None
-        self.client_internal_headers: list[str] = []
         self.parsed: ParsedRequest | None = None
         self.route: Route | None = None  # known once resolved, even if then refused
         self.choice: RouteChoice | None = None
@@ -111,6 +111,7 @@ class Exchange:
         self.meter: StreamMeter | None = None
         self.last_byte = 0.0  # monotonic time of the stream's last chunk (idle cut detection)
         self.pending_remove: list[str] = []
+        self.restore: list[pb.HeaderValueOption] = []  # a big answer's content type, put back
         self.usage_source = "provider"  # or "estimated" (no usage came), "reservation" (answer lost)
         self.overrun = False  # the provider billed more than was reserved
         self.record_id = uuid.uuid4().hex  # publishes the usage record exactly once
@@ -119,7 +120,13 @@ class Exchange:
     # --- request path -------------------------------------------------------------------
 
     async def on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        h = _headers_of(msg)
+        """Only GET /v1/models sends its headers (a per-route override): it has no body."""
+        return await self.admit(_headers_of(msg), has_body=not msg.end_of_stream) or pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse())
+
+    async def admit(self, h: dict[str, str], has_body: bool) -> pb.ProcessingResponse | None:
+        """What the headers decide: the endpoint, the key, the request id. A reply when the
+        request ends here (refused, or the model list), None when its body decides the rest."""
         self.path = h.get(":path", "").split("?", 1)[0]
         method = h.get(":method", "")
         self.request_id = h.get("x-request-id", "")
@@ -141,15 +148,18 @@ class Exchange:
             return self.models_list(key)
         if not valid_id(self.request_id):
             return self.reject(errors.invalid_request("x-request-id must be 1-128 letters, digits or _ . : @ -.", param="x-request-id"))
-        if msg.end_of_stream:
+        if not has_body:
             return self.reject(errors.invalid_request("A JSON request body is required."))
         self.header_route = h.get(ROUTE_HEADER) or None
-        # Client-sent internal and Envoy control headers (retries, timeouts) never go on.
-        self.client_internal_headers = [k for k in h if (k.startswith(ATTRIBUTION_PREFIX) and k != CLUSTER_HEADER)
-                                        or k.startswith("x-envoy-")]
-        return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+        return None
 
-    async def on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+    async def on_request_body(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        """The request's one message: its body, with the headers it needs as attributes."""
+        msg = req.request_body
+        if not self.path:
+            refused = await self.admit(request_headers(req), has_body=True)
+            if refused is not None:
+                return refused
         parsed = parse_request(self.path, msg.body)
         if isinstance(parsed, ApiError):
             return self.reject(parsed)
@@ -187,31 +197,24 @@ class Exchange:
         cap = self.output_cap()
         # Attempt 1's provider's own budget; the relay bounds a later attempt by its provider's.
         budget = attempt_budget_ms(choice.provider, cap, parsed.stream)
-        set_headers = [_opt(CLUSTER_HEADER, stream_target(cluster, parsed.stream)), _opt("content-length", str(len(body))),
-                       _opt(PER_TRY_TIMEOUT_HEADER, str(budget))]
-        remove = ["api-key", *self.client_internal_headers]
+        # Headers are applied by Envoy's apply filter (contract.APPLY_LUA): "" removes one.
         provider_secret = self.gw.provider_secrets.get(choice.provider.name)
-        if provider_secret:
-            set_headers.append(_opt("authorization", f"Bearer {provider_secret}"))
-        else:
-            remove.append("authorization")
-        dynamic = None
+        assert self.bound is not None
+        big = not parsed.stream and answer_bytes_bound(
+            self.path, parsed.body, cap, self.bound.choices, parsed.body_bytes) > self.gw.max_body_bytes
+        apply = {CLUSTER_HEADER: stream_target(cluster, parsed.stream), PER_TRY_TIMEOUT_HEADER: str(budget), "api-key": "",
+                 "authorization": f"Bearer {provider_secret}" if provider_secret else ""}
+        notes: dict[str, dict[str, Any]] = {NS_APPLY: apply, **({NS_ANSWER: {"big": True}} if big else {})}
         if self.chained:
-            set_headers.append(_opt("x-envoy-max-retries", str(route.max_attempts - 1)))
-            dynamic = metadata({NS_REQUEST: {
+            apply["x-envoy-max-retries"] = str(route.max_attempts - 1)
+            notes.update({NS_REQUEST: {
                 "route": route.name, "plan": plan.name, "m1": target.name, "p1": choice.provider.name, "t1": now_ms(),
                 "unhealthy": ",".join(sorted(circuits.after_first)), "cap": cap, "stream": parsed.stream, "cust": key.customer,
                 **({"skip": skipped[0].model, "skip_p": skipped[0].provider, "skip_o": skipped[0].opened_by} if skipped else {}),
             }})
         return pb.ProcessingResponse(
-            request_body=pb.BodyResponse(
-                response=pb.CommonResponse(
-                    header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove),
-                    body_mutation=pb.BodyMutation(body=body),
-                    clear_route_cache=True,
-                )
-            ),
-            dynamic_metadata=dynamic,
+            request_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=body))),
+            dynamic_metadata=metadata(notes),
         )
 
     async def reserve(self, parsed: ParsedRequest, choice: RouteChoice, key: KeyInfo) -> ApiError | None:
@@ -265,17 +268,30 @@ class Exchange:
     # --- response path ------------------------------------------------------------------
 
     async def on_response_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        """Usually the request's last message: a JSON answer's usage came with it (Envoy's
+        json_to_metadata read it), so it is settled here and the body passes untouched.
+        Streams, failures to rewrite and answers without usage switch the body on."""
         msg = req.response_headers
         h = _headers_of(msg)
         self.upstream_status = int(h.get(":status", "0") or 0)
         # Envoy's router stamps every proxied response; a reply without it is Envoy's own.
         self.local_reply = "x-envoy-upstream-service-time" not in h
-        if not self.path:  # Envoy refused the request before this processor saw it (bad path,
-            self.finished = True  # upgrade): its local reply mapper already speaks for it.
+        if not self.path:  # Envoy refused the request before this processor saw it (too large,
+            self.finished = True  # bad path, upgrade): its local reply mapper speaks for it.
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
         self.stop_reason = h.get(STOP_HEADER)
         self.learn_attempts(req, self.stop_reason)
         remove = [k for k in h if k.startswith(ATTRIBUTION_PREFIX)]  # providers cannot forge ours
+        if ORIGINAL_CONTENT_TYPE_HEADER in h:  # a big answer, hidden from json_to_metadata
+            h["content-type"] = h[ORIGINAL_CONTENT_TYPE_HEADER]
+            self.restore = [_opt("content-type", h["content-type"])]
+        if self.reservation is not None and attribute(req, ATTR_CODE_DETAILS) == "response_payload_too_large":
+            # A served answer larger than Envoy's buffer: the client gets the mapper's 502, the
+            # provider did the work, so it is billed at its reservation (the cap).
+            self.upstream_status = 200
+            self.usage_source = "reservation"
+            cost = await self.finish(None, status=502, charge=self.reservation.amount)
+            return self.headers_reply(self.attribution(cost), remove)
         if self.choice is not None and self.stop_reason is None and self.final_failed():
             self.replacement = self.failure_error()
         if msg.end_of_stream:
@@ -291,8 +307,17 @@ class Exchange:
             too_large = int(h.get("content-length") or 0) > self.gw.max_body_bytes
             if is_sse or too_large:
                 return self.stream_through(is_sse, remove)
+            usage = usage_from_metadata(namespace(req, NS_USAGE)) if self.served() else None
+            if usage is not None or not self.served():
+                cost = await self.finish(usage)
+                return self.headers_reply(self.attribution(cost), remove)
+        # The body is needed: an error to rewrite in OpenAI's shape, or an answer whose usage
+        # Envoy could not read (none, or not JSON) to estimate from its text.
         self.pending_remove = remove
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        resp = self.headers_reply([], [])
+        resp.mode_override.CopyFrom(
+            pb.ProcessingMode(request_body_mode=pb.ProcessingMode.NONE, response_body_mode=pb.ProcessingMode.BUFFERED))
+        return resp
 
     def stream_through(self, is_sse: bool, remove: list[str]) -> pb.ProcessingResponse:
         """Let the body pass chunk by chunk (STREAMED): a stream at the provider's pace, or a
@@ -627,7 +652,7 @@ class Exchange:
     def headers_reply(self, set_headers: list[pb.HeaderValueOption], remove: list[str]) -> pb.ProcessingResponse:
         return pb.ProcessingResponse(
             response_headers=pb.HeadersResponse(
-                response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove))
+                response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=[*self.restore, *set_headers], remove_headers=remove))
             )
         )
 

@@ -13,30 +13,59 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from extproc import config, edge
+from extproc import config, edge, errors
+from extproc.contract import (
+    APPLY_FILTER,
+    APPLY_LUA,
+    ATTRIBUTION_PREFIX,
+    BIG_ANSWER_LUA,
+    CLUSTER_HEADER,
+    ENVOY_PREFIX,
+    EXTPROC_CLUSTER,
+    INTERNAL_HEADERS,
+    NS_ANSWER,
+    NS_APPLY,
+    NS_ATTEMPTS,
+    NS_LAST,
+    NS_REQUEST,
+    NS_REWRITE,
+    NS_USAGE,
+    ORIGINAL_CONTENT_TYPE_HEADER,
+    RELAY_FLAGS_HEADER,
+    RELAY_LISTENER,
+    REQUEST_ATTRIBUTES,
+    RESPONSE_ATTRIBUTES,
+    TARGET_HEADER,
+    UPSTREAM_ATTEMPT_ATTRIBUTE,
+    USAGE_KEYS,
+)
 from extproc.errors import ApiError
+from extproc.payload import ENDPOINTS
 from extproc.policy.model import Policy, Provider
 
-CLUSTER_HEADER = "x-tollgate-cluster"
-TARGET_HEADER = "x-tollgate-target"  # which provider the relay sends a later attempt to
-EXTPROC_CLUSTER = "tollgate_extproc"
-RELAY_LISTENER = "tollgate_relay"
-# Internal headers no client may send: stripped by Envoy before anything reads them.
-INTERNAL_HEADERS = (CLUSTER_HEADER, TARGET_HEADER)
-# Dynamic metadata namespaces: request context (downstream -> upstream processor), the
-# attempts so far (upstream processor -> later attempts and the downstream processor), and
-# the last attempt's status (written by a Lua upstream filter at no gRPC cost).
-NS_REQUEST = "tollgate.request"
-NS_ATTEMPTS = "tollgate.attempts"
-NS_LAST = "tollgate.last"
-NS_REWRITE = "tollgate.rewrite"  # a later attempt's body head: old -> new (upstream processor -> Lua)
+# The internal names shared with the processors live in `contract`; re-exported for callers.
+__all__ = [
+    "CLUSTER_HEADER",
+    "EXTPROC_CLUSTER",
+    "INTERNAL_HEADERS",
+    "NS_ATTEMPTS",
+    "NS_LAST",
+    "NS_REQUEST",
+    "NS_REWRITE",
+    "RELAY_LISTENER",
+    "TARGET_HEADER",
+    "GrpcEndpoint",
+    "dump",
+    "render_bootstrap",
+    "worker_endpoints",
+]
 
 # Records each attempt's status (and the relay's response flags) for the next attempt.
-STATUS_RECORDER_LUA = """
+STATUS_RECORDER_LUA = f"""
 function envoy_on_response(handle)
   local md = handle:streamInfo():dynamicMetadata()
-  md:set("tollgate.last", "status", handle:headers():get(":status"))
-  md:set("tollgate.last", "flags", handle:headers():get("x-tollgate-relay-flags") or "")
+  md:set("{NS_LAST}", "status", handle:headers():get(":status"))
+  md:set("{NS_LAST}", "flags", handle:headers():get("{RELAY_FLAGS_HEADER}") or "")
 end
 """
 
@@ -45,9 +74,9 @@ end
 # downstream processor wrote starts with `{"model":"<first attempt's model>"` (payload.rewrite_body);
 # the upstream processor names the old and the new head in metadata. Attempt 1 has no such
 # metadata and passes untouched (its body is never buffered here).
-MODEL_REWRITE_LUA = """
+MODEL_REWRITE_LUA = f"""
 function envoy_on_request(handle)
-  local rw = handle:streamInfo():dynamicMetadata():get("tollgate.rewrite")
+  local rw = handle:streamInfo():dynamicMetadata():get("{NS_REWRITE}")
   if rw == nil or rw["old"] == nil then return end
   local body = handle:body()
   local text = body:getBytes(0, body:length())
@@ -236,7 +265,7 @@ ROUTER_FILTER = {"name": "envoy.filters.http.router", "typed_config": {"@type": 
 
 
 def _ext_proc_filter(message_timeout_s: float, modes: dict[str, str], *, forwarding: list[str], receiving: list[str],
-                     request_attributes: list[str] | None = None) -> dict[str, Any]:
+                     request_attributes: list[str] | None = None, response_attributes: list[str] | None = None) -> dict[str, Any]:
     """Tollgate's ext_proc filter: fails closed (503 when the processor is down or slow)."""
     config: dict[str, Any] = {
         "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
@@ -253,7 +282,98 @@ def _ext_proc_filter(message_timeout_s: float, modes: dict[str, str], *, forward
     }
     if request_attributes:
         config["request_attributes"] = request_attributes
+    if response_attributes:
+        config["response_attributes"] = response_attributes
     return {"name": "envoy.filters.http.ext_proc", "typed_config": config}
+
+
+def _downstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
+    """The normal path costs two processor messages: the request body (with the few headers
+    it needs as attributes) and the response headers (with the answer's usage, which Envoy's
+    json_to_metadata read from the body). Streams and answers without usage switch the
+    response body on from the headers reply (`mode_override`)."""
+    return [
+        _ext_proc_filter(
+            message_timeout_s,
+            {"request_header_mode": "SKIP", "request_body_mode": "BUFFERED", "response_header_mode": "SEND",
+             "response_body_mode": "NONE"},
+            forwarding=[NS_ATTEMPTS, NS_USAGE],
+            receiving=[NS_REQUEST, NS_APPLY, NS_ANSWER],
+            request_attributes=list(REQUEST_ATTRIBUTES),
+            response_attributes=list(RESPONSE_ATTRIBUTES),
+        ),
+        {"name": APPLY_FILTER, "typed_config": {"@type": _T + "extensions.filters.http.lua.v3.Lua",
+                                                "default_source_code": {"inline_string": apply_lua()}}},
+        # Encoding runs the list backwards: this reads the answer's usage before ext_proc sees
+        # the response headers (it holds them until the JSON body is parsed).
+        {"name": "envoy.filters.http.json_to_metadata", "typed_config": {
+            "@type": _T + "extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+            "response_rules": {"rules": [
+                {"selectors": [{"key": "usage"}, {"key": key}],
+                 "on_present": {"metadata_namespace": NS_USAGE, "key": key, "type": "NUMBER"}}
+                for key in USAGE_KEYS
+            ]},
+        }},
+        {"name": "tollgate.big_answer", "typed_config": {
+            "@type": _T + "extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": BIG_ANSWER_LUA % {"ns_answer": NS_ANSWER, "original": ORIGINAL_CONTENT_TYPE_HEADER}}}},
+        ROUTER_FILTER,
+    ]
+
+
+def apply_lua() -> str:
+    """The request-side Lua filter (contract.APPLY_LUA) with its names filled in."""
+    no_body = errors.invalid_request("A JSON request body is required.").body().decode()
+    return APPLY_LUA % {
+        "no_body": json.dumps(no_body), "ns_apply": NS_APPLY,
+        "envoy_prefix": ENVOY_PREFIX, "envoy_len": len(ENVOY_PREFIX),
+        "ours_prefix": ATTRIBUTION_PREFIX, "ours_len": len(ATTRIBUTION_PREFIX),
+    }
+
+
+def _no_processor(lua_too: bool) -> dict[str, Any]:
+    """Per-route config: neither the processor nor (optionally) the apply filter runs."""
+    out: dict[str, Any] = {"envoy.filters.http.ext_proc": {"@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                                                           "disabled": True}}
+    if lua_too:
+        out[APPLY_FILTER] = {"@type": _T + "extensions.filters.http.lua.v3.LuaPerRoute", "disabled": True}
+    return out
+
+
+def _entry_routes(no_route: ApiError) -> list[dict[str, Any]]:
+    """Routes a request matches before the processor chose a provider: GET /v1/models (its
+    headers go to the processor, which answers it), the POST endpoints (the processor reads
+    the body; if it chooses nothing the answer is 503), and 404 for anything else."""
+    json_type = [{"header": {"key": "content-type", "value": "application/json"}}]
+    models = {
+        "name": "models",
+        "match": {"path": "/v1/models", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+        "direct_response": {"status": 503, "body": {"inline_string": no_route.body().decode()}},
+        "response_headers_to_add": json_type,
+        "typed_per_filter_config": {
+            "envoy.filters.http.ext_proc": {
+                "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                "overrides": {"processing_mode": {
+                    "request_header_mode": "SEND", "request_body_mode": "NONE", "response_header_mode": "SKIP",
+                    "response_body_mode": "NONE", "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}},
+            },
+            APPLY_FILTER: {"@type": _T + "extensions.filters.http.lua.v3.LuaPerRoute", "disabled": True},
+        },
+    }
+    endpoints = [{
+        "name": f"unselected:{path}",
+        "match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "POST"}}]},
+        "direct_response": {"status": 503, "body": {"inline_string": no_route.body().decode()}},
+        "response_headers_to_add": json_type,
+    } for path in ENDPOINTS]
+    unknown = {
+        "name": "unknown_endpoint",
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": "{}"}},
+        "response_headers_to_add": json_type,
+        "typed_per_filter_config": _no_processor(lua_too=True),
+    }
+    return [models, *endpoints, unknown]
 
 
 def _retries_only(filter_config: dict[str, Any]) -> dict[str, Any]:
@@ -294,7 +414,7 @@ def _upstream_filters(message_timeout_s: float, p: Provider) -> list[dict[str, A
             {"request_header_mode": "SEND", "response_header_mode": "SKIP", "request_body_mode": "NONE", "response_body_mode": "NONE"},
             forwarding=[NS_REQUEST, NS_ATTEMPTS, NS_LAST],
             receiving=[NS_ATTEMPTS, NS_LAST, NS_REWRITE],
-            request_attributes=["upstream.request_attempt_count"],
+            request_attributes=[UPSTREAM_ATTEMPT_ATTRIBUTE],
         )),
         {
             "name": "tollgate.model_rewrite",
@@ -372,7 +492,7 @@ def _relay_listener(policy: Policy, max_body: int) -> dict[str, Any]:
         "stat_prefix": "tollgate_relay",
         "route_config": {
             "name": "relay",
-            "response_headers_to_add": [{"header": {"key": "x-tollgate-relay-flags", "value": "%RESPONSE_FLAGS%"}}],
+            "response_headers_to_add": [{"header": {"key": RELAY_FLAGS_HEADER, "value": "%RESPONSE_FLAGS%"}}],
             "virtual_hosts": [{"name": "relay", "domains": ["*"], "routes": routes}],
         },
         # The relay's router adds no x-envoy-* headers of its own (a provider sees none).
@@ -444,22 +564,12 @@ def render_bootstrap(
             "name": "healthz",
             "match": {"path": "/healthz"},
             "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
-            "typed_per_filter_config": {
-                "envoy.filters.http.ext_proc": {
-                    "@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                    "disabled": True,
-                }
-            },
+            "typed_per_filter_config": _no_processor(lua_too=True),
         },
         *(_provider_route(p, stream) for p in policy.providers.values() for stream in (False, True)),
         *(_chain_route(p, per_try_stream if stream else per_try, stream)
           for p in (policy.providers.values() if slots > 1 else ()) for stream in (False, True)),
-        {
-            "name": "unselected",
-            "match": {"prefix": "/"},
-            "direct_response": {"status": 503, "body": {"inline_string": no_route.body().decode()}},
-            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
-        },
+        *_entry_routes(no_route),
     ]
     hcm: dict[str, Any] = {
         "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -495,20 +605,11 @@ def render_bootstrap(
             edge.mapper("response.code_details == 'response_payload_too_large'", "upstream_unavailable",
                         f"The provider's answer is larger than the gateway's {max_body_bytes >> 20} MiB response buffer; "
                         "ask for fewer choices or tokens, or stream it (stream: true).", "server_error", 502),
+            edge.mapper("response.code == 404 && response.code_details == 'direct_response'", "not_found",
+                        "Unknown endpoint '%REQ(:METHOD)% %REQ(:PATH)%'.", "invalid_request_error"),
             *edge.late_mappers(),
         ]},
-        "http_filters": [
-            _ext_proc_filter(
-                message_timeout_s,
-                # Routing from the body needs the header phases (mutations in body replies
-                # are applied only then); usage and attribution need the response phases.
-                {"request_header_mode": "SEND", "response_header_mode": "SEND", "request_body_mode": "BUFFERED",
-                 "response_body_mode": "BUFFERED"},
-                forwarding=[NS_ATTEMPTS],
-                receiving=[NS_REQUEST],
-            ),
-            ROUTER_FILTER,
-        ],
+        "http_filters": _downstream_filters(message_timeout_s),
     }
     if access_log:
         hcm["access_log"] = [

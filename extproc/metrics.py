@@ -33,6 +33,9 @@ SPEND = Counter(
 RESERVATION_OVERRUNS = Counter(
     "tollgate_reservation_overruns_total", "Requests whose provider billed more than the reservation (the cap).", ["route", "provider"]
 )
+REDIS_ROUND_TRIPS = Counter(
+    "tollgate_redis_round_trips_total", "Pipelines sent to Redis on the request path (many requests share one under load)."
+)
 TOKENS = Counter("tollgate_tokens_total", "Tokens billed.", ["route", "model", "type"])
 QUOTA_REJECTIONS = Counter(
     "tollgate_quota_rejections_total", "Requests refused before any upstream call.", ["route", "reason"]

@@ -120,3 +120,19 @@ def estimated_usage(prompt_estimate: int, text_bytes: int) -> Usage:
     """Usage of a served answer that came without it: the prompt's typical size and the
     generated text at BYTES_PER_TOKEN (never 0 for a served answer)."""
     return Usage(prompt_estimate, -(-text_bytes // config.BYTES_PER_TOKEN))
+
+
+def usage_from_metadata(fields: dict[str, Any]) -> Usage | None:
+    """Usage that Envoy's json_to_metadata read from a JSON answer (numbers arrive as floats):
+    the same fields as `usage_from_json` reads; None when absent or not whole numbers, so
+    the caller reads the body itself."""
+    prompt = fields.get("prompt_tokens", fields.get("input_tokens"))
+    completion = fields.get("completion_tokens", fields.get("output_tokens"))
+    if prompt is None and completion is None:
+        return None
+    counts = []
+    for v in (prompt or 0, completion or 0):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or abs(v) > 2**53:
+            return None
+        counts.append(max(0, int(v)))
+    return Usage(counts[0], counts[1])

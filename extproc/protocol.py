@@ -10,6 +10,7 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
+from extproc.contract import ATTR_METHOD, ATTR_PATH, REQUEST_HEADER_ATTRIBUTES
 from extproc.errors import ApiError
 from extproc.pb import ext_proc_pb2 as pb
 
@@ -70,3 +71,19 @@ def immediate(err: ApiError, headers: list[pb.HeaderValueOption]) -> pb.Immediat
         body=err.body(),
         details=f"tollgate_{err.code}",
     )
+
+
+def request_headers(req: pb.ProcessingRequest) -> dict[str, str]:
+    """The request headers the processor needs, from the attributes sent with the body
+    message (the header phase is skipped): `:path`, `:method` and REQUEST_HEADER_ATTRIBUTES.
+    An absent header is absent here too."""
+    values: dict[str, Any] = {}
+    for struct in req.attributes.values():
+        values.update({k: _value(v) for k, v in struct.fields.items()})
+    out: dict[str, str] = {}
+    for name, attr in ((":path", ATTR_PATH), (":method", ATTR_METHOD),
+                       *((h, f"request.headers['{h}']") for h in REQUEST_HEADER_ATTRIBUTES)):
+        value = values.get(attr)
+        if isinstance(value, str) and value:
+            out[name] = value
+    return out

@@ -8,22 +8,35 @@ instead of a stuck request; the client reconnects by itself when Redis comes bac
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ConnectionError, NoScriptError, RedisError, TimeoutError
+from redis.exceptions import ConnectionError, NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
+
+from extproc import config, metrics
 
 RedisLike: TypeAlias = "aioredis.Redis | RedisCluster"
 CLUSTER_SCHEME = "redis+cluster://"
 
 
-def redis_client(url: str) -> RedisLike:
+def redis_client(url: str, *, deadline_only: bool = False) -> RedisLike:
+    """A client with per-command socket timeouts (for tools and background work), or, with
+    `deadline_only`, the request path's client: no per-read timeout and no health-check PING
+    (measured: 11% of the processor's CPU at one connection); `Scripts` bounds each of its
+    round trips with one deadline instead (`config.REDIS_DEADLINE_S`)."""
+    timeout = None if deadline_only else config.REDIS_SOCKET_TIMEOUT_S
     if url.startswith(CLUSTER_SCHEME):
-        return RedisCluster.from_url("redis://" + url[len(CLUSTER_SCHEME):], socket_timeout=1.0, socket_connect_timeout=1.0)
-    return aioredis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=5)
+        return RedisCluster.from_url("redis://" + url[len(CLUSTER_SCHEME):], socket_timeout=timeout,
+                                     socket_connect_timeout=config.REDIS_SOCKET_TIMEOUT_S)
+    return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=config.REDIS_SOCKET_TIMEOUT_S,
+                                   health_check_interval=0 if deadline_only else 5)
 
 
 def text(value: Any) -> str:
@@ -39,14 +52,97 @@ def load_script(name: str) -> str:
     return resources.files("extproc").joinpath("lua", f"{name}.lua").read_text()
 
 
+Command: TypeAlias = Callable[[Any], Any]  # queues one command on a client or pipeline
+
+
+@dataclass
+class _Group:
+    """One caller's commands inside a shared pipeline, and where its replies go."""
+
+    commands: tuple[Command, ...]
+    tolerate: int
+    reply: asyncio.Future[list[Any]]
+
+
+@dataclass
+class GroupCommit:
+    """Many callers' commands in one round trip: a caller's batch waits (at most one round
+    trip) while an earlier pipeline is in flight, then goes with every batch queued
+    meanwhile. At one request at a time nothing waits; under load the Redis cost per request
+    falls with the number of requests in flight. Each caller still gets its own replies and
+    its own errors; order within a caller's batch is kept (one Redis, one connection)."""
+
+    scripts: Scripts
+    queue: list[_Group] = field(default_factory=list)
+    flushing: bool = False
+    batches: int = 0  # round trips made (observability and tests)
+
+    async def submit(self, commands: tuple[Command, ...], tolerate: int) -> list[Any]:
+        group = _Group(commands, tolerate, asyncio.get_running_loop().create_future())
+        self.queue.append(group)
+        if not self.flushing:
+            self.flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+        return await group.reply
+
+    async def _flush(self) -> None:
+        try:
+            while self.queue:
+                groups, self.queue = self.queue, []
+                self.batches += 1
+                metrics.REDIS_ROUND_TRIPS.inc()
+                await self._send(groups)
+        finally:
+            self.flushing = False
+
+    async def _send(self, groups: list[_Group]) -> None:
+        try:
+            results = await self._execute(groups)
+            retry = [g for g, r in zip(groups, results, strict=True) if any(isinstance(x, NoScriptError) for x in r)]
+            if retry:  # Redis lost its scripts (a restart): load them once, run those batches again
+                await self.scripts.load()
+                for g, r in zip(retry, await self._execute(retry), strict=True):
+                    results[groups.index(g)] = r
+        except (RedisError, OSError, TimeoutError) as exc:
+            err = exc if isinstance(exc, RedisError) else RedisTimeout(f"Redis did not answer within {config.REDIS_DEADLINE_S:g}s")
+            for g in groups:
+                if not g.reply.done():
+                    g.reply.set_exception(err)
+            return
+        for g, r in zip(groups, results, strict=True):
+            if g.reply.done():
+                continue  # its caller was cancelled; the commands ran all the same
+            failed = next((x for x in r[g.tolerate:] if isinstance(x, Exception)), None)
+            if failed is not None:
+                g.reply.set_exception(failed)
+            else:
+                g.reply.set_result(r)
+
+    async def _execute(self, groups: list[_Group]) -> list[list[Any]]:
+        pipe = self.scripts.redis.pipeline(transaction=False)
+        for g in groups:
+            for command in g.commands:
+                command(pipe)
+        async with asyncio.timeout(config.REDIS_DEADLINE_S):
+            flat = list(await pipe.execute(raise_on_error=False))
+        out, i = [], 0
+        for g in groups:
+            out.append(flat[i:i + len(g.commands)])
+            i += len(g.commands)
+        return out
+
+
 class Scripts:
     """The Lua scripts, loaded once and called by SHA (in pipelines too). After a Redis
-    restart the scripts are gone: `run` loads them again and retries once."""
+    restart the scripts are gone: `run` loads them again and retries once. Every round trip
+    has one deadline (`config.REDIS_DEADLINE_S`); on one Redis, concurrent `batch` calls share
+    round trips (`GroupCommit`)."""
 
     def __init__(self, redis: RedisLike, *names: str) -> None:
         self.redis = redis
         self.text = {n: load_script(n) for n in names}
         self.sha = {n: hashlib.sha1(t.encode()).hexdigest() for n, t in self.text.items()}
+        self.group = GroupCommit(self)
 
     async def load(self) -> None:
         for text in self.text.values():
@@ -59,10 +155,14 @@ class Scripts:
     async def run(self, fn: Any) -> Any:
         """Run `fn` (which queues scripts by SHA, e.g. in a pipeline); load them once if needed."""
         try:
-            return await fn()
-        except NoScriptError:
-            await self.load()
-            return await fn()
+            async with asyncio.timeout(config.REDIS_DEADLINE_S):
+                try:
+                    return await fn()
+                except NoScriptError:
+                    await self.load()
+                    return await fn()
+        except TimeoutError:
+            raise RedisTimeout(f"Redis did not answer within {config.REDIS_DEADLINE_S:g}s") from None
 
     async def batch(self, *commands: Any, tolerate: int = 0) -> list[Any]:
         """Run commands (functions of a client) in order: pipelined in one round trip on one
@@ -71,14 +171,18 @@ class Scripts:
         commands are chores whose failure is ignored (their reply is then the exception);
         any other failure raises."""
 
+        if not is_cluster(self.redis):
+            return await self.group.submit(commands, tolerate)
+
         async def run() -> list[Any]:
+            metrics.REDIS_ROUND_TRIPS.inc()
             if is_cluster(self.redis):
                 out: list[Any] = []
                 for i, command in enumerate(commands):
                     try:
                         out.append(await command(self.redis))
                     except RedisError as exc:
-                        if i >= tolerate or isinstance(exc, (ConnectionError, TimeoutError)):
+                        if i >= tolerate or isinstance(exc, (ConnectionError, RedisTimeout)):
                             raise
                         out.append(exc)
                 return out

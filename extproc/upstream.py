@@ -19,9 +19,10 @@ from typing import Any
 
 from extproc import errors
 from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, Step, Tried, next_step, outcome_of_status
-from extproc.downstream import STOP_HEADER, Gateway
-from extproc.envoy_config import NS_ATTEMPTS, NS_LAST, NS_REQUEST, NS_REWRITE, TARGET_HEADER, stream_target
+from extproc.contract import NS_ATTEMPTS, NS_LAST, NS_REQUEST, NS_REWRITE, STOP_HEADER, TARGET_HEADER
+from extproc.envoy_config import stream_target
 from extproc.errors import ApiError
+from extproc.gateway import Gateway
 from extproc.payload import model_head
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.protocol import attribute, header, immediate, metadata, namespace

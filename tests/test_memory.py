@@ -74,7 +74,16 @@ def test_the_end_of_the_response_is_the_last_downstream_message() -> None:
 
 def test_a_chunk_before_the_end_is_not_the_last_message() -> None:
     assert not is_last_message("response_body", _req("response_body", False), CONTINUE, upstream=False)
-    assert not is_last_message("response_headers", _req("response_headers", False), CONTINUE, upstream=False)
+
+
+def test_response_headers_are_last_unless_the_reply_asks_for_the_body() -> None:
+    """The normal path ends at the response headers (the body passes untouched); a reply that
+    switches the body on (a stream, an error to rewrite) expects body messages next."""
+    body_on = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+    body_on.mode_override.CopyFrom(pb.ProcessingMode(response_body_mode=pb.ProcessingMode.STREAMED))
+    headers_only = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+    assert not is_last_message("response_headers", _req("response_headers", False), body_on, upstream=False)
+    assert is_last_message("response_headers", _req("response_headers", False), headers_only, upstream=False)
 
 
 def test_the_request_headers_are_last_only_on_an_upstream_attempt() -> None:

@@ -1,0 +1,35 @@
+"""What every request of one processor process shares (`Gateway`): the policy in force, the
+stores (keys, quota, health), provider secrets, and the background tasks it keeps alive."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc import config
+from extproc.health import Health
+from extproc.keys import KeyStore
+from extproc.policy.model import Policy
+from extproc.quota import Quota
+
+
+@dataclass
+class Gateway:
+    """What every exchange of one process shares: the policy, stores, provider secrets."""
+
+    policy: Policy
+    keys: KeyStore
+    quota: Quota
+    health: Health
+    provider_secrets: dict[str, str] = field(default_factory=dict)
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+    reservation_grace_s: float = config.RESERVATION_GRACE_S
+    max_body_bytes: int = config.MAX_BODY_BYTES  # Envoy buffers bodies up to this (envoy_config)
+
+    def spawn(self, coro: Any) -> asyncio.Task[None]:
+        """Run work the reply need not wait for, keeping a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task

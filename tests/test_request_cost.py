@@ -1,0 +1,82 @@
+"""What one request costs the processor (issue 12): two ext_proc messages on the normal path,
+one Redis round trip of its own, and settlements that share round trips under load.
+
+Counted where they happen: Envoy's own ext_proc statistics (messages it sent to the
+processor) and the processor's `tollgate_redis_round_trips_total`."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import urllib.request
+
+from tests.conftest import Stack, post_raw
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def envoy_counter(stack: Stack, name: str) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.envoy.admin_port}/stats?filter=^{re.escape(name)}$", timeout=5) as r:
+        text = r.read().decode()
+    match = re.search(rf"^{re.escape(name)}: (\d+)$", text, re.M)
+    return int(match.group(1)) if match else 0
+
+
+def processor_counter(stack: Stack, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.processor.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+MESSAGES_SENT = "http.tollgate.ext_proc.stream_msgs_sent"
+ROUND_TRIPS = "tollgate_redis_round_trips_total"
+
+
+def chat(stack: Stack, secret: str, route: str = "support_draft", **extra: object) -> tuple[int, object]:
+    body = json.dumps({"model": route, "messages": MESSAGES, **extra}).encode()
+    return post_raw(f"{stack.base_url}/chat/completions", body, secret)
+
+
+def test_a_served_request_costs_two_processor_messages(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer)
+    chat(stack, secret)  # the key is now cached
+    before = envoy_counter(stack, MESSAGES_SENT)
+    status, _ = chat(stack, secret)
+    assert status == 200
+    # request body (with the headers as attributes) + response headers (with the usage)
+    assert envoy_counter(stack, MESSAGES_SENT) - before == 2
+
+
+def test_a_refused_request_costs_one_processor_message(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer, plan="embeddings_only")
+    before = envoy_counter(stack, MESSAGES_SENT)
+    status, _ = chat(stack, secret, route="legal_summary")
+    assert status == 403
+    assert envoy_counter(stack, MESSAGES_SENT) - before == 1
+
+
+def test_a_served_request_costs_at_most_two_redis_round_trips_alone(stack: Stack, customer: str) -> None:
+    """Reserve, then settle: one each when nothing else is in flight (the key is cached)."""
+    _, secret = stack.create_key(customer)
+    chat(stack, secret)
+    before = processor_counter(stack, ROUND_TRIPS)
+    assert chat(stack, secret)[0] == 200
+    assert processor_counter(stack, ROUND_TRIPS) - before <= 2
+
+
+def test_concurrent_requests_share_redis_round_trips(stack: Stack, customer: str) -> None:
+    """40 requests at once: alone they would make 80 round trips (reserve + settle each);
+    sharing pipelines they make fewer. The reaper's own passes may add a few."""
+    _, secret = stack.create_key(customer)
+    chat(stack, secret)
+    before = processor_counter(stack, ROUND_TRIPS)
+    statuses: list[int] = []
+    threads = [threading.Thread(target=lambda: statuses.append(chat(stack, secret)[0])) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 40
+    assert processor_counter(stack, ROUND_TRIPS) - before < 70
