@@ -112,6 +112,7 @@ class Exchange:
         self.last_byte = 0.0  # monotonic time of the stream's last chunk (idle cut detection)
         self.pending_remove: list[str] = []
         self.restore: list[pb.HeaderValueOption] = []  # a big answer's content type, put back
+        self.big = False  # the answer may not fit Envoy's buffer (caps.answer_bytes_bound)
         self.usage_source = "provider"  # or "estimated" (no usage came), "reservation" (answer lost)
         self.overrun = False  # the provider billed more than was reserved
         self.record_id = uuid.uuid4().hex  # publishes the usage record exactly once
@@ -205,6 +206,7 @@ class Exchange:
         apply = {CLUSTER_HEADER: stream_target(cluster, parsed.stream), PER_TRY_TIMEOUT_HEADER: str(budget), "api-key": "",
                  "authorization": f"Bearer {provider_secret}" if provider_secret else ""}
         notes: dict[str, dict[str, Any]] = {NS_APPLY: apply, **({NS_ANSWER: {"big": True}} if big else {})}
+        self.big = big
         if self.chained:
             apply["x-envoy-max-retries"] = str(route.max_attempts - 1)
             notes.update({NS_REQUEST: {
@@ -282,7 +284,7 @@ class Exchange:
         self.stop_reason = h.get(STOP_HEADER)
         self.learn_attempts(req, self.stop_reason)
         remove = [k for k in h if k.startswith(ATTRIBUTION_PREFIX)]  # providers cannot forge ours
-        if ORIGINAL_CONTENT_TYPE_HEADER in h:  # a big answer, hidden from json_to_metadata
+        if self.big and ORIGINAL_CONTENT_TYPE_HEADER in h:  # a big answer, hidden from json_to_metadata
             h["content-type"] = h[ORIGINAL_CONTENT_TYPE_HEADER]
             self.restore = [_opt("content-type", h["content-type"])]
         if self.reservation is not None and attribute(req, ATTR_CODE_DETAILS) == "response_payload_too_large":

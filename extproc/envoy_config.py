@@ -308,7 +308,10 @@ def _downstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
         # the response headers (it holds them until the JSON body is parsed).
         {"name": "envoy.filters.http.json_to_metadata", "typed_config": {
             "@type": _T + "extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
-            "response_rules": {"rules": [
+            "response_rules": {
+                # With or without parameters: many providers send `application/json; charset=utf-8`.
+                "allow_content_types_regex": {"regex": "application/json(\\s*;.*)?"},
+                "rules": [
                 {"selectors": [{"key": "usage"}, {"key": key}],
                  "on_present": {"metadata_namespace": NS_USAGE, "key": key, "type": "NUMBER"}}
                 for key in USAGE_KEYS

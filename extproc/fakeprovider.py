@@ -38,6 +38,7 @@ class Reply:
     honour_cap: bool = True  # False: a dishonest provider that ignores the output cap
     usage: bool = True  # False: answer without `usage` (and streams without a usage chunk)
     uncapped_tokens: int = 100_000  # what "all it allows" means when the request names no cap
+    content_type: str = "application/json"  # of JSON answers (OpenAI sends no charset; others do)
 
 
 @dataclass
@@ -139,10 +140,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- plumbing -------------------------------------------------------------------------
 
-    def _send_json(self, status: int, obj: Any, extra: dict[str, str] | None = None) -> None:
+    def _send_json(self, status: int, obj: Any, extra: dict[str, str] | None = None, content_type: str = "application/json") -> None:
         data = json.dumps(obj).encode()
         self.send_response(status)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(data)))
         for k, v in (extra or {}).items():
             self.send_header(k, v)
@@ -189,7 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("stream"):
             self._stream(body, reply)
         else:
-            self._send_json(200, self._complete(body, reply))
+            self._send_json(200, self._complete(body, reply), content_type=reply.content_type)
 
     def _control(self, raw: bytes) -> None:
         cmd = json.loads(raw or b"{}")
