@@ -88,3 +88,5 @@ EXPORT_SOCKET_TIMEOUT_S = 5.0
 
 # --- command line (cli.py) ----------------------------------------------------------------------
 REDIS_URL = "redis://127.0.0.1:6379/0"  # when neither --redis-url nor TOLLGATE_REDIS_URL is given
+EXTPROC_LISTEN = "127.0.0.1:50051"  # `serve --listen`, and the processor `envoy-config` points Envoy at
+METRICS_PORT = 9464  # `serve --metrics-port`
