@@ -200,3 +200,10 @@ def test_policy_check_prints_each_no_effect_field_with_its_kind(tmp_path: Path) 
     assert out.returncode == 0, out.stderr
     got = [(i["line"], i["key"]) for i in json.loads(out.stdout)["issues"] if i["kind"] == "no_effect"]
     assert got == [(9, "routes[support_draft].billing.owner"), (10, "routes[support_draft].billing.record_primary_and_final_model")]
+
+
+def test_an_empty_named_section_has_no_entries_and_no_issue(tmp_path: Path) -> None:
+    d = doc(tmp_path, "a.yaml", "x: 1\nthings:\n")
+    c = Checker()
+    assert parse_named(c, Section(d["things"], d.at("things")), "things", lambda c, name, e, key: 1) == {}
+    assert c.issues == []

@@ -18,9 +18,10 @@ EntryParser = Callable[[Checker, str, LocDict, str], T | None]
 
 
 def parse_named(c: Checker, section: Section | None, title: str, parse_entry: EntryParser[T]) -> dict[str, T]:
-    """Every valid entry of a `name: {...}` section, in file order; problems become issues."""
+    """Every valid entry of a `name: {...}` section, in file order; problems become issues.
+    A section left empty (`providers:` with nothing under it) has no entries."""
     out: dict[str, T] = {}
-    if section is None:
+    if section is None or section.value is None:
         return out
     entries = c.mapping(section.value, section.at, title)
     if entries is None:
@@ -51,7 +52,7 @@ def parse_tiers(c: Checker, section: Section | None) -> tuple[str, ...]:
 
 
 def parse_settings(c: Checker, section: Section | None) -> Settings:
-    if section is None:
+    if section is None or section.value is None:
         return Settings()
     d = c.mapping(section.value, section.at, "settings")
     if d is None:
