@@ -16,9 +16,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from extproc import billing_cli
+from extproc import billing_cli, config
 
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+DEFAULT_REDIS = config.REDIS_URL
 
 
 def _redis_url(args: argparse.Namespace) -> str:
@@ -77,7 +77,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     try:
         policy = load_policy(args.policy)
         endpoints: list[envoy_config.GrpcEndpoint] = []
-        for text in args.extproc or ["127.0.0.1:50051"]:
+        for text in args.extproc or [config.EXTPROC_LISTEN]:
             endpoints += envoy_config.worker_endpoints(envoy_config.GrpcEndpoint.parse(text), args.workers)
     except PolicyError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
@@ -337,14 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the ext_proc processor")
     s.add_argument("--policy", action="append", required=True, help="policy file or directory (repeatable; merged in order)")
     redis_opt(s)
-    s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (workers use consecutive ports) or unix:PATH")
-    s.add_argument("--metrics-port", type=int, default=9464, help="/metrics on every interface, this port")
+    s.add_argument("--listen", default=config.EXTPROC_LISTEN, help="HOST:PORT (workers use consecutive ports) or unix:PATH")
+    s.add_argument("--metrics-port", type=int, default=config.METRICS_PORT, help="/metrics on every interface, this port")
     s.add_argument("--metrics-listen", help="HOST:PORT for /metrics instead (e.g. 127.0.0.1:9464 for loopback only)")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--log-level", default=os.environ.get("TOLLGATE_LOG_LEVEL", "INFO"))
     s.add_argument("--idempotency-window", type=_positive_int, metavar="SECONDS",
                    help="how long a served x-request-id stays spent and `explain` finds it (overrides the policy's "
-                        "settings.idempotency_window_s; default 86400)")
+                        f"settings.idempotency_window_s; default {config.IDEMPOTENCY_WINDOW_S})")
     s.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("envoy-config", help="print the Envoy bootstrap for a policy")

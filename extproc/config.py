@@ -57,3 +57,56 @@ ANSWER_BYTES_PER_TOKEN = 256
 ANSWER_BYTES_PER_TOKEN_WITH_LOGPROBS = 8_192
 ANSWER_BYTES_PER_EMBEDDING = 160_000  # 4,096 dimensions x ~39 bytes per float
 ANSWER_OVERHEAD_BYTES = 64 * 1024  # ids, roles, finish reasons, usage
+
+# --- policy defaults (policy/model.py, policy/*.py): what a policy file may leave out --------
+# Price tiers, cheapest first, when a policy names none.
+POLICY_TIERS = ("low", "standard", "premium")
+# A provider's base time budget per attempt (`timeout_s`), also the default for the stream
+# bounds (`ttfb_timeout_s`, `idle_timeout_s`).
+PROVIDER_TIMEOUT_S = 30.0
+# Output tokens per second a provider is expected to generate at least (`tokens_per_s`): a
+# non-stream attempt's budget is `timeout_s` plus its output cap at this rate.
+PROVIDER_TOKENS_PER_S = 50.0
+# A provider's circuit opens when, within `window_s`, at least `failures` attempts failed, at
+# least `failure_rate` of its attempts (a decimal string), from at least `customers` distinct
+# customers; it then stays open `cooldown_s`.
+CIRCUIT_FAILURES = 5
+CIRCUIT_FAILURE_RATE = "0.5"
+CIRCUIT_CUSTOMERS = 2
+CIRCUIT_WINDOW_S = 30
+CIRCUIT_COOLDOWN_S = 30
+# How long a served request id stays spent (409 duplicate_request) and `explain` finds it by id:
+# 24 h, the window payment APIs give idempotency keys. Policy `settings.idempotency_window_s`.
+IDEMPOTENCY_WINDOW_S = 24 * 3600
+# Completion tokens reserved for a request that sets no output cap (route `default_max_tokens`).
+ROUTE_DEFAULT_MAX_TOKENS = 1024
+
+# --- provider health (health.py) ----------------------------------------------------------------
+# A circuit's window is counted in this many time buckets (a sliding window, near enough).
+CIRCUIT_BUCKETS = 10
+# While a circuit is half-open, each process lets one request through as a probe this often.
+CIRCUIT_PROBE_INTERVAL_S = 1.0
+# How often each process reads the circuits (and flushes its success counts) in the background.
+HEALTH_REFRESH_INTERVAL_S = 1.0
+
+# --- customer keys (keys.py) --------------------------------------------------------------------
+# Key lookups (hits and misses) are cached this long: revocation takes effect within it.
+KEY_CACHE_TTL_S = 3.0
+# Cached lookups kept at most per process.
+KEY_CACHE_MAX = 50_000
+
+# --- usage export (export.py) -------------------------------------------------------------------
+EXPORT_GROUP = "ledger"  # the consumer group (one per ledger)
+EXPORT_BATCH = 500  # stream entries exported per batch
+EXPORT_BLOCK_MS = 1000  # how long a follow-mode read waits for new entries
+EXPORT_CLAIM_IDLE_MS = 60_000  # a stopped exporter's pending entries are taken over after this
+# Once a record is in the ledger its publish-once marker only has to outlive a drainer that
+# might publish the same outbox entry again (seconds); the ledger would absorb even that.
+EXPORTED_MARKER_TTL_S = 300
+# The exporter's Redis socket timeout (a batch command may take longer than a request's).
+EXPORT_SOCKET_TIMEOUT_S = 5.0
+
+# --- command line (cli.py) ----------------------------------------------------------------------
+REDIS_URL = "redis://127.0.0.1:6379/0"  # when neither --redis-url nor TOLLGATE_REDIS_URL is given
+EXTPROC_LISTEN = "127.0.0.1:50051"  # `serve --listen`, and the processor `envoy-config` points Envoy at
+METRICS_PORT = 9464  # `serve --metrics-port`

@@ -26,6 +26,7 @@ from typing import Any
 import redis as redis_sync
 from redis.exceptions import ResponseError
 
+from extproc import config
 from extproc.ledger_rows import newest_per_record, row_of
 from extproc.ledger_store import LedgerStore
 from extproc.quota import USAGE_STREAM, request_key, uid_key
@@ -34,25 +35,23 @@ from extproc.store import text as _text
 
 log = logging.getLogger("tollgate.export")
 
-DEFAULT_GROUP = "ledger"
-# Once a record is in the ledger its publish-once marker only has to outlive a drainer that
-# might publish the same outbox entry again (seconds); the ledger would absorb even that.
-EXPORTED_MARKER_TTL_S = 300
+DEFAULT_GROUP = config.EXPORT_GROUP
+EXPORTED_MARKER_TTL_S = config.EXPORTED_MARKER_TTL_S
 
 
 def redis_sync_client(url: str) -> Any:
     if url.startswith(CLUSTER_SCHEME):
-        return redis_sync.RedisCluster.from_url("redis://" + url[len(CLUSTER_SCHEME):], socket_timeout=5.0)
-    return redis_sync.Redis.from_url(url, socket_timeout=5.0)
+        return redis_sync.RedisCluster.from_url("redis://" + url[len(CLUSTER_SCHEME):], socket_timeout=config.EXPORT_SOCKET_TIMEOUT_S)
+    return redis_sync.Redis.from_url(url, socket_timeout=config.EXPORT_SOCKET_TIMEOUT_S)
 
 
 @dataclass
 class ExportConfig:
     group: str = DEFAULT_GROUP
     consumer: str = field(default_factory=socket.gethostname)  # stable: a restart resumes its own pending entries
-    batch: int = 500
-    block_ms: int = 1000
-    claim_idle_ms: int = 60_000
+    batch: int = config.EXPORT_BATCH
+    block_ms: int = config.EXPORT_BLOCK_MS
+    claim_idle_ms: int = config.EXPORT_CLAIM_IDLE_MS
     marker_ttl_s: int = EXPORTED_MARKER_TTL_S
     stall_after_commit: bool = False  # tests: hang between commit and XACK (the crash window)
 

@@ -30,14 +30,14 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from extproc import metrics
+from extproc import config, metrics
 from extproc.policy.model import Policy, Provider
 from extproc.store import RedisLike, Scripts, text
 
 log = logging.getLogger("tollgate.health")
 
-BUCKETS = 10  # a window is counted in this many time buckets (a sliding window, near enough)
-PROBE_INTERVAL_S = 1.0  # per process, while a circuit is half-open
+BUCKETS = config.CIRCUIT_BUCKETS
+PROBE_INTERVAL_S = config.CIRCUIT_PROBE_INTERVAL_S
 
 
 def _get(client: Any, key: str) -> Any:
@@ -148,7 +148,7 @@ class Health:
                 probing[p.name] = text(probe)
         self.open, self.half_open = opened, probing
 
-    async def run(self, interval_s: float = 1.0) -> None:
+    async def run(self, interval_s: float = config.HEALTH_REFRESH_INTERVAL_S) -> None:
         while True:
             try:
                 await self.refresh()

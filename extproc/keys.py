@@ -17,14 +17,15 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from extproc import config
 from extproc.decide import KeyInfo
 from extproc.quota import valid_id
 from extproc.store import RedisLike
 from extproc.store import text as _text
 
 SECRET_PREFIX = "tg-"
-CACHE_TTL_S = 3.0
-_CACHE_MAX = 50_000
+CACHE_TTL_S = config.KEY_CACHE_TTL_S
+_CACHE_MAX = config.KEY_CACHE_MAX
 
 
 def hash_secret(secret: str) -> str:

@@ -28,18 +28,8 @@ ACTIONS = (
     "fail_closed",
 )
 PLAN_FALLBACK_KINDS = ("same_tier", "downgrade", "upgrade")
-DEFAULT_TIERS = ("low", "standard", "premium")
-# Provider defaults, in one place (README "Timeouts and provider health").
-DEFAULT_TIMEOUT_S = 30.0  # an attempt's base time budget, and the default for the stream bounds
-DEFAULT_TOKENS_PER_S = 50.0  # output tokens per second a provider is expected to generate at least
-DEFAULT_CIRCUIT_FAILURES = 5  # failed attempts within the window, at least, to open a circuit
-DEFAULT_CIRCUIT_FAILURE_RATE = "0.5"  # failed share of the window's attempts, at least (decimal string)
-DEFAULT_CIRCUIT_CUSTOMERS = 2  # distinct customers among those failures, at least
-DEFAULT_CIRCUIT_WINDOW_S = 30
-DEFAULT_CIRCUIT_COOLDOWN_S = 30
-# How long a served request id stays spent (409 duplicate_request) and `explain` finds it by id:
-# 24 h, the window payment APIs give idempotency keys. Policy `settings.idempotency_window_s`.
-DEFAULT_IDEMPOTENCY_WINDOW_S = 24 * 3600
+# Defaults live in `extproc.config`; this name stays for `quota`, which imports it from here.
+DEFAULT_IDEMPOTENCY_WINDOW_S = config.IDEMPOTENCY_WINDOW_S
 
 
 @dataclass(frozen=True)
@@ -52,15 +42,15 @@ class Provider:
     tls: bool
     api_key_env: str | None = None
     api_key_file: str | None = None
-    timeout_s: float = DEFAULT_TIMEOUT_S  # non-stream attempts: plus the output cap at tokens_per_s
-    tokens_per_s: float = DEFAULT_TOKENS_PER_S
+    timeout_s: float = config.PROVIDER_TIMEOUT_S  # non-stream attempts: plus the output cap at tokens_per_s
+    tokens_per_s: float = config.PROVIDER_TOKENS_PER_S
     ttfb_timeout_s: float | None = None  # streams: until the first byte; None means timeout_s
     idle_timeout_s: float | None = None  # streams: between two chunks; None means timeout_s
-    circuit_failures: int = DEFAULT_CIRCUIT_FAILURES
-    circuit_failure_rate: str = DEFAULT_CIRCUIT_FAILURE_RATE
-    circuit_customers: int = DEFAULT_CIRCUIT_CUSTOMERS
-    circuit_window_s: int = DEFAULT_CIRCUIT_WINDOW_S
-    circuit_cooldown_s: int = DEFAULT_CIRCUIT_COOLDOWN_S  # how long an open circuit skips the provider
+    circuit_failures: int = config.CIRCUIT_FAILURES
+    circuit_failure_rate: str = config.CIRCUIT_FAILURE_RATE
+    circuit_customers: int = config.CIRCUIT_CUSTOMERS
+    circuit_window_s: int = config.CIRCUIT_WINDOW_S
+    circuit_cooldown_s: int = config.CIRCUIT_COOLDOWN_S  # how long an open circuit skips the provider
     headers: tuple[tuple[str, str], ...] = ()  # sent on every request to it (names lower case)
     query_params: tuple[str, ...] = ()  # query parameters a client may pass on (e.g. api-version)
 
@@ -127,7 +117,7 @@ class Route:
     fallback: RouteFallback = field(default_factory=RouteFallback)
     billing_owner: str = "customer_api_key"
     record_primary_and_final_model: bool = True
-    default_max_tokens: int = 1024
+    default_max_tokens: int = config.ROUTE_DEFAULT_MAX_TOKENS
 
     @property
     def max_attempts(self) -> int:
@@ -154,7 +144,7 @@ class Plan:
 class Settings:
     """Process-wide settings (top-level `settings:`); every per-request Redis key is bounded by them."""
 
-    idempotency_window_s: int = DEFAULT_IDEMPOTENCY_WINDOW_S
+    idempotency_window_s: int = config.IDEMPOTENCY_WINDOW_S
 
 
 @dataclass(frozen=True)
