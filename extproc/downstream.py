@@ -47,6 +47,8 @@ from extproc.contract import (
     ORIGINAL_CONTENT_TYPE_HEADER,
     ROUTE_HEADER,
     STOP_HEADER,
+    AttemptsNote,
+    RequestNote,
 )
 from extproc.decide import KeyInfo, RouteChoice, authorize, resolve_route, visible_routes
 from extproc.envoy_config import chain_cluster, stream_target
@@ -209,11 +211,11 @@ class Exchange:
         self.big = big
         if self.chained:
             apply["x-envoy-max-retries"] = str(route.max_attempts - 1)
-            notes.update({NS_REQUEST: {
-                "route": route.name, "plan": plan.name, "m1": target.name, "p1": choice.provider.name, "t1": now_ms(),
-                "unhealthy": ",".join(sorted(circuits.after_first)), "cap": cap, "stream": parsed.stream, "cust": key.customer,
-                **({"skip": skipped[0].model, "skip_p": skipped[0].provider, "skip_o": skipped[0].opened_by} if skipped else {}),
-            }})
+            skip = skipped[0] if skipped else None
+            notes[NS_REQUEST] = RequestNote(
+                route.name, plan.name, target.name, choice.provider.name, now_ms(), key.customer, cap, parsed.stream,
+                frozenset(circuits.after_first), skip.model if skip else "", skip.provider if skip else "",
+                skip.opened_by if skip else "").to_struct()
         return pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=body))),
             dynamic_metadata=metadata(notes),
@@ -344,16 +346,14 @@ class Exchange:
         c = self.choice
         if c is None:
             return
-        entries = namespace(req, NS_ATTEMPTS) if self.chained else {}
-        stop = entries.pop("stop", None)
+        notes = AttemptsNote.from_struct(namespace(req, NS_ATTEMPTS)) if self.chained else AttemptsNote()
         attempts: list[Attempt] = []
-        for k in sorted(int(x) for x in entries if x.isdigit()):
-            e = entries[str(k)]
-            model = str(e.get("m") or (c.target.name if k == 1 else ""))
-            provider = str(e.get("p") or (c.provider.name if k == 1 else ""))
-            attempts.append(Attempt(model, provider, int(e.get("s", 0) or 0), str(e.get("o", "unknown"))))
-            if e.get("rule"):
-                self.rule = str(e["rule"])
+        for k, e in notes.attempts.items():
+            model = e.model or (c.target.name if k == 1 else "")
+            provider = e.provider or (c.provider.name if k == 1 else "")
+            attempts.append(Attempt(model, provider, e.status, e.outcome or "unknown"))
+            if e.rule:
+                self.rule = e.rule
         if not attempts:
             attempts = [Attempt(c.target.name, c.provider.name, 0, "unknown")]
         if stop_reason is None:
@@ -364,9 +364,9 @@ class Exchange:
         failures = [a.reason for a in attempts if a.reason not in ("ok", "unknown", "client_error")]
         if self.skipped is None:
             self.fallback_reason = failures[0] if failures else "none"
-        if isinstance(stop, dict):
-            self.rule = str(stop.get("rule", self.rule))
-            if stop.get("reason") == "policy":
+        if notes.stop is not None:
+            self.rule = notes.stop.rule or self.rule
+            if notes.stop.reason == "policy":
                 self.fallback_reason = "policy"
         model_by_name = self.policy.models.get(attempts[-1].model)
         if model_by_name is not None and attempts[-1].model != c.target.name:
