@@ -1,15 +1,20 @@
-"""`make bench`: Tollgate's cost next to Envoy alone, measured in one run on this machine.
+"""`make bench`: Tollgate's cost next to Envoy alone and the Portkey AI Gateway, in one run on this machine.
 
-Setups (same Envoy binary, `--concurrency 2`, wrk with 32 connections, same request):
-  envoy_alone     a plain Envoy proxy (router only) in front of the canned provider
-  tollgate_direct Tollgate on a single-attempt route (4 processor messages, 2 Redis trips)
-  tollgate_chain  Tollgate on the seed route (a fallback chain: +1 message on attempt 1)
-  tollgate_fallback  the seed route with the primary answering 429: every request falls back
-                  (its p50 over tollgate_chain's is the fallback path's cost, printed at the end)
+Setups (wrk, same request, same canned provider; every setup answers 200 with a completion,
+checked before it is measured):
+  envoy_alone       a plain Envoy proxy (router only): the floor of this architecture
+  tollgate_direct   Tollgate on a single-attempt route
+  tollgate_chain    Tollgate on the seed route (a fallback chain; normal path): "Tollgate" in the ratios
+  tollgate_fallback a route whose primary answers 500 (circuit kept closed): every request
+                    switches to the healthy provider
+  portkey           the Portkey AI Gateway (npm, one Node process), one OpenAI target
+  portkey_fallback  Portkey in fallback mode: first target answers 500, second is healthy
 
-The "providers" are a second Envoy answering canned completions (with `usage`) via
-direct_response, so the upstream is never the bottleneck. Results go to stdout and to
-bench/results.json. Timings are reported, never asserted.
+Each setup: a 5 s warm-up (Node needs ~4 s of load before its JIT settles), then wrk at BENCH_CONNECTIONS (32) for BENCH_SECONDS (10) with the
+CPU time of the setup's processes sampled before and after (/proc), then wrk at 1 connection for
+BENCH_SECONDS_1CONN (5). The "providers" are a second Envoy answering canned completions via
+direct_response, so the upstream is never the bottleneck; its CPU is shown apart. Results go to
+stdout and bench/results.json. Timings are reported, never asserted.
 """
 
 from __future__ import annotations
@@ -23,24 +28,31 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from bench import cpu, portkey, report
 from extproc.devstack import Envoy, Processor, RedisServer, envoy_binary, free_port, wait_for_port
 from extproc.keys import KeyStore
 from extproc.store import redis_client
 
 DURATION_S = int(os.environ.get("BENCH_SECONDS", "10"))
+ONE_CONN_S = int(os.environ.get("BENCH_SECONDS_1CONN", "5"))
+WARMUP_S = int(os.environ.get("BENCH_WARMUP_SECONDS", "5"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 WORKERS = int(os.environ.get("BENCH_WORKERS", "1"))
+WORKDIR = Path(os.environ.get("BENCH_WORKDIR", str(Path(__file__).with_name(".work"))))
 COMPLETION = json.dumps({
     "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "bench",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14},
 })
-RATE_LIMITED = json.dumps({"error": {"message": "slow down", "type": "rate_limit_exceeded", "param": None, "code": "rate_limit_exceeded"}})
+SERVER_ERROR = json.dumps({"error": {"message": "upstream broke", "type": "server_error", "param": None, "code": "server_error"}})
 T = "type.googleapis.com/envoy."
 
 
@@ -76,12 +88,14 @@ def _start_envoy(config: dict[str, Any], admin: int, logdir: Path, name: str) ->
     return proc
 
 
-def wrk(url: str, key: str | None, route: str, logdir: Path) -> dict[str, float]:
+def wrk_run(url: str, headers: dict[str, str], model: str, connections: int, seconds: int, logdir: Path) -> dict[str, float]:
+    """One wrk run posting the bench's chat request; errors are non-2xx answers plus socket errors."""
     script = logdir / "post.lua"
-    auth = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
-    body = json.dumps({"model": route, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16})
-    script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\nwrk.headers["Content-Type"] = "application/json"\n{auth}\n')
-    out = subprocess.run(["wrk", "-t", str(min(2, CONNECTIONS)), "-c", str(CONNECTIONS), "-d", f"{DURATION_S}s", "--latency", "-s", str(script),
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16})
+    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(body)}", 'wrk.headers["Content-Type"] = "application/json"']
+    lines += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
+    script.write_text("\n".join(lines) + "\n")
+    out = subprocess.run(["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d", f"{seconds}s", "--latency", "-s", str(script),
                           url + "/v1/chat/completions"], capture_output=True, text=True, check=True).stdout
 
     def ms(label: str) -> float:
@@ -91,10 +105,76 @@ def wrk(url: str, key: str | None, route: str, logdir: Path) -> dict[str, float]
         return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     total = re.search(r"(\d+) requests in", out)
-    return {"rps": rps, "p50_ms": ms("50%"), "p99_ms": ms("99%"), "non_2xx": float(errors.group(1)) if errors else 0.0,
+    return {"rps": rps, "p50_ms": ms("50%"), "p99_ms": ms("99%"), "non_2xx": float(non_2xx.group(1)) if non_2xx else 0.0,
+            "socket_errors": float(sum(int(g) for g in sockets.groups())) if sockets else 0.0,
             "requests": float(total.group(1)) if total else 0.0}
+
+
+def wrk(url: str, key: str | None, route: str, logdir: Path) -> dict[str, float]:
+    """wrk at CONNECTIONS for DURATION_S with a customer key (used by bench/export_soak.py too)."""
+    return wrk_run(url, {"Authorization": f"Bearer {key}"} if key else {}, route, CONNECTIONS, DURATION_S, logdir)
+
+
+@dataclass
+class Setup:
+    """One thing measured: where to send, what to send, which processes are the gateway."""
+
+    name: str
+    url: str
+    headers: dict[str, str]
+    model: str
+    gateway: dict[str, int]  # part name -> pid whose process tree is that part
+
+
+def verify(setup: Setup) -> str | None:
+    """None when one request answers 200 with a completion, else what went wrong (a bench
+    that measures error answers is worthless)."""
+    body = json.dumps({"model": setup.model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}).encode()
+    req = urllib.request.Request(setup.url + "/v1/chat/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **setup.headers})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            status, answer = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, answer = e.code, e.read()
+    except OSError as e:
+        return f"no answer: {e}"
+    try:
+        content = json.loads(answer)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        content = None
+    if status != 200 or not content:
+        return f"status {status}: {answer[:300].decode(errors='replace')}"
+    return None
+
+
+def measure(setup: Setup, provider_pid: int, logdir: Path) -> dict[str, Any]:
+    """Warm-up, the CONNECTIONS run with CPU sampled around it, then the 1-connection run."""
+    problem = verify(setup)
+    if problem:
+        print(f"{setup.name}: NOT MEASURED, {problem}")
+        return {"error": problem}
+    wrk_run(setup.url, setup.headers, setup.model, CONNECTIONS, WARMUP_S, logdir)  # warm-up (connections, JIT, caches)
+    pids = {**setup.gateway, "provider": provider_pid}
+    before = cpu.sample(pids)
+    loaded = wrk_run(setup.url, setup.headers, setup.model, CONNECTIONS, DURATION_S, logdir)
+    after = cpu.sample(pids)
+    single = wrk_run(setup.url, setup.headers, setup.model, 1, ONE_CONN_S, logdir)
+    served = max(loaded["requests"], 1.0)
+    parts = {name: round((after[name] - before[name]) * 1000 / served, 4) for name in setup.gateway}
+    errors = loaded["non_2xx"] + loaded["socket_errors"] + single["non_2xx"] + single["socket_errors"]
+    result: dict[str, Any] = {
+        **loaded, "p50_1conn_ms": single["p50_ms"], "p99_1conn_ms": single["p99_ms"], "rps_1conn": single["rps"],
+        "errors": errors, "error_rate": round(errors / max(loaded["requests"] + single["requests"], 1.0), 6),
+        "cpu_ms_per_req": round(sum(parts.values()), 4), "cpu_parts_ms_per_req": parts,
+        "provider_cpu_ms_per_req": round((after["provider"] - before["provider"]) * 1000 / served, 4),
+    }
+    print(f"{setup.name}: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.2f} ms, 1 conn p50 {result['p50_1conn_ms']:.3f} ms, "
+          f"CPU {result['cpu_ms_per_req']:.3f} ms/req, errors {result['error_rate']:.2%}")
+    return result
 
 
 async def _key(redis_url: str) -> str:
@@ -105,22 +185,15 @@ async def _key(redis_url: str) -> str:
         await client.aclose()
 
 
-def main() -> int:
-    if not shutil.which("wrk"):
-        print("bench needs wrk (apt-get install wrk)", file=sys.stderr)
-        return 1
-    logdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
-    ok_port, limited_port, prov_admin = free_port(), free_port(), free_port()
-    provider = {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": prov_admin}}},
-                "static_resources": {"listeners": [_listener("ok", ok_port, 200, COMPLETION),
-                                                   _listener("limited", limited_port, 429, RATE_LIMITED)]}}
-    policy = {
+def _policy(ok_port: int, failing_port: int) -> dict[str, Any]:
+    never_open = {"failures": 10**9}  # the fallback setup measures the path with the circuit closed
+    return {
         "tiers": ["low", "standard", "premium"],
-        "providers": {"fast": {"address": f"127.0.0.1:{ok_port}", "tls": False, "circuit": {"failures": 10**9}},
-                      "limited": {"address": f"127.0.0.1:{limited_port}", "tls": False, "circuit": {"failures": 10**9}}},
+        "providers": {"fast": {"address": f"127.0.0.1:{ok_port}", "tls": False, "circuit": never_open},
+                      "failing": {"address": f"127.0.0.1:{failing_port}", "tls": False, "circuit": never_open}},
         "models": {
             "low_cost_chat": {"provider": "fast", "upstream_model": "m", "tier": "low", "price": {"input_per_mtok_usd": 0.15, "output_per_mtok_usd": 0.6}},
-            "limited_chat": {"provider": "limited", "upstream_model": "l", "tier": "low", "price": {"input_per_mtok_usd": 0.15, "output_per_mtok_usd": 0.6}},
+            "failing_chat": {"provider": "failing", "upstream_model": "f", "tier": "low", "price": {"input_per_mtok_usd": 0.15, "output_per_mtok_usd": 0.6}},
         },
         "plans": {"bench": {"routes": "*"}},
         "routes": [
@@ -128,18 +201,33 @@ def main() -> int:
             {"route": "support_draft", "primary_model": "low_cost_chat", "fallback": {
                 "on_provider_5xx": "retry_once_then_switch_same_price_tier", "on_rate_limit": "switch_same_price_tier",
                 "on_budget_exceeded": "fail_closed", "max_attempts": 2}},
-            {"route": "falls_back", "primary_model": "limited_chat", "fallback": {"on_rate_limit": "switch_same_price_tier", "max_attempts": 2}},
+            # Mirrors Portkey's fallback config: one failed attempt (500), then the healthy provider.
+            {"route": "falls_back", "primary_model": "failing_chat", "fallback": {"on_provider_5xx": "switch_same_price_tier", "max_attempts": 2}},
         ],
     }
+
+
+def main() -> int:
+    if not shutil.which("wrk"):
+        print("bench needs wrk (apt-get install wrk)", file=sys.stderr)
+        return 1
+    logdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
+    ok_port, failing_port, prov_admin = free_port(), free_port(), free_port()
+    provider = {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": prov_admin}}},
+                "static_resources": {"listeners": [_listener("ok", ok_port, 200, COMPLETION),
+                                                   _listener("failing", failing_port, 500, SERVER_ERROR)]}}
     policy_file = logdir / "policy.yaml"
-    policy_file.write_text(yaml.safe_dump(policy))
+    policy_file.write_text(yaml.safe_dump(_policy(ok_port, failing_port)))
+    portkey_script = portkey.install(WORKDIR / "portkey")
     procs: list[subprocess.Popen[bytes]] = []
     parts: list[Any] = []
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
     try:
-        procs.append(_start_envoy(provider, prov_admin, logdir, "providers"))
+        providers = _start_envoy(provider, prov_admin, logdir, "providers")
+        procs.append(providers)
         alone_port, alone_admin = free_port(), free_port()
-        procs.append(_start_envoy(_plain_proxy(alone_port, alone_admin, ok_port), alone_admin, logdir, "alone"))
+        alone = _start_envoy(_plain_proxy(alone_port, alone_admin, ok_port), alone_admin, logdir, "alone")
+        procs.append(alone)
         wait_for_port(alone_port)
         redis = RedisServer().start()
         parts.append(redis)
@@ -149,33 +237,43 @@ def main() -> int:
         envoy = Envoy([str(policy_file)], proc.endpoints, log_path=str(logdir / "envoy.log")).start()
         parts.append(envoy)
         key = asyncio.run(_key(redis.url))
-        runs = [("envoy_alone", f"http://127.0.0.1:{alone_port}", None, "direct"),
-                ("tollgate_direct", envoy.base_url, key, "direct"),
-                ("tollgate_chain", envoy.base_url, key, "support_draft"),
-                ("tollgate_fallback", envoy.base_url, key, "falls_back")]
-        for name, url, k, route in runs:
-            wrk(url, k, route, logdir)  # warm-up (connections, caches), not reported
-            results[name] = wrk(url, k, route, logdir)
+        assert redis.proc and proc.proc and envoy.proc
+        tollgate = {"processor": proc.proc.pid, "envoy": envoy.proc.pid, "redis": redis.proc.pid}
+        auth = {"Authorization": f"Bearer {key}"}
+        setups = [Setup("envoy_alone", f"http://127.0.0.1:{alone_port}", {}, "direct", {"envoy": alone.pid}),
+                  Setup("tollgate_direct", envoy.base_url, auth, "direct", tollgate),
+                  Setup("tollgate_chain", envoy.base_url, auth, "support_draft", tollgate),
+                  Setup("tollgate_fallback", envoy.base_url, auth, "falls_back", tollgate)]
+        node = None
+        if portkey_script is not None:
+            pk_port = free_port()
+            try:
+                node = portkey.start(portkey_script, pk_port, logdir / "portkey.log")
+                procs.append(node)
+            except (RuntimeError, TimeoutError) as e:
+                print(f"portkey: skipped (it did not start: {e}; see {logdir / 'portkey.log'})")
+        if node is not None:
+            pk_url, client_auth = f"http://127.0.0.1:{pk_port}", {"Authorization": f"Bearer {portkey.API_KEY}"}
+            setups += [Setup("portkey", pk_url, {**client_auth, "x-portkey-config": portkey.single_config(ok_port)}, "m", {"node": node.pid}),
+                       Setup("portkey_fallback", pk_url, {**client_auth, "x-portkey-config": portkey.fallback_config(failing_port, ok_port)},
+                             "m", {"node": node.pid})]
+        for setup in setups:
+            results[setup.name] = measure(setup, providers.pid, logdir)
             time.sleep(1)
     finally:
         for part in reversed(parts):
             part.stop()
-        for p in procs:
+        for p in reversed(procs):
             p.terminate()
             p.wait()
-    base = results["envoy_alone"]["rps"]
-    print(f"\n{'setup':20} {'req/s':>9} {'vs Envoy':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
-    for name, r in results.items():
-        r["ratio_vs_envoy"] = round(r["rps"] / base, 3)
-        print(f"{name:20} {r['rps']:9.0f} {r['ratio_vs_envoy']:9.3f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {int(r['non_2xx']):8d}")
-    # The fallback path against the normal path of the same chain (issue 10's target: <= 1.3x at 1 connection).
-    fallback_ratio = round(results["tollgate_fallback"]["p50_ms"] / results["tollgate_chain"]["p50_ms"], 2)
-    print(f"\nfallback path p50 / normal path p50 (seed chain): {fallback_ratio}x")
-    meta = {"seconds": DURATION_S, "connections": CONNECTIONS, "workers": WORKERS, "cores": os.cpu_count(),
-            "fallback_p50_vs_normal": fallback_ratio}
-    Path(__file__).with_name("results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    meta = {"seconds": DURATION_S, "seconds_1conn": ONE_CONN_S, "connections": CONNECTIONS, "workers": WORKERS, "cores": os.cpu_count(),
+            "portkey_version": portkey.VERSION if portkey_script else None, "tollgate_setup_in_ratios": report.TOLLGATE}
+    summary = report.summarise(results)
+    report.print_report(results, summary)
+    Path(__file__).with_name("results.json").write_text(json.dumps({"meta": meta, "results": results, **summary}, indent=2) + "\n")
     print(f"\n{meta}; logs in {logdir}")
-    return 0
+    print("The machine is shared: figures move by 10-20% between runs; compare setups within one run.")
+    return 1 if any("error" in r for r in results.values()) else 0
 
 
 if __name__ == "__main__":
