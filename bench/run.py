@@ -219,6 +219,7 @@ def main() -> int:
     policy_file = logdir / "policy.yaml"
     policy_file.write_text(yaml.safe_dump(_policy(ok_port, failing_port)))
     portkey_script = portkey.install(WORKDIR / "portkey")
+    load_before = os.getloadavg()[0]
     procs: list[subprocess.Popen[bytes]] = []
     parts: list[Any] = []
     results: dict[str, dict[str, Any]] = {}
@@ -244,6 +245,8 @@ def main() -> int:
                   Setup("tollgate_direct", envoy.base_url, auth, "direct", tollgate),
                   Setup("tollgate_chain", envoy.base_url, auth, "support_draft", tollgate),
                   Setup("tollgate_fallback", envoy.base_url, auth, "falls_back", tollgate)]
+        # Each Portkey setup runs right after the Tollgate setup it is compared with, so the
+        # pair sees the same neighbours on a shared machine.
         node = None
         if portkey_script is not None:
             pk_port = free_port()
@@ -254,9 +257,10 @@ def main() -> int:
                 print(f"portkey: skipped (it did not start: {e}; see {logdir / 'portkey.log'})")
         if node is not None:
             pk_url, client_auth = f"http://127.0.0.1:{pk_port}", {"Authorization": f"Bearer {portkey.API_KEY}"}
-            setups += [Setup("portkey", pk_url, {**client_auth, "x-portkey-config": portkey.single_config(ok_port)}, "m", {"node": node.pid}),
-                       Setup("portkey_fallback", pk_url, {**client_auth, "x-portkey-config": portkey.fallback_config(failing_port, ok_port)},
-                             "m", {"node": node.pid})]
+            setups.insert(3, Setup("portkey", pk_url, {**client_auth, "x-portkey-config": portkey.single_config(ok_port)}, "m",
+                                   {"node": node.pid}))
+            setups.append(Setup("portkey_fallback", pk_url, {**client_auth, "x-portkey-config": portkey.fallback_config(failing_port, ok_port)},
+                                "m", {"node": node.pid}))
         for setup in setups:
             results[setup.name] = measure(setup, providers.pid, logdir)
             time.sleep(1)
@@ -267,12 +271,15 @@ def main() -> int:
             p.terminate()
             p.wait()
     meta = {"seconds": DURATION_S, "seconds_1conn": ONE_CONN_S, "connections": CONNECTIONS, "workers": WORKERS, "cores": os.cpu_count(),
-            "portkey_version": portkey.VERSION if portkey_script else None, "tollgate_setup_in_ratios": report.TOLLGATE}
+            "portkey_version": portkey.VERSION if portkey_script else None, "tollgate_setup_in_ratios": report.TOLLGATE,
+            "load_avg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     summary = report.summarise(results)
     report.print_report(results, summary)
     Path(__file__).with_name("results.json").write_text(json.dumps({"meta": meta, "results": results, **summary}, indent=2) + "\n")
     print(f"\n{meta}; logs in {logdir}")
-    print("The machine is shared: figures move by 10-20% between runs; compare setups within one run.")
+    if load_before > 0.5:
+        print(f"The machine was busy before the bench started (1-minute load {load_before:.2f}): other jobs share these "
+              "cores, so req/s and latencies are noisy; CPU per request moves least. Compare setups within one run.")
     return 1 if any("error" in r for r in results.values()) else 0
 
 
