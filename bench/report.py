@@ -33,6 +33,7 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "tollgate_rps_over_portkey": _ratio(_get(results, TOLLGATE, "rps"), _get(results, PORTKEY, "rps")),
         "tollgate_p50_1conn_minus_portkey_ms": round(t_p50 - p_p50, 3) if t_p50 is not None and p_p50 is not None else None,
         "tollgate_fallback_rps_over_portkey_fallback": _ratio(_get(results, TOLLGATE_FALLBACK, "rps"), _get(results, PORTKEY_FALLBACK, "rps")),
+        "tollgate_cpu_over_portkey": _ratio(_get(results, TOLLGATE, "cpu_ms_per_req"), _get(results, PORTKEY, "cpu_ms_per_req")),
         "tollgate_rps_over_envoy_alone": _ratio(_get(results, TOLLGATE, "rps"), base),
         "fallback_p50_1conn_over_normal": _ratio(_get(results, TOLLGATE_FALLBACK, "p50_1conn_ms"), t_p50),
     }
@@ -66,7 +67,7 @@ def print_report(results: dict[str, dict[str, Any]], summary: dict[str, Any]) ->
               f"{_f(r['cpu_ms_per_req'], '8.3f')} {_f(r['provider_cpu_ms_per_req'], '9.3f')} {_f(r['error_rate'], '7.2%')} "
               f"{_f(r.get('ratio_vs_envoy'), '9.3f')}")
     print("\nCPU/req is the gateway's own processes (Tollgate: processor + Envoy + Redis; Portkey: node; "
-          "Envoy alone: envoy) over the 32-connection run; the provider's CPU is apart.")
+          "Envoy alone: envoy) over the 32-connection rounds; the provider's CPU is apart.")
     for name, r in results.items():
         if len(r.get("cpu_parts_ms_per_req", {})) > 1:
             split = ", ".join(f"{k} {v:.3f}" for k, v in r["cpu_parts_ms_per_req"].items())
@@ -76,6 +77,7 @@ def print_report(results: dict[str, dict[str, Any]], summary: dict[str, Any]) ->
     print(f"  Tollgate / Portkey req/s (32 conns):                    {_f(ratios['tollgate_rps_over_portkey'], '.3f')}")
     print(f"  Tollgate p50 - Portkey p50 (1 conn):                    {_f(ratios['tollgate_p50_1conn_minus_portkey_ms'], '+.3f')} ms")
     print(f"  Tollgate fallback / Portkey fallback req/s (32 conns):  {_f(ratios['tollgate_fallback_rps_over_portkey_fallback'], '.3f')}")
+    print(f"  Tollgate / Portkey CPU per request (steadiest figure):  {_f(ratios['tollgate_cpu_over_portkey'], '.3f')}")
     print(f"  Tollgate / Envoy alone req/s:                           {_f(ratios['tollgate_rps_over_envoy_alone'], '.3f')}")
     print(f"  fallback path p50 / normal path p50 (1 conn):           {_f(ratios['fallback_p50_1conn_over_normal'], '.2f')}x")
     print("\nTargets (issue 12):")
