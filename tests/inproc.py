@@ -60,10 +60,10 @@ class Rig:
     redis: Any
     customers: list[str] = field(default_factory=list)
 
-    async def key(self, plan: str, default_route: str | None = None) -> tuple[str, str]:
+    async def key(self, plan: str, default_route: str | None = None, rpm: int | None = None) -> tuple[str, str]:
         """A new customer with one key on `plan`: (customer, secret)."""
         customer = "c-" + uuid.uuid4().hex[:12]
-        created = await self.gw.keys.create(customer, customer + "-ws", plan, default_route)
+        created = await self.gw.keys.create(customer, customer + "-ws", plan, default_route, rpm=rpm)
         return customer, created.secret
 
     async def fund(self, customer: str, micro: int) -> None:

@@ -11,12 +11,14 @@ Providers p1..p3: timeout_s 2, tokens_per_s 10000 (a non-stream per-try budget o
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from extproc import phases
 from extproc.devstack import RedisServer
@@ -193,6 +195,21 @@ def test_prepaid_balance_that_cannot_cover_the_cap_is_429_insufficient_quota(red
     assert (balance, reserved) == (100, 0)
 
 
+def test_rate_limited_key_is_429_with_retry_after_rounded_up_to_whole_seconds(redis_url: str, policy: Policy) -> None:
+    async def scenario(rig: Rig) -> pb.ProcessingResponse:
+        customer, secret = await rig.key("prepaid", rpm=1)
+        await rig.fund(customer, 1_000_000)
+        await phases.dispatch(Exchange(rig.gw), body_message(LEGAL, secret))
+        await asyncio.sleep(0.005)  # the bucket refills a little: the wait is just under 60 s
+        return await phases.dispatch(Exchange(rig.gw), body_message(LEGAL, secret))
+
+    reply = run(redis_url, policy, scenario)
+    assert reply.immediate_response.status.code == 429
+    assert immediate_json(reply)["error"]["code"] == "rate_limit_exceeded"
+    # 1 request a minute, used 5 ms ago: 59.995 s to wait, announced as 60 (never early)
+    assert set_headers(reply.immediate_response.headers)["retry-after"] == "60"
+
+
 def test_reservation_holds_money_until_the_answer_comes(redis_url: str, policy: Policy) -> None:
     async def scenario(rig: Rig) -> int:
         _, customer, _, _ = await admitted(rig, LEGAL)
@@ -257,6 +274,23 @@ def test_a_settled_request_is_not_settled_again_when_its_stream_closes(redis_url
         return await rig.balance(customer), await rig.spend(customer), len(await rig.records(rid))
 
     assert run(redis_url, policy, scenario) == (1_000_000 - USAGE_COST_MICRO, USAGE_COST_MICRO, 1)
+
+
+def test_a_settled_request_is_counted_once_in_the_request_metric(redis_url: str, policy: Policy) -> None:
+    labels = {"route": "legal_summary", "primary_model": "strong_reasoning", "final_model": "strong_reasoning", "code": "200"}
+
+    def count() -> float:
+        return REGISTRY.get_sample_value("tollgate_requests_total", labels) or 0.0
+
+    async def scenario(rig: Rig) -> float:
+        ex, *_ = await admitted(rig, LEGAL)
+        before = count()
+        await phases.dispatch(ex, response_headers_message(200, usage=USAGE))
+        await phases.dispatch(ex, response_body_message(b"{}"))  # a stray body message
+        await ex.close()
+        return count() - before
+
+    assert run(redis_url, policy, scenario) == 1.0
 
 
 def test_provider_sent_tollgate_headers_are_removed_from_the_answer(redis_url: str, policy: Policy) -> None:

@@ -13,6 +13,7 @@ catalog (tests/conftest.py) by hand:
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,22 +120,35 @@ def test_retry_same_goes_back_to_the_same_provider(redis_url: str, policy: Polic
     assert dynamic_metadata(reply)["tollgate.rewrite"] == {"old": '{"model":"gpt-4o-mini"', "new": '{"model":"gpt-4o-mini"'}
 
 
+def test_retry_on_the_provider_that_just_failed_waits_a_back_off_first(redis_url: str, policy: Policy) -> None:
+    md = {"tollgate.request": request_note("retry_twice", "starter_down", "low_cost_chat", "p1", now_ms() - 10),
+          "tollgate.last": {"status": "502", "flags": ""}}
+
+    async def scenario(rig: Rig) -> float:
+        started = time.perf_counter()
+        await phases.dispatch(AttemptExchange(rig.gw), attempt_message(2, md))
+        return time.perf_counter() - started
+
+    assert run(redis_url, policy, scenario) >= 0.0125  # 25 ms jittered to 50-100%
+
+
 # --- how attempt 1 ended, from what Envoy left -------------------------------------------------
 
 
 def test_no_status_after_most_of_the_budget_is_a_timeout(redis_url: str, policy: Policy) -> None:
-    # 5 s since attempt 1 began > 0.8 x 2003 ms
-    md = dynamic_metadata(attempt(redis_url, policy, 2, after_p1_failed("", t1=now_ms() - 5000)))
+    # 1.7 s since attempt 1 began: past 0.8 x 2003 ms = 1602 ms, inside the budget itself
+    md = dynamic_metadata(attempt(redis_url, policy, 2, after_p1_failed("", t1=now_ms() - 1700)))
     assert md["tollgate.attempts"]["1"]["o"] == "timeout"
 
 
-def test_no_status_soon_after_the_start_is_a_connect_failure(redis_url: str, policy: Policy) -> None:
-    md = dynamic_metadata(attempt(redis_url, policy, 2, after_p1_failed("", t1=now_ms() - 10)))
+def test_no_status_before_most_of_the_budget_is_a_connect_failure(redis_url: str, policy: Policy) -> None:
+    # 1.4 s since attempt 1 began: short of 0.8 x 2003 ms = 1602 ms
+    md = dynamic_metadata(attempt(redis_url, policy, 2, after_p1_failed("", t1=now_ms() - 1400)))
     assert md["tollgate.attempts"]["1"]["o"] == "connect_failure"
 
 
-def test_relay_flag_ut_makes_a_504_a_timeout(redis_url: str, policy: Policy) -> None:
-    md = dynamic_metadata(attempt(redis_url, policy, 2, after_p1_failed("504", flags="UT")))
+def test_relay_flag_ut_is_a_timeout_whatever_the_status(redis_url: str, policy: Policy) -> None:
+    md = dynamic_metadata(attempt(redis_url, policy, 2, after_p1_failed("503", flags="UT")))
     assert md["tollgate.attempts"]["1"]["o"] == "timeout"
 
 
