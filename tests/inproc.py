@@ -45,9 +45,12 @@ class _Address:
 
 
 def write_test_policy(directory: Path) -> Policy:
-    """The end-to-end tests' catalog and the seed route; provider addresses that nothing dials."""
+    """The end-to-end tests' catalog (plus plan `downgrade_only`) and the seed route; provider
+    addresses that nothing dials."""
     fakes: Any = {n: _Address(f"127.0.0.1:{1 + i}") for i, n in enumerate(("p1", "p2", "p3", "p4"))}
-    (directory / "00-catalog.yaml").write_text(yaml.safe_dump(catalog(fakes), sort_keys=False))
+    doc = catalog(fakes)
+    doc["plans"]["downgrade_only"] = {"routes": "*", "fallback": {"allow": ["downgrade"]}}  # no same-tier switch
+    (directory / "00-catalog.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     (directory / "10-support_draft.yaml").write_text(SEED.read_text())
     return load_policy([directory])
 

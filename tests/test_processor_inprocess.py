@@ -171,6 +171,18 @@ def test_chained_route_goes_to_the_chain_cluster_and_notes_the_request_for_later
         "cust": customer, "unhealthy": ""}
 
 
+def test_providers_with_an_open_circuit_are_noted_for_later_attempts(redis_url: str, policy: Policy) -> None:
+    async def scenario(rig: Rig) -> dict[str, Any]:
+        for customer in ("c-one", "c-two"):  # p4's circuit opens after 2 failures from 2 customers
+            await rig.gw.health.record_failure("p4", customer, "provider_5xx")
+        await rig.gw.health.refresh()
+        reply = (await admitted(rig, {"model": "support_draft", "messages": MESSAGES}, plan="starter", fund=0))[3]
+        note: dict[str, Any] = dynamic_metadata(reply)["tollgate.request"]
+        return note
+
+    assert run(redis_url, policy, scenario)["unhealthy"] == "p4"
+
+
 def test_stream_request_asks_for_the_usage_chunk_and_takes_the_stream_route(redis_url: str, policy: Policy) -> None:
     async def scenario(rig: Rig) -> pb.ProcessingResponse:
         return (await admitted(rig, {**LEGAL, "stream": True}))[3]

@@ -72,6 +72,10 @@ def after_p1_failed(status: str = "500", flags: str = "", t1: int | None = None,
             "tollgate.last": {"status": status, "flags": flags}}
 
 
+# Attempt 1 of switch_all as attempt 2's processor completed it in `tollgate.attempts`.
+P1_FAILED = {"m": "low_cost_chat", "p": "p1", "t": 1.0, "o": "provider_5xx", "s": 500.0}
+
+
 def headers_of(reply: pb.ProcessingResponse) -> dict[str, str]:
     return set_headers(reply.request_headers.response.header_mutation)
 
@@ -178,9 +182,19 @@ def test_downgrade_the_plan_does_not_allow_stops_the_chain_with_reason_policy(re
     assert dynamic_metadata(reply)["tollgate.attempts"]["stop"] == {"reason": "policy", "rule": rule}
 
 
+def test_plan_without_same_tier_stops_a_switch_with_reason_policy(redis_url: str, policy: Policy) -> None:
+    md = {"tollgate.request": request_note("switch_all", "downgrade_only", "low_cost_chat", "p1", now_ms() - 10),
+          "tollgate.last": {"status": "500", "flags": ""}}
+    reply = attempt(redis_url, policy, 2, md)
+    assert set_headers(reply.immediate_response.headers)["x-tollgate-stop-reason"] == "policy"
+    assert immediate_json(reply)["error"]["message"].endswith(
+        "on_provider_5xx: switch_same_price_tier, not allowed by plan downgrade_only.")
+
+
 def test_no_candidate_left_stops_the_chain_with_the_first_failures_reason(redis_url: str, policy: Policy) -> None:
     md = after_p1_failed("500")
-    md["tollgate.attempts"] = {"2": {"m": "low_cost_chat_backup", "p": "p2", "t": float(now_ms() - 5), "rule": "r", "reason": "provider_5xx"}}
+    md["tollgate.attempts"] = {"1": P1_FAILED, "2": {"m": "low_cost_chat_backup", "p": "p2", "t": float(now_ms() - 5), "rule": "r",
+                                                     "reason": "provider_5xx"}}
     reply = attempt(redis_url, policy, 3, md)
     assert reply.immediate_response.status.code == 502
     assert immediate_json(reply)["error"]["message"] == (
@@ -191,7 +205,8 @@ def test_no_candidate_left_stops_the_chain_with_the_first_failures_reason(redis_
 
 def test_max_attempts_reached_stops_the_chain(redis_url: str, policy: Policy) -> None:
     md = {"tollgate.request": request_note("downgrade_route", "premium", "standard_chat", "p2", now_ms() - 10),
-          "tollgate.attempts": {"2": {"m": "low_cost_chat", "p": "p1", "t": float(now_ms() - 5), "rule": "r", "reason": "provider_5xx"}},
+          "tollgate.attempts": {"1": {"m": "standard_chat", "p": "p2", "t": float(now_ms() - 20), "o": "provider_5xx", "s": 500.0},
+                                "2": {"m": "low_cost_chat", "p": "p1", "t": float(now_ms() - 5), "rule": "r", "reason": "provider_5xx"}},
           "tollgate.last": {"status": "500", "flags": ""}}
     reply = attempt(redis_url, policy, 3, md)
     assert reply.immediate_response.status.code == 502
@@ -200,9 +215,12 @@ def test_max_attempts_reached_stops_the_chain(redis_url: str, policy: Policy) ->
 
 def test_last_failure_a_timeout_answers_504(redis_url: str, policy: Policy) -> None:
     md = after_p1_failed("500")
-    md["tollgate.attempts"] = {"2": {"m": "low_cost_chat_backup", "p": "p2", "t": float(now_ms() - 5), "rule": "r", "reason": "provider_5xx"}}
-    md["tollgate.last"] = {"status": "504", "flags": "UT"}
-    assert attempt(redis_url, policy, 3, md).immediate_response.status.code == 504
+    md["tollgate.attempts"] = {"1": P1_FAILED, "2": {"m": "low_cost_chat_backup", "p": "p2", "t": float(now_ms() - 5), "rule": "r",
+                                                     "reason": "provider_5xx"}}
+    md["tollgate.last"] = {"status": "504", "flags": "UT"}  # attempt 2 timed out; attempt 1 had failed with a 500
+    reply = attempt(redis_url, policy, 3, md)
+    assert reply.immediate_response.status.code == 504
+    assert "after 2 attempt(s) (timeout)" in immediate_json(reply)["error"]["message"]
 
 
 def test_provider_with_an_open_circuit_at_the_start_is_not_a_later_target(redis_url: str, policy: Policy) -> None:
