@@ -156,7 +156,7 @@ def test_provider_without_a_credential_gets_no_authorization(redis_url: str, pol
 
 def test_chained_route_goes_to_the_chain_cluster_and_notes_the_request_for_later_attempts(redis_url: str, policy: Policy) -> None:
     async def scenario(rig: Rig) -> tuple[str, pb.ProcessingResponse]:
-        ex, customer, _, reply = await admitted(rig, {"model": "support_draft", "messages": MESSAGES, "max_tokens": 30},
+        _, customer, _, reply = await admitted(rig, {"model": "support_draft", "messages": MESSAGES, "max_tokens": 30},
                                                 plan="starter", fund=0)
         return customer, reply
 
@@ -195,7 +195,7 @@ def test_stream_request_asks_for_the_usage_chunk_and_takes_the_stream_route(redi
 
 def test_prepaid_balance_that_cannot_cover_the_cap_is_429_insufficient_quota(redis_url: str, policy: Policy) -> None:
     async def scenario(rig: Rig) -> tuple[pb.ProcessingResponse, int, int]:
-        ex, customer, _, reply = await admitted(rig, LEGAL, fund=100)  # $0.0001; 50 o3 output tokens alone cost $0.0004
+        _, customer, _, reply = await admitted(rig, LEGAL, fund=100)  # $0.0001; 50 o3 output tokens alone cost $0.0004
         return reply, await rig.balance(customer), await rig.reserved(customer)
 
     reply, balance, reserved = run(redis_url, policy, scenario)
