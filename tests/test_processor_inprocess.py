@@ -305,6 +305,34 @@ def test_a_settled_request_is_counted_once_in_the_request_metric(redis_url: str,
     assert run(redis_url, policy, scenario) == 1.0
 
 
+def test_usage_beyond_the_cap_is_charged_in_full_and_flagged_overrun(redis_url: str, policy: Policy) -> None:
+    async def scenario(rig: Rig) -> tuple[int, list[dict[str, str]]]:
+        ex, customer, rid, _ = await admitted(rig, LEGAL, fund=1_000_000)  # cap: 50 output tokens
+        await phases.dispatch(ex, response_headers_message(200, usage={"prompt_tokens": 1000.0, "completion_tokens": 5000.0}))
+        return await rig.balance(customer), await rig.records(rid)
+
+    balance, records = run(redis_url, policy, scenario)
+    # o3: 1000 x 2 + 5000 x 8 = 42000 micro-dollars
+    assert balance == 1_000_000 - 42_000
+    assert [(r["cost_micro_usd"], r["overrun"], r["output_cap"]) for r in records] == [("42000", "true", "50")]
+
+
+def test_request_id_of_a_served_request_is_refused_409_when_sent_again(redis_url: str, policy: Policy) -> None:
+    async def scenario(rig: Rig) -> tuple[pb.ProcessingResponse, int]:
+        customer, secret = await rig.key("prepaid")
+        await rig.fund(customer, 1_000_000)
+        ex = Exchange(rig.gw)
+        await phases.dispatch(ex, body_message(LEGAL, secret, request_id="req-once-1"))
+        await phases.dispatch(ex, response_headers_message(200, usage=USAGE))
+        again = await phases.dispatch(Exchange(rig.gw), body_message(LEGAL, secret, request_id="req-once-1"))
+        return again, await rig.balance(customer)
+
+    again, balance = run(redis_url, policy, scenario)
+    assert again.immediate_response.status.code == 409
+    assert immediate_json(again)["error"]["code"] == "duplicate_request"
+    assert balance == 1_000_000 - USAGE_COST_MICRO  # charged once
+
+
 def test_provider_sent_tollgate_headers_are_removed_from_the_answer(redis_url: str, policy: Policy) -> None:
     async def scenario(rig: Rig) -> pb.ProcessingResponse:
         ex, *_ = await admitted(rig, LEGAL)
@@ -458,6 +486,48 @@ def test_envoys_own_503_without_a_provider_answer_is_rewritten_as_a_502_connect_
         "message": "No provider could serve the request after 1 attempt(s) (connect_failure).", "type": "server_error",
         "param": None, "code": "upstream_unavailable"}
     assert set_headers(common.header_mutation)[":status"] == "502"
+
+
+# --- the end of a fallback chain -------------------------------------------------------------
+
+SWITCH = {"model": "switch_all", "messages": MESSAGES, "max_tokens": 30}
+# What the per-attempt processor left in tollgate.attempts when attempt 2 went to p2.
+SWITCHED = {"1": {"m": "low_cost_chat", "p": "p1", "t": 1.0, "o": "provider_5xx", "s": 500.0},
+            "2": {"m": "low_cost_chat_backup", "p": "p2", "t": 2.0, "rule": "on_provider_5xx: switch_same_price_tier",
+                  "reason": "provider_5xx"}}
+
+
+def test_answer_of_a_later_attempt_is_priced_and_attributed_to_the_model_that_served(redis_url: str, policy: Policy) -> None:
+    async def scenario(rig: Rig) -> tuple[pb.ProcessingResponse, list[dict[str, str]]]:
+        ex, _, rid, _ = await admitted(rig, SWITCH, plan="starter_down", fund=0)
+        reply = await phases.dispatch(ex, response_headers_message(200, usage=USAGE, metadata={"tollgate.attempts": SWITCHED}))
+        return reply, await rig.records(rid)
+
+    reply, records = run(redis_url, policy, scenario)
+    h = set_headers(reply.response_headers.response.header_mutation)
+    # low_cost_chat_backup: 1000 x 0.20 + 50 x 0.60 = 200 + 30 micro-dollars
+    assert h["x-tollgate-cost-usd"] == "0.000230"
+    assert (h["x-tollgate-final-model"], h["x-tollgate-provider"], h["x-tollgate-attempts"], h["x-tollgate-fallback-reason"]) == (
+        "low_cost_chat_backup", "p2", "2", "provider_5xx")
+    assert [(r["kind"], r["fallback_cost_micro_usd"], r["final_model"]) for r in records] == [("fallback", "230", "low_cost_chat_backup")]
+
+
+def test_chain_stopped_by_policy_passes_its_error_on_unbilled_with_reason_policy(redis_url: str, policy: Policy) -> None:
+    stop = {"1": {"m": "low_cost_chat", "p": "p1", "t": 1.0, "o": "provider_5xx", "s": 500.0},
+            "stop": {"reason": "policy", "rule": "on_provider_5xx: switch_same_price_tier, not allowed by plan x"}}
+
+    async def scenario(rig: Rig) -> tuple[pb.ProcessingResponse, int]:
+        ex, customer, _, _ = await admitted(rig, SWITCH, plan="starter_down", fund=0)
+        msg = response_headers_message(502, metadata={"tollgate.attempts": stop}, extra={"x-tollgate-stop-reason": "policy"})
+        return await phases.dispatch(ex, msg), await rig.spend(customer)
+
+    reply, spend = run(redis_url, policy, scenario)
+    mutation = reply.response_headers.response.header_mutation
+    h = set_headers(mutation)
+    assert (h["x-tollgate-fallback-reason"], h["x-tollgate-cost-usd"], h["x-tollgate-attempts"]) == ("policy", "0.000000", "1")
+    assert "x-tollgate-stop-reason" in mutation.remove_headers  # internal: never shown to the client
+    assert ":status" not in h and not reply.HasField("mode_override")  # the upstream processor's error goes on as it is
+    assert spend == 0
 
 
 # --- the model list (the one request that sends its headers) -----------------------------------
