@@ -17,6 +17,9 @@ How one request travels (normal path, two ext_proc messages, one Redis round tri
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 # --- internal headers --------------------------------------------------------------------------
 CLUSTER_HEADER = "x-tollgate-cluster"  # which provider route serves the request (set by APPLY_LUA)
 TARGET_HEADER = "x-tollgate-target"  # which provider the relay sends a later attempt to
@@ -110,3 +113,106 @@ function envoy_on_response(h)
   hd:replace("content-type", "application/x-tollgate-big")
 end
 """
+
+
+# --- typed notes: what the processors tell each other through dynamic metadata ----------------
+# On the wire the keys stay short (metadata travels with every message); in code they have names.
+
+def _text(d: dict[str, Any], key: str) -> str:
+    v = d.get(key)
+    return "" if v is None else str(v)
+
+
+def _int(d: dict[str, Any], key: str, default: int = 0) -> int:
+    try:
+        return int(float(d.get(key) or default))
+    except (TypeError, ValueError):
+        return default
+
+
+@dataclass(frozen=True)
+class RequestNote:
+    """NS_REQUEST: the request's context, from the downstream processor to every later attempt
+    (a chain only; the per-attempt processor is stateless)."""
+
+    route: str
+    plan: str
+    first_model: str  # attempt 1 goes out without the per-attempt processor: noted here
+    first_provider: str
+    first_at_ms: int
+    customer: str
+    cap: int  # the output cap written into the body (what every attempt's time budget assumes)
+    stream: bool
+    unhealthy: frozenset[str] = frozenset()  # open circuits, besides the first provider's
+    skipped_model: str = ""  # the primary, when its circuit was open
+    skipped_provider: str = ""
+    skipped_opened_by: str = ""
+
+    def to_struct(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"route": self.route, "plan": self.plan, "m1": self.first_model, "p1": self.first_provider,
+                               "t1": self.first_at_ms, "cust": self.customer, "cap": self.cap, "stream": self.stream,
+                               "unhealthy": ",".join(sorted(self.unhealthy))}
+        if self.skipped_model:
+            out.update({"skip": self.skipped_model, "skip_p": self.skipped_provider, "skip_o": self.skipped_opened_by})
+        return out
+
+    @classmethod
+    def from_struct(cls, d: dict[str, Any]) -> RequestNote:
+        return cls(_text(d, "route"), _text(d, "plan"), _text(d, "m1"), _text(d, "p1"), _int(d, "t1"), _text(d, "cust"),
+                   _int(d, "cap"), bool(d.get("stream")), frozenset(_text(d, "unhealthy").split(",")) - {""},
+                   _text(d, "skip"), _text(d, "skip_p"), _text(d, "skip_o"))
+
+
+@dataclass(frozen=True)
+class AttemptNote:
+    """One attempt in NS_ATTEMPTS: where it went, when, why, and (once known) how it ended."""
+
+    model: str
+    provider: str
+    started_ms: int = 0
+    outcome: str = ""  # "" until the next attempt (or the downstream processor) classifies it
+    status: int = 0
+    rule: str = ""  # the policy rule that chose this attempt
+    reason: str = ""
+
+    def to_struct(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"m": self.model, "p": self.provider, "t": self.started_ms}
+        if self.outcome:
+            out.update({"o": self.outcome, "s": self.status})
+        if self.rule:
+            out["rule"] = self.rule
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+    @classmethod
+    def from_struct(cls, d: dict[str, Any]) -> AttemptNote:
+        return cls(_text(d, "m"), _text(d, "p"), _int(d, "t"), _text(d, "o"), _int(d, "s"), _text(d, "rule"), _text(d, "reason"))
+
+
+@dataclass(frozen=True)
+class StopNote:
+    """Why the per-attempt processor ended a chain (it answers the request itself)."""
+
+    reason: str
+    rule: str
+
+
+@dataclass
+class AttemptsNote:
+    """NS_ATTEMPTS: every attempt so far by number (1-based), and the stop, if the chain ended."""
+
+    attempts: dict[int, AttemptNote] = field(default_factory=dict)
+    stop: StopNote | None = None
+
+    def to_struct(self) -> dict[str, Any]:
+        out: dict[str, Any] = {str(n): a.to_struct() for n, a in self.attempts.items()}
+        if self.stop is not None:
+            out["stop"] = {"reason": self.stop.reason, "rule": self.stop.rule}
+        return out
+
+    @classmethod
+    def from_struct(cls, d: dict[str, Any]) -> AttemptsNote:
+        attempts = {int(k): AttemptNote.from_struct(v) for k, v in d.items() if k.isdigit() and isinstance(v, dict)}
+        stop = d.get("stop")
+        return cls(dict(sorted(attempts.items())), StopNote(_text(stop, "reason"), _text(stop, "rule")) if isinstance(stop, dict) else None)

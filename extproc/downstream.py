@@ -22,7 +22,6 @@ calls them, and translates results into Envoy's protocol.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import logging
@@ -47,12 +46,15 @@ from extproc.contract import (
     ORIGINAL_CONTENT_TYPE_HEADER,
     ROUTE_HEADER,
     STOP_HEADER,
+    AttemptsNote,
+    RequestNote,
 )
 from extproc.decide import KeyInfo, RouteChoice, authorize, resolve_route, visible_routes
 from extproc.envoy_config import chain_cluster, stream_target
 from extproc.errors import ApiError
 from extproc.gateway import Gateway
 from extproc.keys import secret_from_headers
+from extproc.ledger import UsageRecord, settle, spend_kind
 from extproc.money import format_usd
 from extproc.payload import (
     ENDPOINTS,
@@ -224,11 +226,11 @@ class Exchange(PassThrough):
         self.big = big
         if self.chained:
             apply["x-envoy-max-retries"] = str(route.max_attempts - 1)
-            notes.update({NS_REQUEST: {
-                "route": route.name, "plan": plan.name, "m1": target.name, "p1": choice.provider.name, "t1": now_ms(),
-                "unhealthy": ",".join(sorted(circuits.after_first)), "cap": cap, "stream": parsed.stream, "cust": key.customer,
-                **({"skip": skipped[0].model, "skip_p": skipped[0].provider, "skip_o": skipped[0].opened_by} if skipped else {}),
-            }})
+            skip = skipped[0] if skipped else None
+            notes[NS_REQUEST] = RequestNote(
+                route.name, plan.name, target.name, choice.provider.name, now_ms(), key.customer, cap, parsed.stream,
+                frozenset(circuits.after_first), skip.model if skip else "", skip.provider if skip else "",
+                skip.opened_by if skip else "").to_struct()
         return pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=body))),
             dynamic_metadata=metadata(notes),
@@ -249,7 +251,8 @@ class Exchange(PassThrough):
             budgets += [int(self.policy.providers[m.provider].idle_s * 1000) for m in candidates]
         ttl = reservation_ttl_ms(budgets, route.max_attempts, self.gw.reservation_grace_s)
         try:
-            result = await self.gw.quota.reserve(res, bound, Limits.of(plan, key.rpm, key.tpm), ttl, self.record_base())
+            result = await self.gw.quota.reserve(res, bound, Limits.of(plan, key.rpm, key.tpm), ttl,
+                                                 self.record_base().fields(finished=False))
         except RedisError:
             metrics.REDIS_ERRORS.labels("reserve").inc()
             return errors.quota_unavailable()
@@ -359,16 +362,14 @@ class Exchange(PassThrough):
         c = self.choice
         if c is None:
             return
-        entries = namespace(req, NS_ATTEMPTS) if self.chained else {}
-        stop = entries.pop("stop", None)
+        notes = AttemptsNote.from_struct(namespace(req, NS_ATTEMPTS)) if self.chained else AttemptsNote()
         attempts: list[Attempt] = []
-        for k in sorted(int(x) for x in entries if x.isdigit()):
-            e = entries[str(k)]
-            model = str(e.get("m") or (c.target.name if k == 1 else ""))
-            provider = str(e.get("p") or (c.provider.name if k == 1 else ""))
-            attempts.append(Attempt(model, provider, int(e.get("s", 0) or 0), str(e.get("o", "unknown"))))
-            if e.get("rule"):
-                self.rule = str(e["rule"])
+        for k, e in notes.attempts.items():
+            model = e.model or (c.target.name if k == 1 else "")
+            provider = e.provider or (c.provider.name if k == 1 else "")
+            attempts.append(Attempt(model, provider, e.status, e.outcome or "unknown"))
+            if e.rule:
+                self.rule = e.rule
         if not attempts:
             attempts = [Attempt(c.target.name, c.provider.name, 0, "unknown")]
         if stop_reason is None:
@@ -379,9 +380,9 @@ class Exchange(PassThrough):
         failures = [a.reason for a in attempts if a.reason not in ("ok", "unknown", "client_error")]
         if self.skipped is None:
             self.fallback_reason = failures[0] if failures else "none"
-        if isinstance(stop, dict):
-            self.rule = str(stop.get("rule", self.rule))
-            if stop.get("reason") == "policy":
+        if notes.stop is not None:
+            self.rule = notes.stop.rule or self.rule
+            if notes.stop.reason == "policy":
                 self.fallback_reason = "policy"
         model_by_name = self.policy.models.get(attempts[-1].model)
         if model_by_name is not None and attempts[-1].model != c.target.name:
@@ -553,7 +554,7 @@ class Exchange(PassThrough):
         final_status = status or self.client_status()
         served = usage is not None or charge is not None
         cost = c.target.price.cost_micro(usage.prompt_tokens, usage.completion_tokens) if usage else (charge or 0)
-        kind = self.spend_kind()
+        kind = spend_kind(c.primary.name, c.target.name, len(self.attempts))
         reserved = self.reservation.amount if self.reservation else 0
         self.overrun = cost > reserved
         if self.overrun:
@@ -574,71 +575,31 @@ class Exchange(PassThrough):
         if self.reservation is not None:
             record = self.record_final(usage, cost, kind, final_status)
             tokens = usage.prompt_tokens + usage.completion_tokens if usage else 0
-            await self.settle(self.reservation, cost, tokens, served, record)
+            await settle(self.gw, self.reservation, cost, tokens, served, record.fields())
         return cost
 
-    async def settle(self, res: Reservation, cost: int, tokens: int, served: bool, record: dict[str, str]) -> None:
-        """Settle now; if Redis fails, keep retrying in the background. The reservation stays
-        until then, so at worst the reaper turns it into an 'unsettled' record — never lost.
-        Shielded: Envoy may reset this request's stream meanwhile, which must not cut the
-        settlement (or its clean-ups) in half."""
-        try:
-            await asyncio.shield(self.gw.spawn(self.gw.quota.finish(res, cost, tokens, served, record)))
-            return
-        except RedisError:
-            metrics.REDIS_ERRORS.labels("finish").inc()
-
-        async def retry() -> None:
-            for delay in (0.5, 1, 2, 4, 8, 16, 32):
-                await asyncio.sleep(delay)
-                try:
-                    await self.gw.quota.finish(res, cost, tokens, served, record)
-                    return
-                except RedisError:
-                    metrics.REDIS_ERRORS.labels("finish").inc()
-            log.error("request %s: could not settle; its reservation will expire as an unsettled record", res.request_id)
-
-        self.gw.spawn(retry())
-
-    def spend_kind(self) -> str:
-        """normal: the primary served on the first attempt; retry: a later attempt on the
-        primary; fallback: another model served."""
-        if self.choice is None:
-            return "normal"
-        if self.choice.target.name != self.choice.primary.name:
-            return "fallback"
-        return "normal" if len(self.attempts) <= 1 else "retry"
-
-    def record_base(self) -> dict[str, str]:
+    def record_base(self) -> UsageRecord:
         """The fields known before the upstream call (also what an unsettled record shows)."""
         key, c = self.key, self.choice
         assert key is not None and c is not None
-        return {
-            "request_id": self.request_id, "ts": str(self.started_ms), "route": c.route.name, "customer_id": key.customer,
-            "workspace_id": key.workspace, "api_key_id": key.key_id, "plan": c.plan.name, "primary_model": c.primary.name,
-            "final_model": c.target.name, "provider": c.provider.name, "attempts": "1", "fallback_reason": "none",
-            "stream": "true" if self.parsed and self.parsed.stream else "false", "endpoint": self.path,
-            "record_id": self.record_id, "prepaid": "true" if c.plan.prepaid else "false",
-            "attempt_list": json.dumps([{"model": c.target.name, "provider": c.provider.name, "status": 0, "reason": "unknown"}]),
-        }
+        return UsageRecord(
+            request_id=self.request_id, ts=str(self.started_ms), route=c.route.name, customer_id=key.customer,
+            workspace_id=key.workspace, api_key_id=key.key_id, plan=c.plan.name, primary_model=c.primary.name,
+            final_model=c.target.name, provider=c.provider.name, stream=bool(self.parsed and self.parsed.stream),
+            endpoint=self.path, record_id=self.record_id, prepaid=c.plan.prepaid,
+            attempt_list=[Attempt(c.target.name, c.provider.name, 0, "unknown")])
 
-    def record_final(self, usage: Usage | None, cost: int, kind: str, status: int) -> dict[str, str]:
+    def record_final(self, usage: Usage | None, cost: int, kind: str, status: int) -> UsageRecord:
         c = self.choice
         assert c is not None and self.reservation is not None
         rec = self.record_base()
-        rec.update({
-            "final_model": c.target.name, "provider": c.provider.name, "attempts": str(len(self.attempts)),
-            "fallback_reason": self.fallback_reason, "status": str(status),
-            "prompt_tokens": str(usage.prompt_tokens if usage else 0),
-            "completion_tokens": str(usage.completion_tokens if usage else 0),
-            "kind": kind, "cost_micro_usd": str(cost), "retry_cost_micro_usd": str(cost if kind == "retry" else 0),
-            "fallback_cost_micro_usd": str(cost if kind == "fallback" else 0),
-            "reserved_micro_usd": str(self.reservation.amount), "output_cap": str(self.reservation.cap),
-            "overrun": "true" if self.overrun else "false",
-            "usage_source": self.usage_source if usage or cost else "none", "rule": self.rule,
-            "latency_ms": str(int((time.monotonic() - self.started) * 1000)),
-            "attempt_list": json.dumps([a.as_dict() for a in self.chain]),
-        })
+        rec.final_model, rec.provider, rec.attempts = c.target.name, c.provider.name, len(self.attempts)
+        rec.fallback_reason, rec.status, rec.kind, rec.cost_micro_usd = self.fallback_reason, status, kind, cost
+        rec.prompt_tokens = usage.prompt_tokens if usage else 0
+        rec.completion_tokens = usage.completion_tokens if usage else 0
+        rec.reserved_micro_usd, rec.output_cap, rec.overrun = self.reservation.amount, self.reservation.cap, self.overrun
+        rec.usage_source = self.usage_source if usage or cost else "none"
+        rec.rule, rec.latency_ms, rec.attempt_list = self.rule, int((time.monotonic() - self.started) * 1000), self.chain
         return rec
 
     # --- replies ------------------------------------------------------------------------

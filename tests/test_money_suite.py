@@ -417,13 +417,13 @@ def test_served_answer_without_usage_never_overdraws(stack: Stack, customer: str
     assert_paid_for(stack, customer, served=1)
 
 
-def _truncated_json(self: Any, status: int, obj: Any, extra: dict[str, str] | None = None) -> None:
+def _truncated_json(self: Any, status: int, obj: Any, extra: dict[str, str] | None = None, content_type: str = "application/json") -> None:
     """A provider whose 200 answers are cut short: invalid JSON (headers stay consistent)."""
     data = json.dumps(obj).encode()
     if status == 200 and self.path.startswith("/v1/"):
         data = data[: len(data) - 7]
     self.send_response(status)
-    self.send_header("content-type", "application/json")
+    self.send_header("content-type", content_type)
     self.send_header("content-length", str(len(data)))
     for k, v in (extra or {}).items():
         self.send_header(k, v)
