@@ -67,6 +67,7 @@ from extproc.payload import (
     usage_from_metadata,
 )
 from extproc.pb import ext_proc_pb2 as pb
+from extproc.phases import PassThrough
 from extproc.policy.model import Route
 from extproc.protocol import attribute, immediate, metadata, namespace, request_headers
 from extproc.protocol import header as _opt
@@ -80,7 +81,7 @@ log = logging.getLogger("tollgate.downstream")
 
 
 
-class Exchange:
+class Exchange(PassThrough):
     """One HTTP request's conversation with Envoy's downstream ext_proc filter."""
 
     def __init__(self, gw: Gateway) -> None:
@@ -119,6 +120,20 @@ class Exchange:
         self.overrun = False  # the provider billed more than was reserved
         self.record_id = uuid.uuid4().hex  # publishes the usage record exactly once
         self.finished = False
+
+    # --- the phases (phases.Processor): server.py dispatches each message here -----------
+
+    async def request_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        return await self.on_request_headers(req.request_headers)
+
+    async def request_body(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        return await self.on_request_body(req)
+
+    async def response_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        return await self.on_response_headers(req)
+
+    async def response_body(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        return await self.on_response_body(req.response_body)
 
     # --- request path -------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from extproc.errors import ApiError
 from extproc.gateway import Gateway
 from extproc.payload import model_head
 from extproc.pb import ext_proc_pb2 as pb
+from extproc.phases import PassThrough
 from extproc.protocol import attribute, header, immediate, metadata, namespace
 from extproc.quota import now_ms
 from extproc.timeouts import PER_TRY_TIMEOUT_HEADER, attempt_budget_ms, size_explains_timeout
@@ -67,9 +68,14 @@ def error_for(step: Step, last_outcome: str, attempts: int) -> ApiError:
     )
 
 
-class AttemptExchange:
+class AttemptExchange(PassThrough):
+    """One later attempt: its request headers are its only message (other phases pass through)."""
+
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
+
+    async def request_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        return await self.on_request_headers(req)
 
     async def on_request_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
         now = now_ms()
