@@ -69,9 +69,10 @@ from extproc.payload import (
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.phases import PassThrough
 from extproc.policy.model import Route
-from extproc.protocol import attribute, immediate, metadata, namespace, request_headers
+from extproc.protocol import attribute, immediate, metadata, namespace
 from extproc.protocol import header as _opt
 from extproc.protocol import headers_of as _headers_of
+from extproc.protocol import request_headers as headers_from_attributes
 from extproc.quota import Account, Limits, Reservation, ReserveResult, month_of, now_ms, reservation_ttl_ms, valid_id
 from extproc.records import Attempt
 from extproc.stream import StreamMeter, text_bytes
@@ -175,7 +176,7 @@ class Exchange(PassThrough):
         """The request's one message: its body, with the headers it needs as attributes."""
         msg = req.request_body
         if not self.path:
-            refused = await self.admit(request_headers(req), has_body=True)
+            refused = await self.admit(headers_from_attributes(req), has_body=True)
             if refused is not None:
                 return refused
         parsed = parse_request(self.path, msg.body)
@@ -258,8 +259,8 @@ class Exchange(PassThrough):
             return errors.quota_unavailable()
         self.rate_headers = result.rate.headers()
         if result.status == "duplicate":
-            return ApiError(409, "duplicate_request", f"The request id {self.request_id!r} was already used for a served request; "
-                            "send a new x-request-id.", param="x-request-id")
+            return ApiError(409, "duplicate_request", f"The request id {self.request_id!r} was already used for a request that "
+                            "was served or is still in flight; send a new x-request-id.", param="x-request-id")
         if result.status != "ok":
             self.gw.quota.forget_hint(res)
             return self.refusal(route.name, result, bound)
