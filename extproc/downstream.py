@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 
 from extproc import config, errors, metrics
 from extproc.caps import CostBound, answer_bytes_bound, cost_bound
-from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, all_candidates, first_step, outcome_of_status
+from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, all_candidates, first_step, outcome_of_status, unavailable_error
 from extproc.contract import (
     ATTR_CODE_DETAILS,
     ATTRIBUTION_PREFIX,
@@ -217,12 +217,11 @@ class Exchange(PassThrough):
         # Attempt 1's provider's own budget; the relay bounds a later attempt by its provider's.
         budget = attempt_budget_ms(choice.provider, cap, parsed.stream)
         # Headers are applied by Envoy's apply filter (contract.APPLY_LUA): "" removes one.
-        provider_secret = self.gw.provider_secrets.get(choice.provider.name)
         assert self.bound is not None
         big = not parsed.stream and answer_bytes_bound(
             self.path, parsed.body, cap, self.bound.choices, parsed.body_bytes) > self.gw.max_body_bytes
         apply = {CLUSTER_HEADER: stream_target(cluster, parsed.stream), PER_TRY_TIMEOUT_HEADER: str(budget), "api-key": "",
-                 "authorization": f"Bearer {provider_secret}" if provider_secret else ""}
+                 "authorization": self.gw.credential(choice.provider.name)}
         notes: dict[str, dict[str, Any]] = {NS_APPLY: apply, **({NS_ANSWER: {"big": True}} if big else {})}
         self.big = big
         if self.chained:
@@ -400,11 +399,7 @@ class Exchange(PassThrough):
 
     def failure_error(self) -> ApiError:
         """Every allowed attempt failed (or the route fails closed): SPEC §4's upstream_unavailable."""
-        reason = self.attempts[-1].reason
-        n = len(self.attempts)
-        why = f"; {self.rule}" if self.rule else ""
-        return errors.upstream_unavailable(FAILURE_STATUS.get(reason, 502),
-                                           f"No provider could serve the request after {n} attempt(s) ({reason}){why}.")
+        return unavailable_error(self.attempts[-1].reason, len(self.attempts), self.rule)
 
     async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
         self.last_byte = time.monotonic()

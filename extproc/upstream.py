@@ -18,8 +18,7 @@ import random
 from dataclasses import replace
 from typing import Any
 
-from extproc import errors
-from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, Step, Tried, next_step, outcome_of_status
+from extproc.chains import HEALTH_FAILURES, Step, Tried, next_step, outcome_of_status, unavailable_error
 from extproc.contract import (
     NS_ATTEMPTS,
     NS_LAST,
@@ -34,7 +33,6 @@ from extproc.contract import (
     StopNote,
 )
 from extproc.envoy_config import stream_target
-from extproc.errors import ApiError
 from extproc.gateway import Gateway
 from extproc.payload import model_head
 from extproc.pb import ext_proc_pb2 as pb
@@ -59,13 +57,6 @@ def classify_attempt(attempt: AttemptNote, last: dict[str, Any], now_ms: int, bu
     if any(f in flags for f in ("UF", "UH", "UC", "LR", "URX")):
         return "connect_failure"
     return outcome_of_status(int(status))
-
-
-def error_for(step: Step, last_outcome: str, attempts: int) -> ApiError:
-    status = FAILURE_STATUS.get(last_outcome, 502)
-    return errors.upstream_unavailable(
-        status, f"No provider could serve the request after {attempts} attempt(s) ({last_outcome}); {step.rule}."
-    )
 
 
 class AttemptExchange(PassThrough):
@@ -116,7 +107,7 @@ class AttemptExchange(PassThrough):
             step = next_step(policy, route, plan, history, request.unhealthy)
         if not step.go:
             notes.stop = StopNote(step.reason, step.rule)
-            err = error_for(step, history[-1].outcome, n - 1)
+            err = unavailable_error(history[-1].outcome, n - 1, step.rule)
             return pb.ProcessingResponse(
                 immediate_response=immediate(err, [header(STOP_HEADER, step.reason)]),
                 dynamic_metadata=metadata({NS_ATTEMPTS: notes.to_struct()}),
@@ -129,9 +120,9 @@ class AttemptExchange(PassThrough):
         set_headers = [header(TARGET_HEADER, stream_target(model.provider, stream)),
                        header(PER_TRY_TIMEOUT_HEADER, str(attempt_budget_ms(policy.providers[model.provider], cap, stream)))]
         remove: list[str] = []
-        secret = self.gw.provider_secrets.get(model.provider)
-        if secret:
-            set_headers.append(header("authorization", f"Bearer {secret}"))
+        credential = self.gw.credential(model.provider)
+        if credential:
+            set_headers.append(header("authorization", credential))
         else:
             remove.append("authorization")
         resp = pb.ProcessingResponse(
