@@ -39,7 +39,6 @@ NS_LAST = "tollgate.last"  # the last attempt's status (Lua status recorder, no 
 NS_REWRITE = "tollgate.rewrite"  # a later attempt's body head: old -> new (upstream processor -> Lua)
 NS_APPLY = "tollgate.apply"  # headers to set ("" = remove) once the body is decided (-> APPLY_LUA)
 NS_USAGE = "tollgate.usage"  # a JSON answer's usage, read by Envoy's json_to_metadata
-NS_ANSWER = "tollgate.answer"  # {"big": true}: the answer may not fit Envoy's buffer (-> BIG_ANSWER_LUA)
 
 # Keys in NS_USAGE (json_to_metadata writes them; the downstream processor reads them).
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
@@ -47,6 +46,8 @@ USAGE_KEYS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_toke
 # A big answer's content type, hidden from json_to_metadata (which would buffer it whole and
 # overflow) and restored by the downstream processor.
 ORIGINAL_CONTENT_TYPE_HEADER = "x-tollgate-content-type"
+HIDDEN_CONTENT_TYPE = "application/x-tollgate-big"
+HIDE_FILTER = "tollgate.hide_big_answer"  # a header_mutation filter, configured on `+big` routes only
 
 # --- what the downstream processor's single request message carries ----------------------------
 # With the request-header phase skipped, the headers the processor needs come as CEL
@@ -96,21 +97,6 @@ function envoy_on_request(h)
   end
   hd:replace("content-length", tostring(body:length()))
   h:clearRouteCache()
-end
-"""
-
-# Runs on the response before json_to_metadata: an answer that may not fit Envoy's buffer
-# (the processor said so when it reserved, caps.answer_bytes_bound) is hidden from it by its
-# content type, so it passes unbuffered; the processor then meters it itself.
-BIG_ANSWER_LUA = """
-function envoy_on_response(h)
-  local a = h:streamInfo():dynamicMetadata():get("%(ns_answer)s")
-  if a == nil or not a["big"] then return end
-  local hd = h:headers()
-  local ct = hd:get("content-type")
-  if ct == nil then return end
-  hd:replace("%(original)s", ct)
-  hd:replace("content-type", "application/x-tollgate-big")
 end
 """
 

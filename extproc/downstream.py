@@ -38,7 +38,6 @@ from extproc.contract import (
     ATTR_CODE_DETAILS,
     ATTRIBUTION_PREFIX,
     CLUSTER_HEADER,
-    NS_ANSWER,
     NS_APPLY,
     NS_ATTEMPTS,
     NS_REQUEST,
@@ -50,7 +49,7 @@ from extproc.contract import (
     RequestNote,
 )
 from extproc.decide import KeyInfo, RouteChoice, authorize, resolve_route, visible_routes
-from extproc.envoy_config import chain_cluster, stream_target
+from extproc.envoy_config import chain_cluster, route_target
 from extproc.errors import ApiError
 from extproc.gateway import Gateway
 from extproc.keys import secret_from_headers
@@ -220,9 +219,9 @@ class Exchange(PassThrough):
         assert self.bound is not None
         big = not parsed.stream and answer_bytes_bound(
             self.path, parsed.body, cap, self.bound.choices, parsed.body_bytes) > self.gw.max_body_bytes
-        apply = {CLUSTER_HEADER: stream_target(cluster, parsed.stream), PER_TRY_TIMEOUT_HEADER: str(budget), "api-key": "",
+        apply = {CLUSTER_HEADER: route_target(cluster, parsed.stream, big), PER_TRY_TIMEOUT_HEADER: str(budget), "api-key": "",
                  "authorization": self.gw.credential(choice.provider.name)}
-        notes: dict[str, dict[str, Any]] = {NS_APPLY: apply, **({NS_ANSWER: {"big": True}} if big else {})}
+        notes: dict[str, dict[str, Any]] = {NS_APPLY: apply}
         self.big = big
         if self.chained:
             apply["x-envoy-max-retries"] = str(route.max_attempts - 1)
