@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import urllib.error
 import urllib.request
 
 from tests.conftest import Stack, post_raw
@@ -139,3 +140,19 @@ def test_an_answer_that_might_not_fit_the_buffer_keeps_its_content_type_and_is_b
     # (5 x 150,000 + 9 x 600,000) / 1e6 = 6.15 -> 7 micro-USD
     assert headers["x-tollgate-cost-usd"] == "0.000007"
     assert envoy_counter(stack, MESSAGES_SENT) - before == 3  # the body is read by the processor
+
+
+def test_a_post_without_a_body_is_refused_400_in_openai_shape_and_reaches_no_provider(stack: Stack, customer: str) -> None:
+    """No body, no body message: Envoy's apply filter refuses it before any route is chosen."""
+    _, secret = stack.create_key(customer)
+    calls = sum(f.calls() for f in stack.fakes.values())
+    req = urllib.request.Request(f"{stack.base_url}/chat/completions", data=b"", method="POST",
+                                 headers={"authorization": f"Bearer {secret}", "content-type": "application/json"})
+    try:
+        urllib.request.urlopen(req, timeout=10)
+        raise AssertionError("expected a 400")
+    except urllib.error.HTTPError as exc:
+        status, err = exc.code, json.loads(exc.read())
+    assert status == 400 and set(err["error"]) == {"message", "type", "param", "code"}
+    assert err["error"]["code"] == "invalid_request_error" and "body" in err["error"]["message"]
+    assert sum(f.calls() for f in stack.fakes.values()) == calls
