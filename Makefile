@@ -15,7 +15,7 @@ test: setup lint
 
 lint: setup
 	$(VENV)/ruff check extproc tests
-	$(VENV)/mypy extproc
+	$(VENV)/mypy extproc tests
 
 protos: setup
 	$(VENV)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. protos/extproc/pb/ext_proc.proto
