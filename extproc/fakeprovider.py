@@ -38,6 +38,7 @@ class Reply:
     honour_cap: bool = True  # False: a dishonest provider that ignores the output cap
     usage: bool = True  # False: answer without `usage` (and streams without a usage chunk)
     uncapped_tokens: int = 100_000  # what "all it allows" means when the request names no cap
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (a provider forging ours)
 
 
 @dataclass
@@ -182,6 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if reply.status != 200:
             extra = {"retry-after": str(reply.retry_after)} if reply.retry_after is not None else {}
+            extra.update(reply.headers)
             kind = "rate_limit_exceeded" if reply.status == 429 else "server_error"
             self._send_json(reply.status, {"error": {"message": f"{self.fake.name} says {reply.status}", "type": kind, "param": None, "code": kind}}, extra)
             return
@@ -189,7 +191,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("stream"):
             self._stream(body, reply)
         else:
-            self._send_json(200, self._complete(body, reply))
+            self._send_json(200, self._complete(body, reply), reply.headers)
 
     def _control(self, raw: bytes) -> None:
         cmd = json.loads(raw or b"{}")
