@@ -47,10 +47,10 @@ class Target:
 
 TARGETS = (
     Target("extproc/money.py", ("tests/test_money_unit.py",), cap=16),
-    Target("extproc/caps.py", ("tests/test_caps.py", "tests/test_reserve_lua.py"), cap=30),
-    Target("extproc/chains.py", ("tests/test_chains.py",), cap=30),
-    Target("extproc/decide.py", ("tests/test_decide.py",), cap=16),
-    Target("extproc/policy/model.py", ("tests/test_caps.py", "tests/test_chains.py", "tests/test_decide.py"),
+    Target("extproc/caps.py", ("tests/test_caps_bounds.py", "tests/test_caps.py", "tests/test_reserve_lua.py"), cap=30),
+    Target("extproc/chains.py", ("tests/test_chains_edges.py", "tests/test_chains.py"), cap=30),
+    Target("extproc/decide.py", ("tests/test_decide.py", "tests/test_policy_model.py"), cap=16),
+    Target("extproc/policy/model.py", ("tests/test_policy_model.py", "tests/test_caps.py", "tests/test_chains.py", "tests/test_decide.py"),
            only=("cost_micro", "allows_route", "rule", "max_attempts", "ttfb_s", "idle_s"), cap=12),
     Target("extproc/health.py", ("tests/test_health_unit.py",), cap=20),
     Target("extproc/timeouts.py", ("tests/test_timeouts_unit.py",), cap=10),
@@ -283,7 +283,7 @@ FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+?)(?: - |$)", re.M)
 def run_tests(workdir: Path, tests: tuple[str, ...], timeout_s: float) -> tuple[bool, str, str]:
     """(passed, first failing test, output tail) of the given test files in `workdir`."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(workdir)}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "--noconftest", "-p", "no:cacheprovider",
            f"--timeout={int(timeout_s)}", *tests]
     try:
         proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout_s + 15)
