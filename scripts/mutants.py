@@ -58,8 +58,8 @@ TARGETS = (
            only=("CLIENT_HEADERS", "GATEWAY_HEADERS", "RESERVED_HEADERS", "gate_lua", "_lua_set"), cap=12),
     Target("extproc/errors.py", ("tests/test_errors_unit.py", "tests/test_caps.py", "tests/test_decide.py"),
            only=("rate_limited", "request_too_large"), cap=6),
-    Target("extproc/lua/reserve.lua", ("tests/test_reserve_lua.py",), cap=24),
-    Target("extproc/lua/finish.lua", ("tests/test_reserve_lua.py",), cap=10),
+    Target("extproc/lua/reserve.lua", ("tests/test_reserve_lua_edges.py", "tests/test_reserve_lua.py"), cap=24),
+    Target("extproc/lua/finish.lua", ("tests/test_reserve_lua_edges.py", "tests/test_reserve_lua.py"), cap=10),
 )
 
 
