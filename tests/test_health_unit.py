@@ -18,7 +18,7 @@ from extproc.store import RedisLike, redis_client
 
 T = TypeVar("T")
 P1 = Provider("p1", "127.0.0.1", 1, False, circuit_failures=2, circuit_failure_rate="0.5", circuit_customers=2,
-              circuit_window_s=100, circuit_cooldown_s=30)
+              circuit_window_s=25, circuit_cooldown_s=30)
 P2 = Provider("p2", "127.0.0.1", 2, False)
 POLICY = Policy(tiers=("low",), providers={"p1": P1, "p2": P2}, models={}, plans={}, routes={})
 
@@ -109,7 +109,7 @@ def test_one_failure_counts_once_and_opens_nothing(server: RedisServer, sync: re
     assert run(server, go) == {}
     (key,) = sync.keys("tollgate:health:{p:p1}:n:*")
     assert sync.hgetall(key) == {b"fail": b"1"}
-    assert 108 < sync.ttl(key) <= 110  # the window (100 s) plus one bucket (10 s)
+    assert 26_000 < sync.pttl(key) <= 27_000  # the window (25 s) plus one bucket (25 // 10 = 2 s)
 
 
 def test_failures_from_two_customers_open_the_circuit_for_the_cooldown(server: RedisServer, sync: redis.Redis) -> None:
@@ -120,8 +120,8 @@ def test_failures_from_two_customers_open_the_circuit_for_the_cooldown(server: R
 
     assert run(server, go) == {"p1": "provider_5xx"}
     assert sync.get("tollgate:health:{p:p1}:open") == b"provider_5xx"
-    assert 28 < sync.ttl("tollgate:health:{p:p1}:open") <= 30
-    assert 138 < sync.ttl("tollgate:health:{p:p1}:probe") <= 140  # cooldown 30 + window 100 + bucket 10
+    assert 29_000 < sync.pttl("tollgate:health:{p:p1}:open") <= 30_000
+    assert 56_000 < sync.pttl("tollgate:health:{p:p1}:probe") <= 57_000  # cooldown 30 + window 25 + bucket 2
 
 
 def test_refresh_reads_open_and_half_open_circuits_of_every_provider(server: RedisServer, sync: redis.Redis) -> None:
