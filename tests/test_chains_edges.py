@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.chains import FAILURE_STATUS, Step, Tried, first_step, next_step, outcome_of_status
+from extproc.chains import FAILURE_STATUS, Step, Tried, all_candidates, first_step, next_step, outcome_of_status
 from extproc.policy.model import FallbackRule, Model, Plan, Policy, Price, Provider, Route, RouteFallback
 
 
@@ -112,3 +112,8 @@ def test_an_attempt_on_a_model_the_sequence_does_not_name_ends_the_chain() -> No
     p = policy([route("r", "a_low", 4, on_provider_5xx=FallbackRule("switch_same_price_tier"))])
     step = after(p, "r", "same", [Tried("a_low", "pa", "provider_5xx"), Tried("gone", "pz", "provider_5xx")])
     assert (step.go, step.reason) == (False, "provider_5xx")
+
+
+def test_the_reservation_counts_the_model_a_connect_failure_would_switch_to() -> None:
+    p = policy([route("r", "a_low", 2, on_connect_failure=FallbackRule("switch_same_price_tier"))])
+    assert [m.name for m in all_candidates(p, p.routes["r"], p.plans["same"])] == ["a_low", "b_low"]

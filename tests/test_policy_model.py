@@ -16,6 +16,10 @@ def test_a_call_costing_a_fraction_of_a_micro_dollar_costs_one() -> None:
     assert Price(1, 0).cost_micro(1, 0) == 1  # 1e-6 micro-USD, rounded up
 
 
+def test_a_call_costing_just_over_one_micro_dollar_costs_two() -> None:
+    assert Price(1_000_001, 0).cost_micro(1, 0) == 2  # 1.000001 micro-USD, rounded up
+
+
 def test_a_free_call_costs_nothing() -> None:
     assert Price(150_000, 600_000).cost_micro(0, 0) == 0
 

@@ -71,6 +71,17 @@ def test_rate_figures_report_the_tightest_bucket(server: RedisServer, sync: redi
     assert (r.rate.rpm_limit, r.rate.rpm_remaining, r.rate.rpm_reset_ms) == (10, 3, 39_000)
 
 
+def test_rate_figures_report_the_tightest_bucket_when_it_comes_last(server: RedisServer, sync: redis.Redis) -> None:
+    """The same figures when the customer's bucket (its own override: 10 a minute) is the
+    tight one and the key's and workspace's (100) are looser."""
+    sync.hset("tollgate:{c:c}:limits", "rpm", 10)
+    freeze(sync, KEY_RPM, 50)
+    freeze(sync, WS_RPM, 50)
+    freeze(sync, CUST_RPM, 4.5)
+    r = reserve(server, rpm(100))
+    assert (r.rate.rpm_limit, r.rate.rpm_remaining, r.rate.rpm_reset_ms) == (10, 3, 39_000)
+
+
 def test_a_zero_monthly_budget_refuses_every_request(server: RedisServer, sync: redis.Redis) -> None:
     r = reserve(server, Limits(prepaid=False, monthly_budget_micro=0, rpm=None, tpm=None))
     assert (r.status, r.reason) == ("refused", "budget")
