@@ -63,6 +63,33 @@ TARGETS = (
 )
 
 
+# Survivors judged equivalent (no input the gateway can receive tells them apart), keyed by
+# file, the mutated line's text (stripped), the change and its column in that text. Printed
+# next to the survivor; they still count against the kill rate.
+EQUIVALENT: dict[tuple[str, str, str, str, int], str] = {
+    ("extproc/caps.py", 'if path == "/v1/completions" and isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):',
+     "all", "any", 77): "differs only for a prompt list mixing token ids and strings, which no client API accepts",
+    ("extproc/caps.py", "if f != honoured and isinstance(v, int) and v > cap:", ">", ">=", 46):
+        "writing the cap into a field that already equals it changes nothing",
+    ("extproc/health.py", "current = int(now_s // size)", "//", "/", 20):
+        "int(t / size) == int(t // size) for the non-negative wall-clock time it is given",
+    ("extproc/health.py", "if now >= self.next_probe.get(provider, 0.0):", ">=", ">", 7):
+        "differs only when the monotonic clock equals the probe time to the last bit",
+    **{("extproc/lua/reserve.lua", "if q * d > x then q = q - 1 elseif (q + 1) * d <= x then q = q + 1 end", "1", "2", col):
+        "floor_div's corrections never apply: below 2^52 (the processor's bound) math.floor(x / d) is exact" for col in (26, 40, 65)},
+    ("extproc/lua/reserve.lua", "local reset = math.ceil((best.capacity - (best.tokens - math.min(cost, best.capacity))) / best.rate)",
+     "-", "+", 54): "report() is only ever called with cost 0, so math.min(cost, capacity) is 0 and -0 == +0",
+    ("extproc/lua/finish.lua", "return 1", "1", "2", 7): "Quota.finish ignores the script's reply (only an error matters)",
+}
+
+
+def equivalence(m: Mutant) -> str:
+    """Why a surviving mutant is equivalent, when it is one of the known ones."""
+    line = (ROOT / m.path).read_text().split("\n")[m.line - 1]
+    indent = len(line) - len(line.lstrip())
+    return EQUIVALENT.get((m.path, line.strip(), m.old, m.new, m.col - indent), "")
+
+
 @dataclass(frozen=True)
 class Mutant:
     path: str
@@ -353,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(args.workers) as pool:
             for r in pool.map(work, plan):
                 results.append(r)
-                verdict = f"killed by {r.by}" if r.killed else "SURVIVED"
+                why = equivalence(r.mutant)
+                verdict = f"killed by {r.by}" if r.killed else f"SURVIVED (equivalent: {why})" if why else "SURVIVED"
                 print(f"{describe(r.mutant)}  {verdict}  ({r.seconds:.1f}s)", flush=True)
 
     killed = sum(r.killed for r in results)
@@ -361,11 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     survivors = [r for r in results if not r.killed]
     print(f"\nkill rate: {killed}/{len(results)} = {rate:.1%} in {time.monotonic() - started:.0f}s")
     for r in survivors:
-        print(f"  survived: {describe(r.mutant)}")
+        why = equivalence(r.mutant)
+        print(f"  survived: {describe(r.mutant)}  {'equivalent: ' + why if why else 'NOT KNOWN TO BE EQUIVALENT'}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "killed": killed, "total": len(results), "rate": round(rate, 4), "seconds": round(time.monotonic() - started),
-            "mutants": [{**asdict(r.mutant), "killed": r.killed, "by": r.by, "seconds": round(r.seconds, 1)} for r in results],
+            "mutants": [{**asdict(r.mutant), "killed": r.killed, "by": r.by, "seconds": round(r.seconds, 1),
+                         **({} if r.killed else {"equivalent": equivalence(r.mutant)})} for r in results],
         }, indent=1) + "\n")
     return 0 if rate >= args.min_rate else 1
 
