@@ -2,7 +2,7 @@
 VENV := .venv/bin
 POLICY := extproc/examples/policy
 
-.PHONY: setup demo test lint protos envoy-example deploy-config bench soak soak-quick export-soak load clean
+.PHONY: setup demo test lint protos envoy-example deploy-config bench soak soak-quick export-soak load mutants clean
 
 setup:
 	@scripts/setup.sh
@@ -15,7 +15,7 @@ test: setup lint
 
 lint: setup
 	$(VENV)/ruff check extproc tests
-	$(VENV)/mypy extproc
+	$(VENV)/mypy extproc tests
 
 protos: setup
 	$(VENV)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. protos/extproc/pb/ext_proc.proto
@@ -46,6 +46,11 @@ export-soak: setup
 
 load: setup  # 2,000 concurrent slow streams through one Envoy and one processor (issue 10)
 	TOLLGATE_LOAD_STREAMS=2000 TOLLGATE_LOAD_GAP_S=15 TOLLGATE_LOAD_RAMP_S=12 $(VENV)/pytest -q -s tests/test_load.py
+
+# Mutation run (issue 9): one-token mutants of the money and fallback core, each against the
+# tests that can kill it; prints every mutant, who killed it, and the kill rate (fails below 90%).
+mutants: setup
+	$(VENV)/python -m scripts.mutants --json bench/mutants.json
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

@@ -39,6 +39,7 @@ class Reply:
     usage: bool = True  # False: answer without `usage` (and streams without a usage chunk)
     uncapped_tokens: int = 100_000  # what "all it allows" means when the request names no cap
     content_type: str = "application/json"  # of JSON answers (OpenAI sends no charset; others do)
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (a provider forging ours)
 
 
 @dataclass
@@ -183,6 +184,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if reply.status != 200:
             extra = {"retry-after": str(reply.retry_after)} if reply.retry_after is not None else {}
+            extra.update(reply.headers)
             kind = "rate_limit_exceeded" if reply.status == 429 else "server_error"
             self._send_json(reply.status, {"error": {"message": f"{self.fake.name} says {reply.status}", "type": kind, "param": None, "code": kind}}, extra)
             return
@@ -190,7 +192,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("stream"):
             self._stream(body, reply)
         else:
-            self._send_json(200, self._complete(body, reply), content_type=reply.content_type)
+            self._send_json(200, self._complete(body, reply), reply.headers, content_type=reply.content_type)
 
     def _control(self, raw: bytes) -> None:
         cmd = json.loads(raw or b"{}")

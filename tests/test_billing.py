@@ -14,6 +14,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from extproc.fakeprovider import FakeProvider, Reply
 from extproc.ledger_store import open_store
@@ -23,7 +24,7 @@ from tests.ledger_helpers import ledger_url, postgres, tollgate, tollgate_bg, wa
 
 __all__ = ["ledger_url", "postgres"]  # fixtures used by name
 
-MESSAGES = [{"role": "user", "content": "Summarise this support ticket."}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Summarise this support ticket."}]
 _groups = itertools.count()
 
 

@@ -71,13 +71,13 @@ def test_embeddings_have_no_output() -> None:
 
 
 def test_input_bound_is_the_whole_body_in_bytes() -> None:
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "instructions": "x" * 1000, "tools": [{"a": "é" * 10}]}
+    body: dict[str, object] = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "instructions": "x" * 1000, "tools": [{"a": "é" * 10}]}
     inp, _, _, size = bound_of("/v1/chat/completions", body, [CHEAP])
     assert inp == size  # instructions and tools are in it, not only messages
 
 
 def test_every_image_part_adds_its_ceiling() -> None:
-    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+    body: dict[str, object] = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                        {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
                                                        {"type": "image_url", "image_url": {"url": "https://x/z.png"}}]}]}
     inp, _, _, size = bound_of("/v1/chat/completions", body, [CHEAP])

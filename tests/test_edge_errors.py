@@ -193,6 +193,7 @@ def test_processor_killed_mid_request_does_not_claim_the_request_was_not_sent(lo
     while not lone_stack.fakes["p3"].calls() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert lone_stack.fakes["p3"].calls() == 1  # the request reached the provider
+    assert lone_stack.processor.proc is not None
     os.kill(lone_stack.processor.proc.pid, signal.SIGKILL)
     t.join(20)
     status, _, body = answer["r"]

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 import yaml
+from openai.types.chat import ChatCompletionMessageParam
 
 from extproc.fakeprovider import FakeProvider, Received, Reply
 from tests.conftest import SEED, Stack, catalog, running_stack
 
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 ORG = "org-operator-1"
 PROJECT_P2 = "proj-backup-7"
 

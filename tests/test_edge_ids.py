@@ -10,10 +10,11 @@ import sys
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import Stack
 
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
 def explain(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from extproc.fakeprovider import Reply
 from extproc.quota import request_key
 from tests.conftest import Stack
 
-MESSAGES = [{"role": "user", "content": "Summarise this support ticket."}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Summarise this support ticket."}]
 
 
 @dataclass

@@ -11,10 +11,11 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import PROVIDER_SECRETS, Stack
 
-MESSAGES = [{"role": "user", "content": "Draft a reply to a customer asking about refunds."}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Draft a reply to a customer asking about refunds."}]
 
 
 def post(stack: Stack, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], Any]:
@@ -37,7 +38,7 @@ def test_chat_completion_is_served_by_the_primary_model_with_its_provider_name(s
     raw = stack.client(secret).chat.completions.with_raw_response.create(model="support_draft", messages=MESSAGES)
     completion = raw.parse()
     assert completion.model == "gpt-4o-mini"
-    assert completion.choices[0].message.content.startswith("[p1]")
+    assert (completion.choices[0].message.content or "").startswith("[p1]")
     received = stack.fakes["p1"].requests[-1]
     assert received.body["model"] == "gpt-4o-mini"
     assert received.body["messages"] == MESSAGES

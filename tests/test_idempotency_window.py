@@ -11,13 +11,14 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
+from openai.types.chat import ChatCompletionMessageParam
 
 from extproc.cli import build_parser
 from extproc.policy import PolicyError, load_policy
 from extproc.server import IDEMPOTENCY_ENV, idempotency_window
 from tests.conftest import Stack, running_stack
 
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 DAY_S = 86400
 
 

@@ -11,6 +11,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import redis
@@ -145,10 +146,10 @@ def test_stream_is_trimmed_only_below_what_every_group_committed(server: RedisSe
     assert first.run_once() == 30
     assert r.xlen(USAGE_STREAM) == 30
     r.xreadgroup("second-ledger", "c", {USAGE_STREAM: ">"}, count=10)
-    ids = [i for i, _ in r.xrange(USAGE_STREAM)]
+    ids = [i for i, _ in cast(list[Any], r.xrange(USAGE_STREAM))]
     r.xack(USAGE_STREAM, "second-ledger", *ids[:10])  # the second group committed the first 10
     assert first.trim() == 10
-    assert r.xrange(USAGE_STREAM, count=1)[0][0] == ids[10]
+    assert cast(list[Any], r.xrange(USAGE_STREAM, count=1))[0][0] == ids[10]
 
 
 def test_publish_markers_get_a_short_ttl_once_exported(server: RedisServer, ledger_url: str) -> None:
@@ -186,7 +187,7 @@ def test_an_expired_reservation_settled_late_is_in_the_ledger_once_at_its_cost(s
 
     asyncio.run(scenario())
     r = redis.Redis.from_url(server.url)
-    statuses = sorted(f[b"status"].decode() for _, f in r.xrange(USAGE_STREAM))
+    statuses = sorted(f[b"status"].decode() for _, f in cast(list[Any], r.xrange(USAGE_STREAM)))
     assert statuses == ["200", "unsettled"]  # two records, one record_id
     ex = exporter(server, ledger_url)
     assert ex.run_once() == 2

@@ -140,13 +140,15 @@ def test_2000_concurrent_slow_streams_complete_without_overflow_errors_or_memory
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as client:
             return await asyncio.gather(*(one(client, url, secrets[i % len(secrets)], ramp_s * i / n) for i in range(n)))
 
+    assert stack.processor.proc is not None
+    processor_pid = stack.processor.proc.pid
     loop.run_until_complete(run(20, 0.0))  # warm-up: connections, key cache, code paths
-    rss_before = rss_mb(stack.processor.proc.pid)
+    rss_before = rss_mb(processor_pid)
     provider.peak = 0
     started = time.monotonic()
     results = loop.run_until_complete(run(STREAMS, RAMP_S))
     elapsed = time.monotonic() - started
-    rss_after = rss_mb(stack.processor.proc.pid)
+    rss_after = rss_mb(processor_pid)
     stats = stack.envoy.stats()
 
     bad = [r for r in results if r[0] != 200 or r[1] != EVENTS]

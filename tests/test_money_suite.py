@@ -29,6 +29,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from extproc.fakeprovider import FakeProvider, Reply
 from extproc.quota import Account, month_of
@@ -37,7 +38,7 @@ from tests.conftest import Stack
 PAID = 10_000  # micro-USD: $0.01, every test's top-up
 LEGAL = (2, 8)  # strong_reasoning: micro-USD per input / output token
 LOW = (0.15, 0.60)  # low_cost_chat, the model support_draft serves with
-MESSAGES = [{"role": "user", "content": "Write me the longest essay you can."}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Write me the longest essay you can."}]
 
 
 # --- the auditor's tools -----------------------------------------------------------------------
@@ -200,7 +201,8 @@ def test_control_chat_with_max_tokens_100_is_charged_its_usage(stack: Stack, cus
     raw = stack.client(secret).chat.completions.with_raw_response.create(model="legal_summary", messages=MESSAGES, max_tokens=100)
     (body,) = forwarded(stack, raw.headers["x-request-id"])
     p = prompt_bytes(body)
-    assert raw.parse().usage.completion_tokens == 100
+    usage = raw.parse().usage
+    assert usage is not None and usage.completion_tokens == 100
     (rec,) = wait_records(stack, customer, 1)
     assert int(rec["cost_micro_usd"]) == cost(p, 100, LEGAL) == 2 * p + 800
     assert money(stack, customer)["balance"] == PAID - (2 * p + 800)
@@ -214,7 +216,8 @@ def test_chat_without_max_tokens_gets_a_cap_written_into_the_forwarded_body(stac
     (body,) = forwarded(stack, raw.headers["x-request-id"])
     # The route's default (1,024) fits in $0.01 at $8/M (8,192 micro-USD plus the prompt).
     assert body["max_completion_tokens"] == 1024
-    assert raw.parse().usage.completion_tokens == 1024
+    usage = raw.parse().usage
+    assert usage is not None and usage.completion_tokens == 1024
     assert_paid_for(stack, customer, served=1)
 
 
@@ -301,7 +304,8 @@ def test_chat_n_20_max_tokens_1000_is_capped_for_all_20_choices(stack: Stack, cu
     (body,) = forwarded(stack, raw.headers["x-request-id"])
     # 20 choices at $8/M: $0.01 covers at most 62 tokens each.
     assert body["max_tokens"] <= PAID // (20 * 8)
-    assert raw.parse().usage.completion_tokens == 20 * body["max_tokens"]
+    usage = raw.parse().usage
+    assert usage is not None and usage.completion_tokens == 20 * body["max_tokens"]
     assert_paid_for(stack, customer, served=1)
 
 

@@ -13,17 +13,18 @@ from pathlib import Path
 import grpc
 import openai
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from openai.types.chat import ChatCompletionMessageParam
 
 from extproc.fakeprovider import FakeProvider, Reply
 from tests.conftest import Stack, running_stack
 from tests.test_quota import money, records_of
 
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
 def metrics_text(stack: Stack) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.processor.metrics_port}/metrics", timeout=5) as r:
-        return r.read().decode()
+        return str(r.read().decode())
 
 
 def test_processor_serves_the_standard_grpc_health_service(stack: Stack) -> None:

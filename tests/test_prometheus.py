@@ -20,13 +20,14 @@ from typing import Any
 import openai
 import pytest
 import yaml
+from openai.types.chat import ChatCompletionMessageParam
 
 from extproc.devstack import free_port, wait_for_port
 from extproc.fakeprovider import FakeProvider, Reply
 from tests.conftest import Stack, running_stack
 
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian prometheus not installed")
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
 @contextmanager

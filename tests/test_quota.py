@@ -16,13 +16,14 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from extproc.devstack import Processor, RedisServer
 from extproc.fakeprovider import FakeProvider, Reply
 from extproc.quota import Account, month_of
 from tests.conftest import Stack, post_raw, running_stack
 
-MESSAGES = [{"role": "user", "content": "Classify this ticket: my invoice is wrong."}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Classify this ticket: my invoice is wrong."}]
 
 
 def tollgate(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from typing import Any, cast
 
 import pytest
 import redis
@@ -25,7 +26,7 @@ def server() -> Iterator[RedisServer]:
 
 
 def run(coro_fn, url: str):  # type: ignore[no-untyped-def]
-    async def main():  # type: ignore[no-untyped-def]
+    async def main() -> Any:
         client = redis_client(url)
         try:
             return await coro_fn(Quota(client), client)
@@ -47,7 +48,7 @@ def test_drainer_publishes_a_record_left_in_an_outbox_exactly_once(server: Redis
     orphan(sync, "acme", "uid-1", "req-1", age_ms=10_000)
     assert run(lambda q, c: q.drain_outboxes(), server.url) == 1
     assert run(lambda q, c: q.drain_outboxes(), server.url) == 0
-    entries = sync.xrange(USAGE_STREAM)
+    entries = cast(list[Any], sync.xrange(USAGE_STREAM))
     assert len(entries) == 1 and entries[0][1][b"cost_micro_usd"] == b"42"
     assert sync.hlen(Account("acme", "", "").k("outbox")) == 0 and sync.zcard(OUTBOX_HINTS) == 0
     assert run(lambda q, c: find(c, "req-1"), server.url)["record_id"] == "uid-1"

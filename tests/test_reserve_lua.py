@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 import redis
@@ -205,7 +205,7 @@ def test_a_refused_settlement_keeps_the_reservation_and_its_hint(server: RedisSe
         finish(server, "r1", 2100, 350, 300, prepaid=False)
     sync.config_set("maxmemory", 0)
     assert sync.exists("tollgate:{c:c}:resv:r1")
-    assert [json.loads(m) for m in sync.zrange(RESERVATION_HINTS, 0, -1)] == [["c", "w", "r1"]]
+    assert [json.loads(m) for m in cast(list[bytes], sync.zrange(RESERVATION_HINTS, 0, -1))] == [["c", "w", "r1"]]
     assert num(sync, "tollgate:{c:c}:reserved") == 2100
 
 
@@ -213,7 +213,7 @@ def test_reaper_turns_an_overdue_reservation_into_one_unsettled_record(server: R
     reserve(server, POSTPAID, ttl_ms=1)
     time.sleep(1.1)  # past the hint's deadline (ttl + 1 s)
     assert run(server, lambda q: q.expire_overdue()) == 1
-    entries: list[Any] = sync.xrange("tollgate:usage")
+    entries = cast(list[Any], sync.xrange("tollgate:usage"))
     assert [e[1][b"status"] for e in entries] == [b"unsettled"]
     assert num(sync, "tollgate:{c:c}:reserved") == 0 and sync.zcard(RESERVATION_HINTS) == 0
 

@@ -45,8 +45,9 @@ def test_one_callers_error_does_not_fail_the_others(redis_url: str) -> None:
         scripts = Scripts(client)
         try:
             await client.set("gc:text", "not a number")
-            return await asyncio.gather(scripts.batch(lambda c: c.incr("gc:text")), scripts.batch(lambda c: c.incr("gc:n")),
-                                        return_exceptions=True)
+            replies = await asyncio.gather(scripts.batch(lambda c: c.incr("gc:text")), scripts.batch(lambda c: c.incr("gc:n")),
+                                           return_exceptions=True)
+            return list(replies)
         finally:
             await client.aclose()
 

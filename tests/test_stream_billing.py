@@ -7,11 +7,13 @@ import json
 import time
 from typing import Any
 
+from openai.types.chat import ChatCompletionMessageParam
+
 from extproc.fakeprovider import Reply
 from tests.conftest import Stack, post_raw
 from tests.test_quota import records_of
 
-MESSAGES = [{"role": "user", "content": "Say hello."}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello."}]
 
 
 def one_record(stack: Stack, customer: str) -> dict[str, Any]:
