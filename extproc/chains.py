@@ -122,18 +122,10 @@ def sequence(policy: Policy, route: Route, plan: Plan, event: str) -> tuple[tupl
     return cache[key]
 
 
-_CACHES: dict[int, tuple[Policy, dict[tuple[str, str, str], tuple[tuple[str, ...], bool]]]] = {}
-
-
 def _cache_of(policy: Policy) -> dict[tuple[str, str, str], tuple[tuple[str, ...], bool]]:
-    """Sequences are computed once per policy object (a reload makes a new object)."""
-    entry = _CACHES.get(id(policy))
-    if entry is None or entry[0] is not policy:
-        if len(_CACHES) > 8:
-            _CACHES.clear()
-        entry = (policy, {})
-        _CACHES[id(policy)] = entry
-    return entry[1]
+    """Sequences are computed once per policy object (kept on it; a reload makes a new one)."""
+    cache: dict[tuple[str, str, str], tuple[tuple[str, ...], bool]] = policy.derived.setdefault("chains.sequences", {})
+    return cache
 
 
 def _compute_sequence(policy: Policy, route: Route, plan: Plan, event: str) -> tuple[tuple[str, ...], bool]:

@@ -47,7 +47,8 @@ class Target:
 
 TARGETS = (
     Target("extproc/money.py", ("tests/test_money_unit.py",), cap=16),
-    Target("extproc/caps.py", ("tests/test_caps_bounds.py", "tests/test_caps.py", "tests/test_reserve_lua.py"), cap=30),
+    Target("extproc/caps.py", ("tests/test_caps_bounds.py", "tests/test_answer_bound.py", "tests/test_caps.py", "tests/test_reserve_lua.py"),
+           cap=30),
     Target("extproc/chains.py", ("tests/test_chains_edges.py", "tests/test_chains.py"), cap=30),
     Target("extproc/decide.py", ("tests/test_decide.py", "tests/test_policy_model.py"), cap=16),
     Target("extproc/policy/model.py", ("tests/test_policy_model.py", "tests/test_caps.py", "tests/test_chains.py", "tests/test_decide.py"),
@@ -73,6 +74,8 @@ EQUIVALENT: dict[tuple[str, str, str, str, int], str] = {
         "writing the cap into a field that already equals it changes nothing",
     ("extproc/health.py", "current = int(now_s // size)", "//", "/", 20):
         "int(t / size) == int(t // size) for the non-negative wall-clock time it is given",
+    ("extproc/health.py", "size = max(1, p.circuit_window_s // BUCKETS)", "//", "/", 33):
+        "the size only lengthens an expiry; Redis truncates the Lua number, so w + w / 10 expires as w + w // 10",
     ("extproc/health.py", "if now >= self.next_probe.get(provider, 0.0):", ">=", ">", 7):
         "differs only when the monotonic clock equals the probe time to the last bit",
     **{("extproc/lua/reserve.lua", "if q * d > x then q = q - 1 elseif (q + 1) * d <= x then q = q + 1 end", "1", "2", col):
@@ -80,6 +83,12 @@ EQUIVALENT: dict[tuple[str, str, str, str, int], str] = {
     ("extproc/lua/reserve.lua", "local reset = math.ceil((best.capacity - (best.tokens - math.min(cost, best.capacity))) / best.rate)",
      "-", "+", 54): "report() is only ever called with cost 0, so math.min(cost, capacity) is 0 and -0 == +0",
     ("extproc/lua/finish.lua", "return 1", "1", "2", 7): "Quota.finish ignores the script's reply (only an error matters)",
+    ("extproc/lua/reserve.lua", "local ws_budget = override(K.ws_limits, 'monthly_budget_micro', -1)", "1", "2", 65):
+        "any negative default means 'no workspace budget' (the next line tests >= 0)",
+    ("extproc/lua/finish.lua", "if cost > 0 then", ">", ">=", 8):
+        "with cost 0 the balance and spends change by 0 (only an empty spend key may appear)",
+    ("extproc/lua/reserve.lua", "if balance <= 0 then return refuse('balance', 0, cost(req.min), balance - cust_reserved) end", "0", "1", 46):
+        "a money refusal's retry-after is never used (insufficient_quota has no Retry-After)",
 }
 
 

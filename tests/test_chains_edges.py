@@ -117,3 +117,37 @@ def test_an_attempt_on_a_model_the_sequence_does_not_name_ends_the_chain() -> No
 def test_the_reservation_counts_the_model_a_connect_failure_would_switch_to() -> None:
     p = policy([route("r", "a_low", 2, on_connect_failure=FallbackRule("switch_same_price_tier"))])
     assert [m.name for m in all_candidates(p, p.routes["r"], p.plans["same"])] == ["a_low", "b_low"]
+
+
+def test_the_reservation_counts_the_model_a_timeout_would_switch_to() -> None:
+    p = policy([route("r", "a_low", 2, on_timeout=FallbackRule("switch_same_price_tier"))])
+    assert [m.name for m in all_candidates(p, p.routes["r"], p.plans["same"])] == ["a_low", "b_low"]
+
+
+def test_a_downgrade_skips_an_empty_tier_to_the_nearest_cheaper_one() -> None:
+    """Premium primary, no standard model in the route's pool: the downgrade lands on low."""
+    r = Route("r", "c_prem_out5", RouteFallback(rules={"on_provider_5xx": FallbackRule("downgrade")}, max_attempts=2,
+                                                models=("c_prem_out5", "a_low")))
+    p = policy([r])
+    down = Plan("down", None, fallback_allow=frozenset({"downgrade"}))
+    p = Policy(p.tiers, p.providers, p.models, {**p.plans, "down": down}, p.routes)
+    step = after(p, "r", "down", [Tried("c_prem_out5", "pc", "provider_5xx")])
+    assert (step.go, step.model) == (True, "a_low")
+
+
+def test_the_reservation_counts_the_model_a_rate_limit_would_switch_to() -> None:
+    p = policy([route("r", "a_low", 2, on_rate_limit=FallbackRule("switch_same_price_tier"))])
+    assert [m.name for m in all_candidates(p, p.routes["r"], p.plans["same"])] == ["a_low", "b_low"]
+
+
+def test_a_fail_closed_first_failure_stops_naming_exactly_its_rule() -> None:
+    p = policy([route("r", "a_low", 3, on_provider_5xx=FallbackRule("fail_closed"))])
+    step = after(p, "r", "same", [Tried("a_low", "pa", "provider_5xx")])
+    assert (step.go, step.reason, step.rule) == (False, "provider_5xx", "on_provider_5xx: fail_closed")
+
+
+def test_envoy_gets_relay_slots_for_the_longest_chain_in_the_policy() -> None:
+    from extproc.chains import max_chain_attempts
+
+    p = policy([route("one", "a_low", 1), route("three", "a_low", 3), route("two", "a_low", 2)])
+    assert max_chain_attempts(p) == 3

@@ -149,3 +149,16 @@ def test_the_background_loop_keeps_refreshing(server: RedisServer, sync: redis.R
         return h.open
 
     assert run(server, go) == {"p2": "timeout"}
+
+
+def test_an_opened_circuit_keeps_its_probe_mark_for_cooldown_plus_window_plus_a_bucket(
+        server: RedisServer, sync: redis.Redis) -> None:
+    """p1: window 25 s in buckets of 25 // 10 = 2 s, cooldown 30 s: the probe mark lives
+    30 + 25 + 2 = 57 s (whole seconds: Redis refuses a fractional expiry)."""
+    async def go(h: Health) -> None:
+        await h.record_failure("p1", "cust-a", "provider_5xx")
+        await h.record_failure("p1", "cust-b", "provider_5xx")
+
+    run(server, go)
+    assert sync.exists("tollgate:health:{p:p1}:open") == 1
+    assert 50 < sync.ttl("tollgate:health:{p:p1}:probe") <= 57

@@ -34,3 +34,10 @@ def test_a_route_naming_no_max_attempts_makes_one_attempt() -> None:
 
 def test_a_route_naming_max_attempts_makes_that_many() -> None:
     assert Route("r", "m", RouteFallback(max_attempts=3)).max_attempts == 3
+
+
+def test_a_providers_stream_idle_bound_is_its_own_when_set_else_its_timeout() -> None:
+    from extproc.policy.model import Provider
+
+    assert Provider("p", "h", 1, False, timeout_s=30, idle_timeout_s=7).idle_s == 7
+    assert Provider("p", "h", 1, False, timeout_s=30).idle_s == 30

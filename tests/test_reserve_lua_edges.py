@@ -10,6 +10,7 @@ import time
 
 import redis
 
+from extproc.caps import CostBound
 from extproc.devstack import RedisServer
 from extproc.quota import Account, Limits, RateInfo, Reservation, ReserveResult, month_of
 from tests.test_reserve_lua import POSTPAID, PREPAID, num, reserve, run, server, sync
@@ -129,3 +130,21 @@ def test_a_request_that_served_nothing_but_cost_something_spends_its_id(server: 
     reserve(server, POSTPAID)
     settle(server, "r1", 1, 0, served=False)
     assert reserve(server, POSTPAID).status == "duplicate"
+
+
+ONE_MICRO = CostBound(input_tokens=1, rate_tokens=1, output_tokens=0, min_output_tokens=0, choices=1,
+                      input_price=1_000_000, output_price=0)  # 1 token at $1/Mtok: exactly 1 micro-USD
+
+
+def test_a_balance_of_exactly_the_cost_is_enough(server: RedisServer, sync: redis.Redis) -> None:
+    sync.set("tollgate:{c:c}:balance", 1)
+    r = reserve(server, PREPAID, bound=ONE_MICRO)
+    assert (r.status, r.amount) == ("ok", 1)
+
+
+def test_a_request_larger_than_the_tokens_per_minute_bucket_is_admitted_into_a_full_bucket(
+        server: RedisServer, sync: redis.Redis) -> None:
+    """25 prompt + 1,000 output tokens against 100 a minute: it needs at most the whole bucket
+    (else it could never be served), and a full bucket has it."""
+    r = reserve(server, Limits(prepaid=False, monthly_budget_micro=None, rpm=None, tpm=100))
+    assert r.status == "ok"

@@ -8,6 +8,7 @@ Money is integer micro-dollars: prices are kept as micro-USD per million tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from extproc import config
 
@@ -156,6 +157,9 @@ class Policy:
     routes: dict[str, Route]
     sources: tuple[str, ...] = ()
     settings: Settings = Settings()
+    # Derived data computed once per policy object (chains' fallback sequences); never
+    # compared or printed. A reload makes a new policy, so nothing here goes stale.
+    derived: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def model_of_route(self, route: Route) -> Model:
         return self.models[route.primary_model]
