@@ -13,6 +13,7 @@ requests, `FakeProvider.default` answers the rest. Over HTTP (for the demo):
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import threading
@@ -38,7 +39,10 @@ class Reply:
     honour_cap: bool = True  # False: a dishonest provider that ignores the output cap
     usage: bool = True  # False: answer without `usage` (and streams without a usage chunk)
     uncapped_tokens: int = 100_000  # what "all it allows" means when the request names no cap
-    content_type: str = "application/json"  # of JSON answers (OpenAI sends no charset; others do)
+    content_type: str = "application/json"  # of JSON answers (OpenAI sends no charset; others do); "": none
+    raw_body: str | None = None  # a 200 JSON answer's exact text, instead of the generated one (buggy providers)
+    gzip: bool = False  # a 200 JSON answer gzip-compressed, with `content-encoding: gzip`
+    chunked: bool = False  # a 200 JSON answer in chunked transfer encoding, without content-length
 
 
 @dataclass
@@ -189,8 +193,29 @@ class _Handler(BaseHTTPRequestHandler):
         body = body if isinstance(body, dict) else {}
         if body.get("stream"):
             self._stream(body, reply)
+        elif reply.raw_body is not None or reply.gzip or reply.chunked or not reply.content_type:
+            self._send_raw(reply, reply.raw_body.encode() if reply.raw_body is not None else json.dumps(self._complete(body, reply)).encode())
         else:
             self._send_json(200, self._complete(body, reply), content_type=reply.content_type)
+
+    def _send_raw(self, reply: Reply, data: bytes) -> None:
+        """A 200 answer shaped as a buggy or unusual provider sends it."""
+        self.send_response(200)
+        if reply.content_type:
+            self.send_header("content-type", reply.content_type)
+        if reply.gzip:
+            data = gzip.compress(data)
+            self.send_header("content-encoding", "gzip")
+        if reply.chunked:
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(data), 65536):
+                self._chunk(data[i:i + 65536])
+            self._chunk(b"")
+            return
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _control(self, raw: bytes) -> None:
         cmd = json.loads(raw or b"{}")
