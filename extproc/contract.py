@@ -97,13 +97,16 @@ end
 """
 
 # Runs on the response before json_to_metadata: an answer that may not fit Envoy's buffer
-# (the processor said so when it reserved, caps.answer_bytes_bound) is hidden from it by its
-# content type, so it passes unbuffered; the processor then meters it itself.
+# (the processor said so when it reserved, caps.answer_bytes_bound, or its content-length
+# says so: a provider ignoring the output cap) is hidden from it by its content type, so it
+# passes unbuffered; the processor then meters it itself. A provider's own copy of the
+# header that keeps the original type is dropped first: only this filter sets it.
 BIG_ANSWER_LUA = """
 function envoy_on_response(h)
-  local a = h:streamInfo():dynamicMetadata():get("%(ns_answer)s")
-  if a == nil or not a["big"] then return end
   local hd = h:headers()
+  hd:remove("%(original)s")
+  local a = h:streamInfo():dynamicMetadata():get("%(ns_answer)s")
+  if (a == nil or not a["big"]) and (tonumber(hd:get("content-length") or "0") or 0) <= %(max_bytes)d then return end
   local ct = hd:get("content-type")
   if ct == nil then return end
   hd:replace("%(original)s", ct)

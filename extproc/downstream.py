@@ -284,7 +284,7 @@ class Exchange:
         self.stop_reason = h.get(STOP_HEADER)
         self.learn_attempts(req, self.stop_reason)
         remove = [k for k in h if k.startswith(ATTRIBUTION_PREFIX)]  # providers cannot forge ours
-        if self.big and ORIGINAL_CONTENT_TYPE_HEADER in h:  # a big answer, hidden from json_to_metadata
+        if ORIGINAL_CONTENT_TYPE_HEADER in h:  # a big answer, hidden from json_to_metadata (BIG_ANSWER_LUA)
             h["content-type"] = h[ORIGINAL_CONTENT_TYPE_HEADER]
             self.restore = [_opt("content-type", h["content-type"])]
         if self.reservation is not None and attribute(req, ATTR_CODE_DETAILS) == "response_payload_too_large":
@@ -309,10 +309,12 @@ class Exchange:
             too_large = int(h.get("content-length") or 0) > self.gw.max_body_bytes
             if is_sse or too_large:
                 return self.stream_through(is_sse, remove)
-            usage = usage_from_metadata(namespace(req, NS_USAGE)) if self.served() else None
+            usage = usage_from_metadata(namespace(req, NS_USAGE), self.generates()) if self.served() else None
             if usage is not None or not self.served():
                 cost = await self.finish(usage)
                 return self.headers_reply(self.attribution(cost), remove)
+            if "content-length" not in h:  # of unknown size (chunked): metered as it passes, never buffered whole
+                return self.stream_through(is_sse, remove)
         # The body is needed: an error to rewrite in OpenAI's shape, or an answer whose usage
         # Envoy could not read (none, or not JSON) to estimate from its text.
         self.pending_remove = remove
@@ -429,6 +431,10 @@ class Exchange:
         except RedisError:
             metrics.REDIS_ERRORS.labels("extend").inc()
 
+    def generates(self) -> bool:
+        """The endpoint generates text, so its usage must count output tokens."""
+        return self.path != "/v1/embeddings"
+
     def served(self) -> bool:
         """A provider answered 2xx: it did the work, so the request is billed, never at 0."""
         return 200 <= self.upstream_status < 300 and not self.local_reply
@@ -439,7 +445,7 @@ class Exchange:
             obj = json.loads(raw)
         except (UnicodeDecodeError, ValueError, RecursionError):
             obj = None
-        usage = usage_from_json(obj)
+        usage = usage_from_json(obj, self.generates())
         if usage is not None:
             return usage
         self.usage_source = "estimated"

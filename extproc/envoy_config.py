@@ -287,7 +287,7 @@ def _ext_proc_filter(message_timeout_s: float, modes: dict[str, str], *, forward
     return {"name": "envoy.filters.http.ext_proc", "typed_config": config}
 
 
-def _downstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
+def _downstream_filters(message_timeout_s: float, max_body_bytes: int) -> list[dict[str, Any]]:
     """The normal path costs two processor messages: the request body (with the few headers
     it needs as attributes) and the response headers (with the answer's usage, which Envoy's
     json_to_metadata read from the body). Streams and answers without usage switch the
@@ -309,17 +309,20 @@ def _downstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
         {"name": "envoy.filters.http.json_to_metadata", "typed_config": {
             "@type": _T + "extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
             "response_rules": {
+                # Values keep their JSON type (NUMBER would turn "0" or true into numbers the
+                # processor's own parser refuses): only numbers are counts.
                 # With or without parameters: many providers send `application/json; charset=utf-8`.
                 "allow_content_types_regex": {"regex": "application/json(\\s*;.*)?"},
                 "rules": [
                 {"selectors": [{"key": "usage"}, {"key": key}],
-                 "on_present": {"metadata_namespace": NS_USAGE, "key": key, "type": "NUMBER"}}
+                 "on_present": {"metadata_namespace": NS_USAGE, "key": key, "type": "PROTOBUF_VALUE"}}
                 for key in USAGE_KEYS
             ]},
         }},
         {"name": "tollgate.big_answer", "typed_config": {
             "@type": _T + "extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": BIG_ANSWER_LUA % {"ns_answer": NS_ANSWER, "original": ORIGINAL_CONTENT_TYPE_HEADER}}}},
+            "default_source_code": {"inline_string": BIG_ANSWER_LUA % {
+                "ns_answer": NS_ANSWER, "original": ORIGINAL_CONTENT_TYPE_HEADER, "max_bytes": max_body_bytes}}}},
         ROUTER_FILTER,
     ]
 
@@ -612,7 +615,7 @@ def render_bootstrap(
                         "Unknown endpoint '%REQ(:METHOD)% %REQ(:PATH)%'.", "invalid_request_error"),
             *edge.late_mappers(),
         ]},
-        "http_filters": _downstream_filters(message_timeout_s),
+        "http_filters": _downstream_filters(message_timeout_s, max_body_bytes),
     }
     if access_log:
         hcm["access_log"] = [

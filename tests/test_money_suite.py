@@ -417,7 +417,7 @@ def test_served_answer_without_usage_never_overdraws(stack: Stack, customer: str
     assert_paid_for(stack, customer, served=1)
 
 
-def _truncated_json(self: Any, status: int, obj: Any, extra: dict[str, str] | None = None) -> None:
+def _truncated_json(self: Any, status: int, obj: Any, extra: dict[str, str] | None = None, content_type: str = "application/json") -> None:
     """A provider whose 200 answers are cut short: invalid JSON (headers stay consistent)."""
     data = json.dumps(obj).encode()
     if status == 200 and self.path.startswith("/v1/"):
