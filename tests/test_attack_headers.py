@@ -110,7 +110,7 @@ def test_client_internal_and_envoy_headers_never_reach_the_provider(stack: Stack
 
 def test_client_sent_original_content_type_header_is_not_echoed_as_ours(stack: Stack, customer: str) -> None:
     _, secret = stack.create_key(customer)
-    status, hdrs, answer = post(stack, secret, [("x-tollgate-content-type", "text/html")])
+    status, hdrs, _ = post(stack, secret, [("x-tollgate-content-type", "text/html")])
     assert status == 200 and hdrs["content-type"].startswith("application/json")
 
 
@@ -177,8 +177,7 @@ def test_chunked_request_body_reaches_the_provider_whole_with_its_length(stack: 
     assert status == 200
     got = last(stack, "p3")
     assert got.body["model"] == "o3" and got.body["messages"] == CHAT["messages"]
-    assert "transfer-encoding" not in got.headers
-    assert int(got.headers["content-length"]) == len(json.dumps(got.body).encode()) or int(got.headers["content-length"]) > 0
+    assert "transfer-encoding" not in got.headers and int(got.headers["content-length"]) > 0
 
 
 def test_content_length_shorter_than_the_body_is_refused_in_openai_shape(stack: Stack, customer: str) -> None:
@@ -223,7 +222,7 @@ def test_post_without_a_body_is_refused_in_openai_shape(stack: Stack, customer: 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"])
 def test_other_methods_on_an_endpoint_are_refused_in_openai_shape_without_a_provider(stack: Stack, customer: str, method: str) -> None:
     _, secret = stack.create_key(customer)
-    status, hdrs, answer = raw(stack, method, "/v1/chat/completions", [("authorization", f"Bearer {secret}")])
+    status, _, answer = raw(stack, method, "/v1/chat/completions", [("authorization", f"Bearer {secret}")])
     assert 400 <= status < 500
     if method != "HEAD":
         openai_error(status, answer)
