@@ -591,7 +591,11 @@ def render_bootstrap(
                 "name": "envoy.http.early_header_mutation.header_mutation",
                 "typed_config": {
                     "@type": _T + "extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
-                    "mutations": [{"remove": h} for h in INTERNAL_HEADERS],
+                    # Client-sent Envoy control headers go too, on every route (also where the
+                    # apply filter does not run: a client's x-envoy-original-path would be the
+                    # path the access log shows).
+                    "mutations": [*({"remove": h} for h in INTERNAL_HEADERS),
+                                  {"remove_on_match": {"key_matcher": {"prefix": ENVOY_PREFIX}}}],
                 },
             }
         ],

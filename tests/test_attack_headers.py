@@ -9,7 +9,9 @@ import http.client
 import json
 import shutil
 import subprocess
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -259,3 +261,23 @@ def test_query_string_on_an_endpoint_is_served(stack: Stack, customer: str) -> N
     status, _, _ = post(stack, secret, [], path="/v1/chat/completions?x=1")
     assert status == 200
     assert last(stack, "p3").path == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/nothing-here", "/v1/chat/completions"])
+def test_client_cannot_choose_the_path_envoys_access_log_shows(stack: Stack, customer: str, path: str) -> None:
+    """The access log prints `x-envoy-original-path` when present: a client's own copy would
+    hide what it really asked for."""
+    _, secret = stack.create_key(customer)
+    rid = uuid.uuid4().hex
+    method = "GET" if path == "/v1/models" else "POST"
+    data = json.dumps(CHAT).encode() if method == "POST" else None
+    headers = [("authorization", f"Bearer {secret}"), ("x-envoy-original-path", f"/spoofed-{rid}"), ("x-request-id", rid),
+               ("content-type", "application/json"), *([("content-length", str(len(data)))] if data else [])]
+    log = Path(stack.envoy.log_path or "")
+    start = log.stat().st_size
+    raw(stack, method, path, headers, data)
+    deadline = time.monotonic() + 5
+    while not (lines := [ln for ln in log.read_bytes()[start:].decode(errors="replace").splitlines() if f'"{method} ' in ln]):
+        assert time.monotonic() < deadline, "no access log line"
+        time.sleep(0.1)
+    assert f'"{method} {path}"' in lines[0] and "spoofed" not in lines[0], lines[0]
