@@ -281,9 +281,13 @@ class Exchange:
         if not self.path:  # Envoy refused the request before this processor saw it (too large,
             self.finished = True  # bad path, upgrade): its local reply mapper speaks for it.
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-        self.stop_reason = h.get(STOP_HEADER)
+        # Only the upstream processor ends a chain, and it notes so in metadata too: a
+        # provider's own copy of the header must not pass its error through unshaped.
+        noted_stop = self.chained and "stop" in namespace(req, NS_ATTEMPTS)
+        self.stop_reason = h.get(STOP_HEADER) if noted_stop else None
         self.learn_attempts(req, self.stop_reason)
         remove = [k for k in h if k.startswith(ATTRIBUTION_PREFIX)]  # providers cannot forge ours
+        self.pending_remove = remove  # also when the answer is replaced by our error
         if ORIGINAL_CONTENT_TYPE_HEADER in h:  # a big answer, hidden from json_to_metadata (BIG_ANSWER_LUA)
             h["content-type"] = h[ORIGINAL_CONTENT_TYPE_HEADER]
             self.restore = [_opt("content-type", h["content-type"])]
@@ -698,7 +702,9 @@ class Exchange:
             _opt("content-length", str(len(body))),
             *self.attribution(cost_micro=0),
         ]
-        common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=headers), body_mutation=pb.BodyMutation(body=body))
+        ours = {o.header.key for o in headers}
+        mutation = pb.HeaderMutation(set_headers=headers, remove_headers=[k for k in self.pending_remove if k not in ours])
+        common = pb.CommonResponse(header_mutation=mutation, body_mutation=pb.BodyMutation(body=body))
         if phase == "headers":
             common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))

@@ -43,6 +43,7 @@ class Reply:
     raw_body: str | None = None  # a 200 JSON answer's exact text, instead of the generated one (buggy providers)
     gzip: bool = False  # a 200 JSON answer gzip-compressed, with `content-encoding: gzip`
     chunked: bool = False  # a 200 JSON answer in chunked transfer encoding, without content-length
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (a provider forging ours)
 
 
 @dataclass
@@ -186,14 +187,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if reply.status != 200:
-            extra = {"retry-after": str(reply.retry_after)} if reply.retry_after is not None else {}
+            extra = {**({"retry-after": str(reply.retry_after)} if reply.retry_after is not None else {}), **reply.headers}
             kind = "rate_limit_exceeded" if reply.status == 429 else "server_error"
             self._send_json(reply.status, {"error": {"message": f"{self.fake.name} says {reply.status}", "type": kind, "param": None, "code": kind}}, extra)
             return
         body = body if isinstance(body, dict) else {}
         if body.get("stream"):
             self._stream(body, reply)
-        elif reply.raw_body is not None or reply.gzip or reply.chunked or not reply.content_type:
+        elif reply.raw_body is not None or reply.gzip or reply.chunked or not reply.content_type or reply.headers:
             self._send_raw(reply, reply.raw_body.encode() if reply.raw_body is not None else json.dumps(self._complete(body, reply)).encode())
         else:
             self._send_json(200, self._complete(body, reply), content_type=reply.content_type)
@@ -203,6 +204,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         if reply.content_type:
             self.send_header("content-type", reply.content_type)
+        for k, v in reply.headers.items():
+            self.send_header(k, v)
         if reply.gzip:
             data = gzip.compress(data)
             self.send_header("content-encoding", "gzip")
