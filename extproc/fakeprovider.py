@@ -212,8 +212,11 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.chunked:
             self.send_header("transfer-encoding", "chunked")
             self.end_headers()
-            for i in range(0, len(data), 65536):
-                self._chunk(data[i:i + 65536])
+            step = -(-len(data) // 4) if reply.chunk_delay_s else 65536  # slowly: four chunks, chunk_delay_s apart
+            for i in range(0, len(data), step):
+                if i and reply.chunk_delay_s:
+                    time.sleep(reply.chunk_delay_s)
+                self._chunk(data[i:i + step])
             self._chunk(b"")
             return
         self.send_header("content-length", str(len(data)))
