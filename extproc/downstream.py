@@ -300,6 +300,10 @@ class Exchange:
             return self.headers_reply(self.attribution(cost), remove)
         if self.choice is not None and self.stop_reason is None and self.final_failed():
             self.replacement = self.failure_error()
+        elif self.choice is not None and 300 <= self.upstream_status < 400 and not self.local_reply:
+            # A provider's redirect would send the client (and its key, if it follows) elsewhere.
+            self.replacement = errors.upstream_unavailable(502, "The provider answered with a redirect, which the gateway does not follow.")
+            remove.append("location")
         if msg.end_of_stream:
             if self.replacement is not None or (self.local_reply and self.stop_reason is None):
                 err = self.replacement or self.local_reply_error()

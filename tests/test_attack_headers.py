@@ -281,3 +281,39 @@ def test_client_cannot_choose_the_path_envoys_access_log_shows(stack: Stack, cus
         assert time.monotonic() < deadline, "no access log line"
         time.sleep(0.1)
     assert f'"{method} {path}"' in lines[0] and "spoofed" not in lines[0], lines[0]
+
+
+def test_request_with_both_chunked_and_content_length_is_refused_without_a_provider(stack: Stack, customer: str) -> None:
+    """The classic smuggling shape: Envoy refuses it (in OpenAI's shape) or serves one body."""
+    _, secret = stack.create_key(customer)
+    data = json.dumps(CHAT).encode()
+    try:
+        status, _, answer = raw(stack, "POST", "/v1/chat/completions",
+                                [("authorization", f"Bearer {secret}"), ("content-type", "application/json"),
+                                 ("content-length", "4")], data, chunked=True)
+    except (ConnectionError, http.client.HTTPException):
+        status, answer = 0, None
+    if status != 200:
+        assert stack.fakes["p3"].calls() == 0
+        if status:
+            openai_error(status, answer)
+    else:
+        assert stack.fakes["p3"].calls() == 1
+
+
+def test_request_trailers_never_steer_the_request(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer)
+    data = json.dumps(CHAT).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", stack.envoy.port, timeout=15)
+    try:
+        conn.putrequest("POST", "/v1/chat/completions", skip_accept_encoding=True)
+        for k, v in (("authorization", f"Bearer {secret}"), ("content-type", "application/json"), ("transfer-encoding", "chunked")):
+            conn.putheader(k, v)
+        conn.endheaders()
+        conn.send(f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\nx-tollgate-cluster: p1\r\nx-envoy-max-retries: 5\r\n\r\n")
+        status = conn.getresponse().status
+    finally:
+        conn.close()
+    assert status == 200
+    assert stack.fakes["p1"].calls() == 0 and stack.fakes["p3"].calls() == 1
+    assert "x-tollgate-cluster" not in last(stack, "p3").headers

@@ -10,6 +10,8 @@ import urllib.request
 import uuid
 from typing import Any
 
+import pytest
+
 from extproc.contract import RELAY_FLAGS_HEADER, STOP_HEADER
 from extproc.fakeprovider import Reply
 from tests.conftest import Stack
@@ -101,3 +103,14 @@ def test_last_provider_of_a_chain_forging_the_stop_reason_gets_an_openai_shaped_
     status, _, answer = send(stack, secret, route="switch_all")
     assert status == 502, answer
     assert answer["error"]["code"] == "upstream_unavailable" and "says" not in json.dumps(answer)
+
+
+@pytest.mark.parametrize(("route", "provider"), [("legal_summary", "p3"), ("switch_all", "p1")])
+def test_provider_redirect_never_sends_the_client_elsewhere(stack: Stack, customer: str, route: str, provider: str) -> None:
+    """A provider's 3xx would point the client (and its key: urllib keeps `authorization` on
+    a redirect) at the provider's choice of server: the client gets an OpenAI-shaped error."""
+    _, secret = stack.create_key(customer)
+    stack.fakes[provider].script(Reply(status=302, headers={"location": "http://evil.example/v1/chat/completions"}))
+    status, headers, answer = send(stack, secret, route=route)
+    assert "location" not in headers
+    assert status >= 400 and set(answer["error"]) == {"message", "type", "param", "code"}, answer
