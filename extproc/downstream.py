@@ -76,6 +76,11 @@ from extproc.timeouts import PER_TRY_TIMEOUT_HEADER, attempt_budget_ms, size_exp
 
 log = logging.getLogger("tollgate.downstream")
 
+# A provider's response headers a client never sees: our own names (a provider cannot forge
+# them), and the operator's provider account (its rate limits would pose as the key's,
+# SPEC §3; its organization, project and cookies). The gateway's own values are set after.
+PROVIDER_ONLY = (ATTRIBUTION_PREFIX, "x-ratelimit-", "openai-organization", "openai-project", "set-cookie")
+
 
 
 class Exchange:
@@ -286,7 +291,7 @@ class Exchange:
         noted_stop = self.chained and "stop" in namespace(req, NS_ATTEMPTS)
         self.stop_reason = h.get(STOP_HEADER) if noted_stop else None
         self.learn_attempts(req, self.stop_reason)
-        remove = [k for k in h if k.startswith(ATTRIBUTION_PREFIX)]  # providers cannot forge ours
+        remove = [k for k in h if k.startswith(PROVIDER_ONLY)]  # providers cannot forge ours, nor show their account
         self.pending_remove = remove  # also when the answer is replaced by our error
         if ORIGINAL_CONTENT_TYPE_HEADER in h:  # a big answer, hidden from json_to_metadata (BIG_ANSWER_LUA)
             h["content-type"] = h[ORIGINAL_CONTENT_TYPE_HEADER]

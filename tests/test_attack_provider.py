@@ -114,3 +114,21 @@ def test_provider_redirect_never_sends_the_client_elsewhere(stack: Stack, custom
     status, headers, answer = send(stack, secret, route=route)
     assert "location" not in headers
     assert status >= 400 and set(answer["error"]) == {"message", "type", "param", "code"}, answer
+
+
+PROVIDER_ACCOUNT = {"x-ratelimit-remaining-tokens": "123", "x-ratelimit-limit-tokens": "150000000",
+                    "x-ratelimit-remaining-requests": "7", "openai-organization": "org-operator", "openai-project": "proj_operator",
+                    "set-cookie": "__cf_bm=provider; path=/"}
+
+
+@pytest.mark.parametrize("usage", [True, False])
+def test_provider_account_headers_never_reach_the_client(stack: Stack, customer: str, usage: bool) -> None:
+    """x-ratelimit-* are the gateway's limits for this key (SPEC §3), not the operator's
+    provider account; its organization, project and cookies are none of the client's business."""
+    _, secret = stack.create_key(customer)  # premium: a requests-per-minute limit, none on tokens
+    stack.fakes["p3"].script(Reply(headers=PROVIDER_ACCOUNT, usage=usage))
+    status, headers, _ = send(stack, secret)
+    assert status == 200
+    leaked = {k: v for k, v in headers.items() if PROVIDER_ACCOUNT.get(k) == v}
+    assert not leaked, leaked
+    assert "x-ratelimit-remaining-requests" in headers  # the gateway's own
