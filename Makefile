@@ -28,6 +28,7 @@ deploy-config: setup
 
 bench: setup
 	@TOLLGATE_APT_EXTRA=wrk scripts/setup.sh
+	@TOLLGATE_APT_EXTRA="nodejs npm" scripts/setup.sh || echo "bench: nodejs/npm not installed; Portkey is skipped"  # Portkey's gateway
 	$(VENV)/python -m bench.run
 
 # Memory soak (issue 14): N requests of mixed traffic, RSS and Redis sampled every 10 s.

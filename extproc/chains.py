@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
+from extproc.errors import ApiError, upstream_unavailable
 from extproc.policy.model import Model, Plan, Policy, Route
 
 # Failure outcomes of an attempt, each the name of a policy event without its "on_" prefix.
@@ -34,6 +35,15 @@ FAILURE_STATUS = {"provider_5xx": 502, "rate_limit": 503, "timeout": 504, "conne
 # Failures that count against a provider's health. A 429 means the provider is alive but
 # throttling this account: it does not.
 HEALTH_FAILURES = ("provider_5xx", "timeout", "connect_failure")
+
+
+def unavailable_error(last_outcome: str, attempts: int, rule: str) -> ApiError:
+    """Every allowed attempt failed, or the policy ended the chain: SPEC §4's
+    upstream_unavailable, its status from the last failure, saying how many attempts were
+    made and which rule decided (the one wording for both processors)."""
+    why = f"; {rule}" if rule else ""
+    return upstream_unavailable(FAILURE_STATUS.get(last_outcome, 502),
+                                f"No provider could serve the request after {attempts} attempt(s) ({last_outcome}){why}.")
 
 
 def outcome_of_status(status: int) -> str:

@@ -110,3 +110,8 @@ EXPORT_SOCKET_TIMEOUT_S = 5.0
 REDIS_URL = "redis://127.0.0.1:6379/0"  # when neither --redis-url nor TOLLGATE_REDIS_URL is given
 EXTPROC_LISTEN = "127.0.0.1:50051"  # `serve --listen`, and the processor `envoy-config` points Envoy at
 METRICS_PORT = 9464  # `serve --metrics-port`
+
+# --- settlement (ledger.py) --------------------------------------------------------------------
+# A settlement Redis refused is retried after these delays (s); after the last, the reaper
+# turns the reservation into an `unsettled` record.
+SETTLE_RETRY_DELAYS_S = (0.5, 1, 2, 4, 8, 16, 32)

@@ -17,6 +17,9 @@ How one request travels (normal path, two ext_proc messages, one Redis round tri
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 # --- internal headers --------------------------------------------------------------------------
 CLUSTER_HEADER = "x-tollgate-cluster"  # which provider route serves the request (set by APPLY_LUA)
 TARGET_HEADER = "x-tollgate-target"  # which provider the relay sends a later attempt to
@@ -36,7 +39,6 @@ NS_LAST = "tollgate.last"  # the last attempt's status (Lua status recorder, no 
 NS_REWRITE = "tollgate.rewrite"  # a later attempt's body head: old -> new (upstream processor -> Lua)
 NS_APPLY = "tollgate.apply"  # headers to set ("" = remove) once the body is decided (-> APPLY_LUA)
 NS_USAGE = "tollgate.usage"  # a JSON answer's usage, read by Envoy's json_to_metadata
-NS_ANSWER = "tollgate.answer"  # {"big": true}: the answer may not fit Envoy's buffer (-> BIG_ANSWER_LUA)
 
 # Keys in NS_USAGE (json_to_metadata writes them; the downstream processor reads them).
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
@@ -44,6 +46,8 @@ USAGE_KEYS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_toke
 # A big answer's content type, hidden from json_to_metadata (which would buffer it whole and
 # overflow) and restored by the downstream processor.
 ORIGINAL_CONTENT_TYPE_HEADER = "x-tollgate-content-type"
+HIDDEN_CONTENT_TYPE = "application/x-tollgate-big"
+HIDE_FILTER = "tollgate.hide_big_answer"  # a header_mutation filter, configured on `+big` routes only
 
 # --- what the downstream processor's single request message carries ----------------------------
 # With the request-header phase skipped, the headers the processor needs come as CEL
@@ -96,20 +100,105 @@ function envoy_on_request(h)
 end
 """
 
-# Runs on the response before json_to_metadata: an answer that may not fit Envoy's buffer
-# (the processor said so when it reserved, caps.answer_bytes_bound, or its content-length
-# says so: a provider ignoring the output cap) is hidden from it by its content type, so it
-# passes unbuffered; the processor then meters it itself. A provider's own copy of the
-# header that keeps the original type is dropped first: only this filter sets it.
-BIG_ANSWER_LUA = """
-function envoy_on_response(h)
-  local hd = h:headers()
-  hd:remove("%(original)s")
-  local a = h:streamInfo():dynamicMetadata():get("%(ns_answer)s")
-  if (a == nil or not a["big"]) and (tonumber(hd:get("content-length") or "0") or 0) <= %(max_bytes)d then return end
-  local ct = hd:get("content-type")
-  if ct == nil then return end
-  hd:replace("%(original)s", ct)
-  hd:replace("content-type", "application/x-tollgate-big")
-end
-"""
+
+# --- typed notes: what the processors tell each other through dynamic metadata ----------------
+# On the wire the keys stay short (metadata travels with every message); in code they have names.
+
+def _text(d: dict[str, Any], key: str) -> str:
+    v = d.get(key)
+    return "" if v is None else str(v)
+
+
+def _int(d: dict[str, Any], key: str, default: int = 0) -> int:
+    try:
+        return int(float(d.get(key) or default))
+    except (TypeError, ValueError):
+        return default
+
+
+@dataclass(frozen=True)
+class RequestNote:
+    """NS_REQUEST: the request's context, from the downstream processor to every later attempt
+    (a chain only; the per-attempt processor is stateless)."""
+
+    route: str
+    plan: str
+    first_model: str  # attempt 1 goes out without the per-attempt processor: noted here
+    first_provider: str
+    first_at_ms: int
+    customer: str
+    cap: int  # the output cap written into the body (what every attempt's time budget assumes)
+    stream: bool
+    unhealthy: frozenset[str] = frozenset()  # open circuits, besides the first provider's
+    skipped_model: str = ""  # the primary, when its circuit was open
+    skipped_provider: str = ""
+    skipped_opened_by: str = ""
+
+    def to_struct(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"route": self.route, "plan": self.plan, "m1": self.first_model, "p1": self.first_provider,
+                               "t1": self.first_at_ms, "cust": self.customer, "cap": self.cap, "stream": self.stream,
+                               "unhealthy": ",".join(sorted(self.unhealthy))}
+        if self.skipped_model:
+            out.update({"skip": self.skipped_model, "skip_p": self.skipped_provider, "skip_o": self.skipped_opened_by})
+        return out
+
+    @classmethod
+    def from_struct(cls, d: dict[str, Any]) -> RequestNote:
+        return cls(_text(d, "route"), _text(d, "plan"), _text(d, "m1"), _text(d, "p1"), _int(d, "t1"), _text(d, "cust"),
+                   _int(d, "cap"), bool(d.get("stream")), frozenset(_text(d, "unhealthy").split(",")) - {""},
+                   _text(d, "skip"), _text(d, "skip_p"), _text(d, "skip_o"))
+
+
+@dataclass(frozen=True)
+class AttemptNote:
+    """One attempt in NS_ATTEMPTS: where it went, when, why, and (once known) how it ended."""
+
+    model: str
+    provider: str
+    started_ms: int = 0
+    outcome: str = ""  # "" until the next attempt (or the downstream processor) classifies it
+    status: int = 0
+    rule: str = ""  # the policy rule that chose this attempt
+    reason: str = ""
+
+    def to_struct(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"m": self.model, "p": self.provider, "t": self.started_ms}
+        if self.outcome:
+            out.update({"o": self.outcome, "s": self.status})
+        if self.rule:
+            out["rule"] = self.rule
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+    @classmethod
+    def from_struct(cls, d: dict[str, Any]) -> AttemptNote:
+        return cls(_text(d, "m"), _text(d, "p"), _int(d, "t"), _text(d, "o"), _int(d, "s"), _text(d, "rule"), _text(d, "reason"))
+
+
+@dataclass(frozen=True)
+class StopNote:
+    """Why the per-attempt processor ended a chain (it answers the request itself)."""
+
+    reason: str
+    rule: str
+
+
+@dataclass
+class AttemptsNote:
+    """NS_ATTEMPTS: every attempt so far by number (1-based), and the stop, if the chain ended."""
+
+    attempts: dict[int, AttemptNote] = field(default_factory=dict)
+    stop: StopNote | None = None
+
+    def to_struct(self) -> dict[str, Any]:
+        out: dict[str, Any] = {str(n): a.to_struct() for n, a in self.attempts.items()}
+        if self.stop is not None:
+            out["stop"] = {"reason": self.stop.reason, "rule": self.stop.rule}
+        return out
+
+    @classmethod
+    def from_struct(cls, d: dict[str, Any]) -> AttemptsNote:
+        attempts = {int(k): AttemptNote.from_struct(v) for k, v in d.items() if k.isdigit() and isinstance(v, dict)}
+        stop = d.get("stop")
+        return cls(dict(sorted(attempts.items())), StopNote(_text(stop, "reason"), _text(stop, "rule")) if isinstance(stop, dict) else None)

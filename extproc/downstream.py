@@ -22,7 +22,6 @@ calls them, and translates results into Envoy's protocol.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import logging
@@ -34,12 +33,11 @@ from redis.exceptions import RedisError
 
 from extproc import config, errors, metrics
 from extproc.caps import CostBound, answer_bytes_bound, cost_bound
-from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, all_candidates, first_step, outcome_of_status
+from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, all_candidates, first_step, outcome_of_status, unavailable_error
 from extproc.contract import (
     ATTR_CODE_DETAILS,
     ATTRIBUTION_PREFIX,
     CLUSTER_HEADER,
-    NS_ANSWER,
     NS_APPLY,
     NS_ATTEMPTS,
     NS_REQUEST,
@@ -47,12 +45,15 @@ from extproc.contract import (
     ORIGINAL_CONTENT_TYPE_HEADER,
     ROUTE_HEADER,
     STOP_HEADER,
+    AttemptsNote,
+    RequestNote,
 )
 from extproc.decide import KeyInfo, RouteChoice, authorize, resolve_route, visible_routes
-from extproc.envoy_config import chain_cluster, stream_target
+from extproc.envoy_config import chain_cluster, route_target
 from extproc.errors import ApiError
 from extproc.gateway import Gateway
 from extproc.keys import secret_from_headers
+from extproc.ledger import UsageRecord, settle, spend_kind
 from extproc.money import format_usd
 from extproc.payload import (
     ENDPOINTS,
@@ -65,10 +66,12 @@ from extproc.payload import (
     usage_from_metadata,
 )
 from extproc.pb import ext_proc_pb2 as pb
+from extproc.phases import PassThrough
 from extproc.policy.model import Route
-from extproc.protocol import attribute, immediate, metadata, namespace, request_headers
+from extproc.protocol import attribute, immediate, metadata, namespace
 from extproc.protocol import header as _opt
 from extproc.protocol import headers_of as _headers_of
+from extproc.protocol import request_headers as headers_from_attributes
 from extproc.quota import Account, Limits, Reservation, ReserveResult, month_of, now_ms, reservation_ttl_ms, valid_id
 from extproc.records import Attempt
 from extproc.stream import StreamMeter, text_bytes
@@ -83,7 +86,7 @@ PROVIDER_ONLY = (ATTRIBUTION_PREFIX, "x-ratelimit-", "openai-organization", "ope
 
 
 
-class Exchange:
+class Exchange(PassThrough):
     """One HTTP request's conversation with Envoy's downstream ext_proc filter."""
 
     def __init__(self, gw: Gateway) -> None:
@@ -122,6 +125,20 @@ class Exchange:
         self.overrun = False  # the provider billed more than was reserved
         self.record_id = uuid.uuid4().hex  # publishes the usage record exactly once
         self.finished = False
+
+    # --- the phases (phases.Processor): server.py dispatches each message here -----------
+
+    async def request_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        return await self.on_request_headers(req.request_headers)
+
+    async def request_body(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        return await self.on_request_body(req)
+
+    async def response_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        return await self.on_response_headers(req)
+
+    async def response_body(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        return await self.on_response_body(req.response_body)
 
     # --- request path -------------------------------------------------------------------
 
@@ -163,7 +180,7 @@ class Exchange:
         """The request's one message: its body, with the headers it needs as attributes."""
         msg = req.request_body
         if not self.path:
-            refused = await self.admit(request_headers(req), has_body=True)
+            refused = await self.admit(headers_from_attributes(req), has_body=True)
             if refused is not None:
                 return refused
         parsed = parse_request(self.path, msg.body)
@@ -204,21 +221,20 @@ class Exchange:
         # Attempt 1's provider's own budget; the relay bounds a later attempt by its provider's.
         budget = attempt_budget_ms(choice.provider, cap, parsed.stream)
         # Headers are applied by Envoy's apply filter (contract.APPLY_LUA): "" removes one.
-        provider_secret = self.gw.provider_secrets.get(choice.provider.name)
         assert self.bound is not None
         big = not parsed.stream and answer_bytes_bound(
             self.path, parsed.body, cap, self.bound.choices, parsed.body_bytes) > self.gw.max_body_bytes
-        apply = {CLUSTER_HEADER: stream_target(cluster, parsed.stream), PER_TRY_TIMEOUT_HEADER: str(budget), "api-key": "",
-                 "authorization": f"Bearer {provider_secret}" if provider_secret else ""}
-        notes: dict[str, dict[str, Any]] = {NS_APPLY: apply, **({NS_ANSWER: {"big": True}} if big else {})}
+        apply = {CLUSTER_HEADER: route_target(cluster, parsed.stream, big), PER_TRY_TIMEOUT_HEADER: str(budget), "api-key": "",
+                 "authorization": self.gw.credential(choice.provider.name)}
+        notes: dict[str, dict[str, Any]] = {NS_APPLY: apply}
         self.big = big
         if self.chained:
             apply["x-envoy-max-retries"] = str(route.max_attempts - 1)
-            notes.update({NS_REQUEST: {
-                "route": route.name, "plan": plan.name, "m1": target.name, "p1": choice.provider.name, "t1": now_ms(),
-                "unhealthy": ",".join(sorted(circuits.after_first)), "cap": cap, "stream": parsed.stream, "cust": key.customer,
-                **({"skip": skipped[0].model, "skip_p": skipped[0].provider, "skip_o": skipped[0].opened_by} if skipped else {}),
-            }})
+            skip = skipped[0] if skipped else None
+            notes[NS_REQUEST] = RequestNote(
+                route.name, plan.name, target.name, choice.provider.name, now_ms(), key.customer, cap, parsed.stream,
+                frozenset(circuits.after_first), skip.model if skip else "", skip.provider if skip else "",
+                skip.opened_by if skip else "").to_struct()
         return pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=body))),
             dynamic_metadata=metadata(notes),
@@ -239,14 +255,15 @@ class Exchange:
             budgets += [int(self.policy.providers[m.provider].idle_s * 1000) for m in candidates]
         ttl = reservation_ttl_ms(budgets, route.max_attempts, self.gw.reservation_grace_s)
         try:
-            result = await self.gw.quota.reserve(res, bound, Limits.of(plan, key.rpm, key.tpm), ttl, self.record_base())
+            result = await self.gw.quota.reserve(res, bound, Limits.of(plan, key.rpm, key.tpm), ttl,
+                                                 self.record_base().fields(finished=False))
         except RedisError:
             metrics.REDIS_ERRORS.labels("reserve").inc()
             return errors.quota_unavailable()
         self.rate_headers = result.rate.headers()
         if result.status == "duplicate":
-            return ApiError(409, "duplicate_request", f"The request id {self.request_id!r} was already used for a served request; "
-                            "send a new x-request-id.", param="x-request-id")
+            return ApiError(409, "duplicate_request", f"The request id {self.request_id!r} was already used for a request that "
+                            "was served or is still in flight; send a new x-request-id.", param="x-request-id")
         if result.status != "ok":
             self.gw.quota.forget_hint(res)
             return self.refusal(route.name, result, bound)
@@ -293,7 +310,7 @@ class Exchange:
         self.learn_attempts(req, self.stop_reason)
         remove = [k for k in h if k.startswith(PROVIDER_ONLY)]  # providers cannot forge ours, nor show their account
         self.pending_remove = remove  # also when the answer is replaced by our error
-        if ORIGINAL_CONTENT_TYPE_HEADER in h:  # a big answer, hidden from json_to_metadata (BIG_ANSWER_LUA)
+        if self.big and ORIGINAL_CONTENT_TYPE_HEADER in h:  # a big answer, hidden from json_to_metadata
             h["content-type"] = h[ORIGINAL_CONTENT_TYPE_HEADER]
             self.restore = [_opt("content-type", h["content-type"])]
         if self.reservation is not None and attribute(req, ATTR_CODE_DETAILS) == "response_payload_too_large":
@@ -359,16 +376,14 @@ class Exchange:
         c = self.choice
         if c is None:
             return
-        entries = namespace(req, NS_ATTEMPTS) if self.chained else {}
-        stop = entries.pop("stop", None)
+        notes = AttemptsNote.from_struct(namespace(req, NS_ATTEMPTS)) if self.chained else AttemptsNote()
         attempts: list[Attempt] = []
-        for k in sorted(int(x) for x in entries if x.isdigit()):
-            e = entries[str(k)]
-            model = str(e.get("m") or (c.target.name if k == 1 else ""))
-            provider = str(e.get("p") or (c.provider.name if k == 1 else ""))
-            attempts.append(Attempt(model, provider, int(e.get("s", 0) or 0), str(e.get("o", "unknown"))))
-            if e.get("rule"):
-                self.rule = str(e["rule"])
+        for k, e in notes.attempts.items():
+            model = e.model or (c.target.name if k == 1 else "")
+            provider = e.provider or (c.provider.name if k == 1 else "")
+            attempts.append(Attempt(model, provider, e.status, e.outcome or "unknown"))
+            if e.rule:
+                self.rule = e.rule
         if not attempts:
             attempts = [Attempt(c.target.name, c.provider.name, 0, "unknown")]
         if stop_reason is None:
@@ -379,9 +394,9 @@ class Exchange:
         failures = [a.reason for a in attempts if a.reason not in ("ok", "unknown", "client_error")]
         if self.skipped is None:
             self.fallback_reason = failures[0] if failures else "none"
-        if isinstance(stop, dict):
-            self.rule = str(stop.get("rule", self.rule))
-            if stop.get("reason") == "policy":
+        if notes.stop is not None:
+            self.rule = notes.stop.rule or self.rule
+            if notes.stop.reason == "policy":
                 self.fallback_reason = "policy"
         model_by_name = self.policy.models.get(attempts[-1].model)
         if model_by_name is not None and attempts[-1].model != c.target.name:
@@ -398,11 +413,7 @@ class Exchange:
 
     def failure_error(self) -> ApiError:
         """Every allowed attempt failed (or the route fails closed): SPEC §4's upstream_unavailable."""
-        reason = self.attempts[-1].reason
-        n = len(self.attempts)
-        why = f"; {self.rule}" if self.rule else ""
-        return errors.upstream_unavailable(FAILURE_STATUS.get(reason, 502),
-                                           f"No provider could serve the request after {n} attempt(s) ({reason}){why}.")
+        return unavailable_error(self.attempts[-1].reason, len(self.attempts), self.rule)
 
     async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
         self.last_byte = time.monotonic()
@@ -557,7 +568,7 @@ class Exchange:
         final_status = status or self.client_status()
         served = usage is not None or charge is not None
         cost = c.target.price.cost_micro(usage.prompt_tokens, usage.completion_tokens) if usage else (charge or 0)
-        kind = self.spend_kind()
+        kind = spend_kind(c.primary.name, c.target.name, len(self.attempts))
         reserved = self.reservation.amount if self.reservation else 0
         self.overrun = cost > reserved
         if self.overrun:
@@ -578,71 +589,31 @@ class Exchange:
         if self.reservation is not None:
             record = self.record_final(usage, cost, kind, final_status)
             tokens = usage.prompt_tokens + usage.completion_tokens if usage else 0
-            await self.settle(self.reservation, cost, tokens, served, record)
+            await settle(self.gw, self.reservation, cost, tokens, served, record.fields())
         return cost
 
-    async def settle(self, res: Reservation, cost: int, tokens: int, served: bool, record: dict[str, str]) -> None:
-        """Settle now; if Redis fails, keep retrying in the background. The reservation stays
-        until then, so at worst the reaper turns it into an 'unsettled' record — never lost.
-        Shielded: Envoy may reset this request's stream meanwhile, which must not cut the
-        settlement (or its clean-ups) in half."""
-        try:
-            await asyncio.shield(self.gw.spawn(self.gw.quota.finish(res, cost, tokens, served, record)))
-            return
-        except RedisError:
-            metrics.REDIS_ERRORS.labels("finish").inc()
-
-        async def retry() -> None:
-            for delay in (0.5, 1, 2, 4, 8, 16, 32):
-                await asyncio.sleep(delay)
-                try:
-                    await self.gw.quota.finish(res, cost, tokens, served, record)
-                    return
-                except RedisError:
-                    metrics.REDIS_ERRORS.labels("finish").inc()
-            log.error("request %s: could not settle; its reservation will expire as an unsettled record", res.request_id)
-
-        self.gw.spawn(retry())
-
-    def spend_kind(self) -> str:
-        """normal: the primary served on the first attempt; retry: a later attempt on the
-        primary; fallback: another model served."""
-        if self.choice is None:
-            return "normal"
-        if self.choice.target.name != self.choice.primary.name:
-            return "fallback"
-        return "normal" if len(self.attempts) <= 1 else "retry"
-
-    def record_base(self) -> dict[str, str]:
+    def record_base(self) -> UsageRecord:
         """The fields known before the upstream call (also what an unsettled record shows)."""
         key, c = self.key, self.choice
         assert key is not None and c is not None
-        return {
-            "request_id": self.request_id, "ts": str(self.started_ms), "route": c.route.name, "customer_id": key.customer,
-            "workspace_id": key.workspace, "api_key_id": key.key_id, "plan": c.plan.name, "primary_model": c.primary.name,
-            "final_model": c.target.name, "provider": c.provider.name, "attempts": "1", "fallback_reason": "none",
-            "stream": "true" if self.parsed and self.parsed.stream else "false", "endpoint": self.path,
-            "record_id": self.record_id, "prepaid": "true" if c.plan.prepaid else "false",
-            "attempt_list": json.dumps([{"model": c.target.name, "provider": c.provider.name, "status": 0, "reason": "unknown"}]),
-        }
+        return UsageRecord(
+            request_id=self.request_id, ts=str(self.started_ms), route=c.route.name, customer_id=key.customer,
+            workspace_id=key.workspace, api_key_id=key.key_id, plan=c.plan.name, primary_model=c.primary.name,
+            final_model=c.target.name, provider=c.provider.name, stream=bool(self.parsed and self.parsed.stream),
+            endpoint=self.path, record_id=self.record_id, prepaid=c.plan.prepaid,
+            attempt_list=[Attempt(c.target.name, c.provider.name, 0, "unknown")])
 
-    def record_final(self, usage: Usage | None, cost: int, kind: str, status: int) -> dict[str, str]:
+    def record_final(self, usage: Usage | None, cost: int, kind: str, status: int) -> UsageRecord:
         c = self.choice
         assert c is not None and self.reservation is not None
         rec = self.record_base()
-        rec.update({
-            "final_model": c.target.name, "provider": c.provider.name, "attempts": str(len(self.attempts)),
-            "fallback_reason": self.fallback_reason, "status": str(status),
-            "prompt_tokens": str(usage.prompt_tokens if usage else 0),
-            "completion_tokens": str(usage.completion_tokens if usage else 0),
-            "kind": kind, "cost_micro_usd": str(cost), "retry_cost_micro_usd": str(cost if kind == "retry" else 0),
-            "fallback_cost_micro_usd": str(cost if kind == "fallback" else 0),
-            "reserved_micro_usd": str(self.reservation.amount), "output_cap": str(self.reservation.cap),
-            "overrun": "true" if self.overrun else "false",
-            "usage_source": self.usage_source if usage or cost else "none", "rule": self.rule,
-            "latency_ms": str(int((time.monotonic() - self.started) * 1000)),
-            "attempt_list": json.dumps([a.as_dict() for a in self.chain]),
-        })
+        rec.final_model, rec.provider, rec.attempts = c.target.name, c.provider.name, len(self.attempts)
+        rec.fallback_reason, rec.status, rec.kind, rec.cost_micro_usd = self.fallback_reason, status, kind, cost
+        rec.prompt_tokens = usage.prompt_tokens if usage else 0
+        rec.completion_tokens = usage.completion_tokens if usage else 0
+        rec.reserved_micro_usd, rec.output_cap, rec.overrun = self.reservation.amount, self.reservation.cap, self.overrun
+        rec.usage_source = self.usage_source if usage or cost else "none"
+        rec.rule, rec.latency_ms, rec.attempt_list = self.rule, int((time.monotonic() - self.started) * 1000), self.chain
         return rec
 
     # --- replies ------------------------------------------------------------------------

@@ -119,7 +119,10 @@ def mapper(expression: str, code: str, message: str, type_: str, status: int | N
     return m
 
 
-NOT_OURS = "!response.code_details.startsWith('tollgate') && !response.code_details.startsWith('ext_proc')"
+# Tollgate's own replies: the processor's (details tollgate_*), its failure (ext_proc*), and the
+# apply filter's refusal of a body-less POST (lua_response, already OpenAI-shaped).
+NOT_OURS = ("!response.code_details.startsWith('tollgate') && !response.code_details.startsWith('ext_proc') "
+            "&& response.code_details != 'lua_response'")
 
 
 def early_mappers() -> list[dict[str, Any]]:

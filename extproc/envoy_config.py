@@ -18,12 +18,12 @@ from extproc.contract import (
     APPLY_FILTER,
     APPLY_LUA,
     ATTRIBUTION_PREFIX,
-    BIG_ANSWER_LUA,
     CLUSTER_HEADER,
     ENVOY_PREFIX,
     EXTPROC_CLUSTER,
+    HIDDEN_CONTENT_TYPE,
+    HIDE_FILTER,
     INTERNAL_HEADERS,
-    NS_ANSWER,
     NS_APPLY,
     NS_ATTEMPTS,
     NS_LAST,
@@ -100,10 +100,37 @@ def chain_cluster(provider: str) -> str:
 STREAM_SUFFIX = "+stream"  # header values that select a provider's stream route (idle-bounded)
 
 
+BIG_SUFFIX = "+big"  # ... and a non-stream answer that may not fit Envoy's buffer
+
+
 def stream_target(name: str, stream: bool) -> str:
     """The internal header value for `name` (a provider, or a chain's aggregate): streams take
     routes with a per-try idle timeout; non-stream answers are silent until complete."""
     return name + STREAM_SUFFIX if stream else name
+
+
+def route_target(name: str, stream: bool, big: bool = False) -> str:
+    """The downstream route for `name`: a stream; a non-stream answer that fits Envoy's buffer
+    (json_to_metadata reads its usage); or one that may not (`+big`, caps.answer_bytes_bound):
+    its route hides it from json_to_metadata, whose buffering would overflow, by renaming its
+    content type (restored by the processor, which reads the body itself)."""
+    return name + BIG_SUFFIX if big and not stream else stream_target(name, stream)
+
+
+VARIANTS = ((False, False), (True, False), (False, True))  # (stream, big) of every downstream route
+
+
+def _variant(big: bool) -> dict[str, Any]:
+    if not big:
+        return {}
+    return {"typed_per_filter_config": {HIDE_FILTER: {
+        "@type": _T + "extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute",
+        "mutations": {"response_mutations": [
+            {"append": {"header": {"key": ORIGINAL_CONTENT_TYPE_HEADER, "value": "%RESP(content-type)%"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
+            {"append": {"header": {"key": "content-type", "value": HIDDEN_CONTENT_TYPE}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
+        ]},
+    }}}
 
 
 def _timeouts(p: Provider, stream: bool) -> dict[str, Any]:
@@ -213,9 +240,10 @@ def _provider_cluster(p: Provider, max_body: int) -> dict[str, Any]:
     return cluster
 
 
-def _provider_route(p: Provider, stream: bool) -> dict[str, Any]:
-    value = stream_target(p.name, stream)
+def _provider_route(p: Provider, stream: bool, big: bool) -> dict[str, Any]:
+    value = route_target(p.name, stream, big)
     return {
+        **_variant(big),
         "name": f"provider:{value}",
         "match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": value}}]},
         # A literal rewrite happens before the upstream filters (the provider gate removes the
@@ -226,14 +254,15 @@ def _provider_route(p: Provider, stream: bool) -> dict[str, Any]:
     }
 
 
-def _chain_route(p: Provider, per_try_timeout_s: float, stream: bool) -> dict[str, Any]:
+def _chain_route(p: Provider, per_try_timeout_s: float, stream: bool, big: bool) -> dict[str, Any]:
     """Attempt 1 goes straight to the provider; Envoy retries onto the relay slots in order
     (previous_priorities) and the upstream processor decides what each retry is.
 
     No back-off here: a retry that switches provider goes at once; the upstream processor
     itself waits before a retry on the same provider (`upstream.SAME_PROVIDER_BACKOFF_S`)."""
-    value = stream_target(chain_cluster(p.name), stream)
+    value = route_target(chain_cluster(p.name), stream, big)
     return {
+        **_variant(big),
         "name": f"chain:{value}",
         "match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": value}}]},
         "route": {
@@ -287,7 +316,7 @@ def _ext_proc_filter(message_timeout_s: float, modes: dict[str, str], *, forward
     return {"name": "envoy.filters.http.ext_proc", "typed_config": config}
 
 
-def _downstream_filters(message_timeout_s: float, max_body_bytes: int) -> list[dict[str, Any]]:
+def _downstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
     """The normal path costs two processor messages: the request body (with the few headers
     it needs as attributes) and the response headers (with the answer's usage, which Envoy's
     json_to_metadata read from the body). Streams and answers without usage switch the
@@ -298,7 +327,7 @@ def _downstream_filters(message_timeout_s: float, max_body_bytes: int) -> list[d
             {"request_header_mode": "SKIP", "request_body_mode": "BUFFERED", "response_header_mode": "SEND",
              "response_body_mode": "NONE"},
             forwarding=[NS_ATTEMPTS, NS_USAGE],
-            receiving=[NS_REQUEST, NS_APPLY, NS_ANSWER],
+            receiving=[NS_REQUEST, NS_APPLY],
             request_attributes=list(REQUEST_ATTRIBUTES),
             response_attributes=list(RESPONSE_ATTRIBUTES),
         ),
@@ -319,10 +348,10 @@ def _downstream_filters(message_timeout_s: float, max_body_bytes: int) -> list[d
                 for key in USAGE_KEYS
             ]},
         }},
-        {"name": "tollgate.big_answer", "typed_config": {
-            "@type": _T + "extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": BIG_ANSWER_LUA % {
-                "ns_answer": NS_ANSWER, "original": ORIGINAL_CONTENT_TYPE_HEADER, "max_bytes": max_body_bytes}}}},
+        # Does nothing but on `+big` routes (their per-route config, `_variant`): runs first on
+        # the response, so json_to_metadata never sees a big answer's JSON content type.
+        {"name": HIDE_FILTER, "typed_config": {"@type": _T + "extensions.filters.http.header_mutation.v3.HeaderMutation",
+                                               "mutations": {}}},
         ROUTER_FILTER,
     ]
 
@@ -572,9 +601,9 @@ def render_bootstrap(
             "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
             "typed_per_filter_config": _no_processor(lua_too=True),
         },
-        *(_provider_route(p, stream) for p in policy.providers.values() for stream in (False, True)),
-        *(_chain_route(p, per_try_stream if stream else per_try, stream)
-          for p in (policy.providers.values() if slots > 1 else ()) for stream in (False, True)),
+        *(_provider_route(p, stream, big) for p in policy.providers.values() for stream, big in VARIANTS),
+        *(_chain_route(p, per_try_stream if stream else per_try, stream, big)
+          for p in (policy.providers.values() if slots > 1 else ()) for stream, big in VARIANTS),
         *_entry_routes(no_route),
     ]
     hcm: dict[str, Any] = {
@@ -619,7 +648,7 @@ def render_bootstrap(
                         "Unknown endpoint '%REQ(:METHOD)% %REQ(:PATH)%'.", "invalid_request_error"),
             *edge.late_mappers(),
         ]},
-        "http_filters": _downstream_filters(message_timeout_s, max_body_bytes),
+        "http_filters": _downstream_filters(message_timeout_s),
     }
     if access_log:
         hcm["access_log"] = [

@@ -27,6 +27,12 @@ class Gateway:
     reservation_grace_s: float = config.RESERVATION_GRACE_S
     max_body_bytes: int = config.MAX_BODY_BYTES  # Envoy buffers bodies up to this (envoy_config)
 
+    def credential(self, provider: str) -> str:
+        """The `authorization` value a provider is sent (its key from the environment or a
+        file), or "" when it has none: the client's own credential is removed either way."""
+        secret = self.provider_secrets.get(provider)
+        return f"Bearer {secret}" if secret else ""
+
     def spawn(self, coro: Any) -> asyncio.Task[None]:
         """Run work the reply need not wait for, keeping a reference until it is done."""
         task = asyncio.get_running_loop().create_task(coro)

@@ -13,6 +13,8 @@ import time
 from dataclasses import astuple, dataclass, fields
 from typing import Any
 
+from extproc import ledger
+
 CREDIT = "credit"
 SPEND_KINDS = ("normal", "retry", "fallback")
 
@@ -83,9 +85,7 @@ def spend_kind(rec: dict[str, str]) -> str:
     kind = rec.get("kind", "")
     if kind in SPEND_KINDS:
         return kind
-    if rec.get("final_model") != rec.get("primary_model"):
-        return "fallback"
-    return "retry" if _int(rec, "attempts") > 1 else "normal"
+    return ledger.spend_kind(rec.get("primary_model", ""), rec.get("final_model", ""), _int(rec, "attempts"))
 
 
 def row_of(stream_id: str, rec: dict[str, str]) -> LedgerRow:

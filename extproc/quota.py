@@ -43,6 +43,7 @@ from typing import Any
 
 from extproc import config
 from extproc.caps import CostBound
+from extproc.keyspace import Space, key_list
 from extproc.policy.model import DEFAULT_IDEMPOTENCY_WINDOW_S, Plan
 from extproc.store import RedisLike, Scripts
 from extproc.store import text as _s
@@ -83,11 +84,15 @@ class Account:
     workspace: str
     key_id: str
 
+    @property
+    def space(self) -> Space:
+        return Space(self.customer, self.workspace, self.key_id)
+
     def k(self, suffix: str) -> str:
-        return f"tollgate:{{c:{self.customer}}}:{suffix}"
+        return self.space.c(suffix)
 
     def w(self, suffix: str) -> str:
-        return self.k(f"ws:{self.workspace}:{suffix}")
+        return self.space.w(suffix)
 
 
 def month_of(ts: float) -> str:
@@ -214,12 +219,7 @@ class Quota:
     async def reserve(self, res: Reservation, bound: CostBound, limits: Limits, ttl_ms: int, record: dict[str, str]) -> ReserveResult:
         """Check every limit and reserve the request's cap, in one atomic step."""
         a = res.account
-        keys = [
-            a.k(f"req:{res.request_id}"), a.k(f"resv:{res.request_id}"), a.k("resv-index"),
-            a.k("balance"), a.k("reserved"), a.k(f"spend:{res.month}"), a.k("limits"),
-            a.w("reserved"), a.w(f"spend:{res.month}"), a.w("limits"),
-            a.k(f"key:{a.key_id}:rpm"), a.k(f"key:{a.key_id}:tpm"), a.w("rpm"), a.w("tpm"), a.k("rpm"), a.k("tpm"),
-        ]
+        keys = key_list(a.space.reserve_keys(res.request_id, res.month))
         args = [json.dumps(reserve_args(bound, limits, ttl_ms, res.request_id)), json.dumps(record)]
 
         # Earlier requests' clean-ups ride along; then the hint, so that a reservation that
@@ -281,11 +281,7 @@ class Quota:
         hint removed, with the next round trip (`take_chores`)."""
         a = res.account
         uid = record["record_id"]
-        keys = [
-            a.k(f"req:{res.request_id}"), a.k(f"resv:{res.request_id}"), a.k("resv-index"), a.k("balance"),
-            a.k("reserved"), a.k(f"spend:{res.month}"), a.w("reserved"), a.w(f"spend:{res.month}"),
-            a.k(f"key:{a.key_id}:tpm"), a.w("tpm"), a.k("outbox"), a.k("tpm"),
-        ]
+        keys = key_list(a.space.finish_keys(res.request_id, res.month))
         body = json.dumps(record)
         args: list[Any] = [cost_micro, int(res.prepaid), actual_tokens, res.request_id, self.idempotency_window_s, int(served), uid, body]
 
@@ -332,8 +328,7 @@ class Quota:
             a = Account(customer, workspace, "")
             uid = uuid.uuid4().hex
             await self.redis.zadd(OUTBOX_HINTS, {customer: now_ms()}, nx=True)
-            keys = [a.k(f"req:{request_id}"), a.k(f"resv:{request_id}"), a.k("resv-index"), a.k("reserved"), a.w("reserved"),
-                    a.k("outbox")]
+            keys = key_list(a.space.expire_keys(request_id))
             state = int(await self.scripts.eval("expire", keys, [request_id, self.idempotency_window_s, uid]))
             if state == 1:
                 body = await self.redis.hget(a.k("outbox"), uid)

@@ -1,9 +1,11 @@
 """The gRPC side: a grpc.aio server speaking Envoy's ExternalProcessor protocol.
 
-One bidirectional stream per HTTP request (per filter instance); each message is dispatched
-by phase to the request's `Exchange`. `serve()` runs one process per worker, each on its own
-port or Unix socket, so that Envoy's ROUND_ROBIN over the endpoints spreads streams evenly
-(one shared SO_REUSEPORT port does not: Envoy holds few long-lived HTTP/2 connections).
+One bidirectional stream per HTTP request (per filter instance) or per later upstream attempt;
+its first message picks its processor (`downstream.Exchange` or `upstream.AttemptExchange`),
+and every message goes to that processor's method for its phase (`phases.dispatch`).
+`serve()` runs one process per worker, each on its own port or Unix socket, so that Envoy's
+ROUND_ROBIN over the endpoints spreads streams evenly (one shared SO_REUSEPORT port does not:
+Envoy holds few long-lived HTTP/2 connections).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import multiprocess as _multiprocess
 from redis.exceptions import RedisError
 
-from extproc import config, metrics, published
+from extproc import config, metrics, phases, published
 from extproc.contract import UPSTREAM_ATTEMPT_ATTRIBUTE
 from extproc.downstream import Exchange
 from extproc.envoy_config import GrpcEndpoint, worker_endpoints
@@ -41,19 +43,6 @@ from extproc.store import redis_client
 from extproc.upstream import AttemptExchange
 
 log = logging.getLogger("tollgate.server")
-
-def _empty_reply(kind: str | None) -> pb.ProcessingResponse:
-    """Continue unchanged (phases Tollgate does not act on)."""
-    if kind == "request_trailers":
-        return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-    if kind == "response_trailers":
-        return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
-    if kind == "response_headers":
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-    if kind == "response_body":
-        return pb.ProcessingResponse(response_body=pb.BodyResponse())
-    return pb.ProcessingResponse(request_body=pb.BodyResponse())
-
 
 _PHASE_TIMERS: dict[str, Any] = {}
 
@@ -74,7 +63,7 @@ def _failure_reply(kind: str | None) -> pb.ProcessingResponse:
         err = ApiError(500, "gateway_error", "The gateway failed to process the request; it was not sent to any provider.",
                        type="server_error")
         return pb.ProcessingResponse(immediate_response=immediate(err, []))
-    return _empty_reply(kind)
+    return phases.empty_reply(kind)
 
 
 # How long a stream whose last message was answered waits for Envoy's reset before the
@@ -152,23 +141,22 @@ class Processor:
         Reader/writer API rather than a generator: the last reply's write must be shielded from
         the cancellation Envoy's reset causes (see is_last_message)."""
         ex: Exchange | None = None
-        attempt: AttemptExchange | None = None
+        handler: phases.Processor | None = None
         try:
             while (req := await context.read()) is not grpc.aio.EOF:
                 kind = req.WhichOneof("request")
-                if ex is None and attempt is None:
-                    if attribute(req, UPSTREAM_ATTEMPT_ATTRIBUTE) is not None:
-                        attempt = AttemptExchange(self.gateway)
-                    else:
-                        ex = Exchange(self.gateway)
+                if handler is None:
+                    handler = self.processor_for(req)
+                    ex = handler if isinstance(handler, Exchange) else None
                 started = time.perf_counter()
                 try:
-                    reply = await self.dispatch(ex, attempt, kind, req)
+                    reply = await phases.dispatch(handler, req)
                 except Exception:  # a bug or an unexpected failure must not drop the stream
                     log.exception("processing %s failed", kind)
                     reply = _failure_reply(kind)
-                _phase_timer(kind, attempt is not None).observe(time.perf_counter() - started)
-                if not is_last_message(kind, req, reply, upstream=attempt is not None):
+                upstream = ex is None
+                _phase_timer(kind, upstream).observe(time.perf_counter() - started)
+                if not is_last_message(kind, req, reply, upstream=upstream):
                     await context.write(reply)
                     continue
                 await asyncio.shield(context.write(reply))  # completes (freeing its batch) even if Envoy resets now
@@ -179,22 +167,12 @@ class Processor:
                 # Envoy's reset cancels this handler: the accounting runs to its end anyway.
                 await asyncio.shield(self.gateway.spawn(ex.close()))
 
-    async def dispatch(self, ex: Exchange | None, attempt: AttemptExchange | None, kind: str | None,
-                       req: pb.ProcessingRequest) -> pb.ProcessingResponse:
-        if attempt is not None:
-            if kind == "request_headers":
-                return await attempt.on_request_headers(req)
-            return _empty_reply(kind)
-        assert ex is not None
-        if kind == "request_headers":
-            return await ex.on_request_headers(req.request_headers)
-        if kind == "request_body":
-            return await ex.on_request_body(req)
-        if kind == "response_headers":
-            return await ex.on_response_headers(req)
-        if kind == "response_body":
-            return await ex.on_response_body(req.response_body)
-        return _empty_reply(kind)
+    def processor_for(self, first: pb.ProcessingRequest) -> phases.Processor:
+        """The stream's processor, chosen by its first message: Envoy's upstream filter
+        announces itself with the `upstream.request_attempt_count` attribute."""
+        if attribute(first, UPSTREAM_ATTEMPT_ATTRIBUTE) is not None:
+            return AttemptExchange(self.gateway)
+        return Exchange(self.gateway)
 
     # --- policy reload ------------------------------------------------------------------
 

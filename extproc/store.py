@@ -21,6 +21,7 @@ from redis.exceptions import ConnectionError, NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from extproc import config, metrics
+from extproc.keyspace import SCRIPT_KEYS, lua_prelude
 
 RedisLike: TypeAlias = "aioredis.Redis | RedisCluster"
 CLUSTER_SCHEME = "redis+cluster://"
@@ -49,7 +50,10 @@ def is_cluster(client: RedisLike) -> bool:
 
 
 def load_script(name: str) -> str:
-    return resources.files("extproc").joinpath("lua", f"{name}.lua").read_text()
+    """A script's text; scripts with named keys (keyspace.SCRIPT_KEYS) get their `K` table."""
+    text = resources.files("extproc").joinpath("lua", f"{name}.lua").read_text()
+    keys_type = SCRIPT_KEYS.get(name)
+    return lua_prelude(keys_type) + text if keys_type else text
 
 
 Command: TypeAlias = Callable[[Any], Any]  # queues one command on a client or pipeline

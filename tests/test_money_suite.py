@@ -423,7 +423,7 @@ def _truncated_json(self: Any, status: int, obj: Any, extra: dict[str, str] | No
     if status == 200 and self.path.startswith("/v1/"):
         data = data[: len(data) - 7]
     self.send_response(status)
-    self.send_header("content-type", "application/json")
+    self.send_header("content-type", content_type)
     self.send_header("content-length", str(len(data)))
     for k, v in (extra or {}).items():
         self.send_header(k, v)

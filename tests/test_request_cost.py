@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import urllib.error
 import urllib.request
 
 from tests.conftest import Stack, post_raw
@@ -116,3 +117,42 @@ def test_an_answer_without_usage_costs_a_third_message_to_read_its_text(stack: S
     status, _ = chat(stack, secret)
     assert status == 200
     assert envoy_counter(stack, MESSAGES_SENT) - before == 3
+
+
+def test_an_answer_that_might_not_fit_the_buffer_keeps_its_content_type_and_is_billed_from_its_usage(
+        stack: Stack, customer: str) -> None:
+    """max_tokens 40,000 at up to 256 bytes a token could exceed the 8 MiB buffer: the answer is
+    hidden from json_to_metadata (renamed content type, restored) and the processor reads it."""
+    from extproc.fakeprovider import Reply
+
+    _, secret = stack.create_key(customer)
+    chat(stack, secret)
+    stack.fakes["p1"].default = Reply(completion_tokens=9, prompt_tokens=5)
+    body = json.dumps({"model": "support_draft", "messages": MESSAGES, "max_tokens": 40_000}).encode()
+    req = urllib.request.Request(f"{stack.base_url}/chat/completions", data=body, method="POST",
+                                 headers={"authorization": f"Bearer {secret}", "content-type": "application/json"})
+    before = envoy_counter(stack, MESSAGES_SENT)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        headers = {k.lower(): v for k, v in r.headers.items()}
+        answer = json.loads(r.read())
+    assert headers["content-type"] == "application/json" and "x-tollgate-content-type" not in headers
+    assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+    # (5 x 150,000 + 9 x 600,000) / 1e6 = 6.15 -> 7 micro-USD
+    assert headers["x-tollgate-cost-usd"] == "0.000007"
+    assert envoy_counter(stack, MESSAGES_SENT) - before == 3  # the body is read by the processor
+
+
+def test_a_post_without_a_body_is_refused_400_in_openai_shape_and_reaches_no_provider(stack: Stack, customer: str) -> None:
+    """No body, no body message: Envoy's apply filter refuses it before any route is chosen."""
+    _, secret = stack.create_key(customer)
+    calls = sum(f.calls() for f in stack.fakes.values())
+    req = urllib.request.Request(f"{stack.base_url}/chat/completions", data=b"", method="POST",
+                                 headers={"authorization": f"Bearer {secret}", "content-type": "application/json"})
+    try:
+        urllib.request.urlopen(req, timeout=10)
+        raise AssertionError("expected a 400")
+    except urllib.error.HTTPError as exc:
+        status, err = exc.code, json.loads(exc.read())
+    assert status == 400 and set(err["error"]) == {"message", "type", "param", "code"}
+    assert err["error"]["code"] == "invalid_request_error" and "body" in err["error"]["message"]
+    assert sum(f.calls() for f in stack.fakes.values()) == calls

@@ -4,11 +4,8 @@
 -- cap the money allows (never below its useful minimum, else it is refused). The processor
 -- writes the returned cap into the forwarded body, so the reservation is a cap, not a guess.
 --
--- KEYS: 1 marker (req id)   2 reservation hash   3 the customer's reservation index (zset by deadline)
---       4 balance           5 customer reserved  6 customer month spend  7 customer limits hash
---       8 workspace reserved 9 workspace month spend 10 workspace limits hash
---       11 key rpm bucket   12 key tpm bucket    13 workspace rpm bucket 14 workspace tpm bucket
---       15 customer rpm bucket  16 customer tpm bucket
+-- KEYS: named K.<field> after keyspace.ReserveKeys, whose field order is the KEYS list
+--       (store.Scripts prefixes `local K = {marker = KEYS[1], ...}` generated from it).
 -- ARGV: 1 the request as a JSON object (quota.ReserveArgs: input_nano, token_nano, want, min,
 --         rate_tokens, choices, prepaid, budget, rpm, tpm, key_rpm, key_tpm, ttl_ms, request_id;
 --         -1 means "no limit")
@@ -25,7 +22,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local req = cjson.decode(ARGV[1])
 
-if redis.call('EXISTS', KEYS[1]) == 1 then
+if redis.call('EXISTS', K.marker) == 1 then
   return {-1, 'duplicate', 0, -1, -1, 0, -1, -1, 0, 0, 0, 0, 0}
 end
 
@@ -69,17 +66,17 @@ local function wait_ms(b, cost)
   return math.ceil((cost - b.tokens) / b.rate)
 end
 
-local ws_rpm = override(KEYS[10], 'rpm', req.rpm)
-local ws_tpm = override(KEYS[10], 'tpm', req.tpm)
-local cust_rpm = override(KEYS[7], 'rpm', req.rpm)
-local cust_tpm = override(KEYS[7], 'tpm', req.tpm)
+local ws_rpm = override(K.ws_limits, 'rpm', req.rpm)
+local ws_tpm = override(K.ws_limits, 'tpm', req.tpm)
+local cust_rpm = override(K.limits, 'rpm', req.rpm)
+local cust_tpm = override(K.limits, 'tpm', req.tpm)
 local key_rpm = req.key_rpm >= 0 and req.key_rpm or req.rpm
 local key_tpm = req.key_tpm >= 0 and req.key_tpm or req.tpm
 
 -- Limits apply per key, per workspace and per customer: each has its own bucket, and every
 -- one of them must have room.
-local rpm_buckets = {bucket(KEYS[11], key_rpm), bucket(KEYS[13], ws_rpm), bucket(KEYS[15], cust_rpm)}
-local tpm_buckets = {bucket(KEYS[12], key_tpm), bucket(KEYS[14], ws_tpm), bucket(KEYS[16], cust_tpm)}
+local rpm_buckets = {bucket(K.key_rpm, key_rpm), bucket(K.ws_rpm, ws_rpm), bucket(K.rpm, cust_rpm)}
+local tpm_buckets = {bucket(K.key_tpm, key_tpm), bucket(K.ws_tpm, ws_tpm), bucket(K.tpm, cust_tpm)}
 
 -- The headers report the tightest bucket of each kind.
 local function report(buckets, cost)
@@ -108,21 +105,21 @@ end
 local function cost(cap)
   return ceil_div(req.input_nano + cap * req.token_nano, 1000000)
 end
-local cust_reserved = num(redis.call('GET', KEYS[5]), 0)
+local cust_reserved = num(redis.call('GET', K.reserved), 0)
 local available, tightest = nil, nil
 local function limit(reason, left)
   if available == nil or left < available then available, tightest = left, reason end
 end
 if req.prepaid == 1 then
-  local balance = num(redis.call('GET', KEYS[4]), 0)
+  local balance = num(redis.call('GET', K.balance), 0)
   if balance <= 0 then return refuse('balance', 0, cost(req.min), balance - cust_reserved) end
   limit('balance', balance - cust_reserved)
 end
-local budget = override(KEYS[7], 'monthly_budget_micro', req.budget)
-if budget >= 0 then limit('budget', budget - num(redis.call('GET', KEYS[6]), 0) - cust_reserved) end
-local ws_budget = override(KEYS[10], 'monthly_budget_micro', -1)
+local budget = override(K.limits, 'monthly_budget_micro', req.budget)
+if budget >= 0 then limit('budget', budget - num(redis.call('GET', K.spend), 0) - cust_reserved) end
+local ws_budget = override(K.ws_limits, 'monthly_budget_micro', -1)
 if ws_budget >= 0 then
-  limit('budget', ws_budget - num(redis.call('GET', KEYS[9]), 0) - num(redis.call('GET', KEYS[8]), 0))
+  limit('budget', ws_budget - num(redis.call('GET', K.ws_spend), 0) - num(redis.call('GET', K.ws_reserved), 0))
 end
 
 local cap = req.want
@@ -152,12 +149,12 @@ local function charge(b, n)
 end
 for _, b in pairs(rpm_buckets) do charge(b, 1) end
 for _, b in pairs(tpm_buckets) do charge(b, est_tokens) end
-redis.call('INCRBY', KEYS[5], amount)
-redis.call('INCRBY', KEYS[8], amount)
+redis.call('INCRBY', K.reserved, amount)
+redis.call('INCRBY', K.ws_reserved, amount)
 local deadline = now + req.ttl_ms
-redis.call('HSET', KEYS[2], 'amount', amount, 'tokens', est_tokens, 'deadline', deadline, 'record', ARGV[2])
-redis.call('ZADD', KEYS[3], deadline, req.request_id)
-redis.call('SET', KEYS[1], 'inflight')
+redis.call('HSET', K.reservation, 'amount', amount, 'tokens', est_tokens, 'deadline', deadline, 'record', ARGV[2])
+redis.call('ZADD', K.index, deadline, req.request_id)
+redis.call('SET', K.marker, 'inflight')
 
 local rl, rr, rs = report(rpm_buckets, 0)
 local tl, tr, ts = report(tpm_buckets, 0)

@@ -1,0 +1,124 @@
+"""The Redis key layout of the money scripts, named.
+
+A Lua script receives its keys as a positional list. Here each script's keys are a frozen
+dataclass whose field order *is* that list, and `store.Scripts` prefixes the script with
+`local K = {<field> = KEYS[i], ...}` generated from the same dataclass, so the script reads
+`K.balance`, never `KEYS[4]`: the two sides cannot drift apart.
+
+Everything about one customer shares the hash tag `{c:<customer>}` (one Redis Cluster slot);
+the layout itself is documented in `quota`'s module docstring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+class ScriptKeys:
+    """Base of the dataclasses below: their fields, in order, are the script's KEYS."""
+
+    def as_list(self) -> list[str]:
+        return [getattr(self, f.name) for f in fields(self)]  # type: ignore[arg-type]
+
+
+def key_list(keys: ScriptKeys) -> list[str]:
+    return keys.as_list()
+
+
+def lua_prelude(keys_type: type) -> str:
+    """`local K = {marker = KEYS[1], ...}` for a script whose keys are `keys_type`."""
+    names = [f.name for f in fields(keys_type)]
+    return "local K = {" + ", ".join(f"{n} = KEYS[{i}]" for i, n in enumerate(names, 1)) + "}\n"
+
+
+@dataclass(frozen=True)
+class Space:
+    """One API key's place in the layout: its customer's keys, its workspace's, its own."""
+
+    customer: str
+    workspace: str
+    key_id: str
+
+    def c(self, suffix: str) -> str:
+        return f"tollgate:{{c:{self.customer}}}:{suffix}"
+
+    def w(self, suffix: str) -> str:
+        return self.c(f"ws:{self.workspace}:{suffix}")
+
+    def reserve_keys(self, request_id: str, month: str) -> ReserveKeys:
+        return ReserveKeys(
+            marker=self.c(f"req:{request_id}"), reservation=self.c(f"resv:{request_id}"), index=self.c("resv-index"),
+            balance=self.c("balance"), reserved=self.c("reserved"), spend=self.c(f"spend:{month}"), limits=self.c("limits"),
+            ws_reserved=self.w("reserved"), ws_spend=self.w(f"spend:{month}"), ws_limits=self.w("limits"),
+            key_rpm=self.c(f"key:{self.key_id}:rpm"), key_tpm=self.c(f"key:{self.key_id}:tpm"),
+            ws_rpm=self.w("rpm"), ws_tpm=self.w("tpm"), rpm=self.c("rpm"), tpm=self.c("tpm"))
+
+    def finish_keys(self, request_id: str, month: str) -> FinishKeys:
+        return FinishKeys(
+            marker=self.c(f"req:{request_id}"), reservation=self.c(f"resv:{request_id}"), index=self.c("resv-index"),
+            balance=self.c("balance"), reserved=self.c("reserved"), spend=self.c(f"spend:{month}"),
+            ws_reserved=self.w("reserved"), ws_spend=self.w(f"spend:{month}"), key_tpm=self.c(f"key:{self.key_id}:tpm"),
+            ws_tpm=self.w("tpm"), outbox=self.c("outbox"), tpm=self.c("tpm"))
+
+    def expire_keys(self, request_id: str) -> ExpireKeys:
+        return ExpireKeys(
+            marker=self.c(f"req:{request_id}"), reservation=self.c(f"resv:{request_id}"), index=self.c("resv-index"),
+            reserved=self.c("reserved"), ws_reserved=self.w("reserved"), outbox=self.c("outbox"))
+
+
+@dataclass(frozen=True)
+class ReserveKeys(ScriptKeys):
+    """reserve.lua: the request-id marker, the reservation and the customer's index of them,
+    the money (balance, in flight, month spend, limits) of customer and workspace, and the
+    rate buckets of key, workspace and customer."""
+
+    marker: str
+    reservation: str
+    index: str
+    balance: str
+    reserved: str
+    spend: str
+    limits: str
+    ws_reserved: str
+    ws_spend: str
+    ws_limits: str
+    key_rpm: str
+    key_tpm: str
+    ws_rpm: str
+    ws_tpm: str
+    rpm: str
+    tpm: str
+
+
+@dataclass(frozen=True)
+class FinishKeys(ScriptKeys):
+    """finish.lua: what reserve took, where the spend goes, the tokens-per-minute buckets it
+    refunds, and the customer's outbox for the record."""
+
+    marker: str
+    reservation: str
+    index: str
+    balance: str
+    reserved: str
+    spend: str
+    ws_reserved: str
+    ws_spend: str
+    key_tpm: str
+    ws_tpm: str
+    outbox: str
+    tpm: str
+
+
+@dataclass(frozen=True)
+class ExpireKeys(ScriptKeys):
+    """expire.lua: an overdue reservation, the money it holds, and the outbox for its record."""
+
+    marker: str
+    reservation: str
+    index: str
+    reserved: str
+    ws_reserved: str
+    outbox: str
+
+
+SCRIPT_KEYS: dict[str, type] = {"reserve": ReserveKeys, "finish": FinishKeys, "expire": ExpireKeys}
