@@ -223,7 +223,8 @@ class Envoy(Child):
         path = self.render()
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         args = [envoy_binary(), "-c", path, "--concurrency", str(self.concurrency), "--log-level", "warning",
-                "--base-id", str(self.admin_port), "--disable-hot-restart"]
+                "--base-id", str(self.admin_port), "--disable-hot-restart",
+                "--file-flush-interval-msec", "250"]  # access log lines show up for tests at once
         self.proc = subprocess.Popen(args, stdout=out, stderr=out)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

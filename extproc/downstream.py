@@ -79,6 +79,11 @@ from extproc.timeouts import PER_TRY_TIMEOUT_HEADER, attempt_budget_ms, size_exp
 
 log = logging.getLogger("tollgate.downstream")
 
+# A provider's response headers a client never sees: our own names (a provider cannot forge
+# them), and the operator's provider account (its rate limits would pose as the key's,
+# SPEC §3; its organization, project and cookies). The gateway's own values are set after.
+PROVIDER_ONLY = (ATTRIBUTION_PREFIX, "x-ratelimit-", "openai-organization", "openai-project", "set-cookie")
+
 
 
 class Exchange(PassThrough):
@@ -298,9 +303,13 @@ class Exchange(PassThrough):
         if not self.path:  # Envoy refused the request before this processor saw it (too large,
             self.finished = True  # bad path, upgrade): its local reply mapper speaks for it.
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-        self.stop_reason = h.get(STOP_HEADER)
+        # Only the upstream processor ends a chain, and it notes so in metadata too: a
+        # provider's own copy of the header must not pass its error through unshaped.
+        noted_stop = self.chained and "stop" in namespace(req, NS_ATTEMPTS)
+        self.stop_reason = h.get(STOP_HEADER) if noted_stop else None
         self.learn_attempts(req, self.stop_reason)
-        remove = [k for k in h if k.startswith(ATTRIBUTION_PREFIX)]  # providers cannot forge ours
+        remove = [k for k in h if k.startswith(PROVIDER_ONLY)]  # providers cannot forge ours, nor show their account
+        self.pending_remove = remove  # also when the answer is replaced by our error
         if self.big and ORIGINAL_CONTENT_TYPE_HEADER in h:  # a big answer, hidden from json_to_metadata
             h["content-type"] = h[ORIGINAL_CONTENT_TYPE_HEADER]
             self.restore = [_opt("content-type", h["content-type"])]
@@ -313,6 +322,10 @@ class Exchange(PassThrough):
             return self.headers_reply(self.attribution(cost), remove)
         if self.choice is not None and self.stop_reason is None and self.final_failed():
             self.replacement = self.failure_error()
+        elif self.choice is not None and 300 <= self.upstream_status < 400 and not self.local_reply:
+            # A provider's redirect would send the client (and its key, if it follows) elsewhere.
+            self.replacement = errors.upstream_unavailable(502, "The provider answered with a redirect, which the gateway does not follow.")
+            remove.append("location")
         if msg.end_of_stream:
             if self.replacement is not None or (self.local_reply and self.stop_reason is None):
                 err = self.replacement or self.local_reply_error()
@@ -326,10 +339,12 @@ class Exchange(PassThrough):
             too_large = int(h.get("content-length") or 0) > self.gw.max_body_bytes
             if is_sse or too_large:
                 return self.stream_through(is_sse, remove)
-            usage = usage_from_metadata(namespace(req, NS_USAGE)) if self.served() else None
+            usage = usage_from_metadata(namespace(req, NS_USAGE), self.generates()) if self.served() else None
             if usage is not None or not self.served():
                 cost = await self.finish(usage)
                 return self.headers_reply(self.attribution(cost), remove)
+            if "content-length" not in h:  # of unknown size (chunked): metered as it passes, never buffered whole
+                return self.stream_through(is_sse, remove)
         # The body is needed: an error to rewrite in OpenAI's shape, or an answer whose usage
         # Envoy could not read (none, or not JSON) to estimate from its text.
         self.pending_remove = remove
@@ -440,6 +455,10 @@ class Exchange(PassThrough):
         except RedisError:
             metrics.REDIS_ERRORS.labels("extend").inc()
 
+    def generates(self) -> bool:
+        """The endpoint generates text, so its usage must count output tokens."""
+        return self.path != "/v1/embeddings"
+
     def served(self) -> bool:
         """A provider answered 2xx: it did the work, so the request is billed, never at 0."""
         return 200 <= self.upstream_status < 300 and not self.local_reply
@@ -450,7 +469,7 @@ class Exchange(PassThrough):
             obj = json.loads(raw)
         except (UnicodeDecodeError, ValueError, RecursionError):
             obj = None
-        usage = usage_from_json(obj)
+        usage = usage_from_json(obj, self.generates())
         if usage is not None:
             return usage
         self.usage_source = "estimated"
@@ -663,7 +682,9 @@ class Exchange(PassThrough):
             _opt("content-length", str(len(body))),
             *self.attribution(cost_micro=0),
         ]
-        common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=headers), body_mutation=pb.BodyMutation(body=body))
+        ours = {o.header.key for o in headers}
+        mutation = pb.HeaderMutation(set_headers=headers, remove_headers=[k for k in self.pending_remove if k not in ours])
+        common = pb.CommonResponse(header_mutation=mutation, body_mutation=pb.BodyMutation(body=body))
         if phase == "headers":
             common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))

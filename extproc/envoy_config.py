@@ -338,11 +338,13 @@ def _downstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
         {"name": "envoy.filters.http.json_to_metadata", "typed_config": {
             "@type": _T + "extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
             "response_rules": {
+                # Values keep their JSON type (NUMBER would turn "0" or true into numbers the
+                # processor's own parser refuses): only numbers are counts.
                 # With or without parameters: many providers send `application/json; charset=utf-8`.
                 "allow_content_types_regex": {"regex": "application/json(\\s*;.*)?"},
                 "rules": [
                 {"selectors": [{"key": "usage"}, {"key": key}],
-                 "on_present": {"metadata_namespace": NS_USAGE, "key": key, "type": "NUMBER"}}
+                 "on_present": {"metadata_namespace": NS_USAGE, "key": key, "type": "PROTOBUF_VALUE"}}
                 for key in USAGE_KEYS
             ]},
         }},
@@ -618,7 +620,11 @@ def render_bootstrap(
                 "name": "envoy.http.early_header_mutation.header_mutation",
                 "typed_config": {
                     "@type": _T + "extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
-                    "mutations": [{"remove": h} for h in INTERNAL_HEADERS],
+                    # Client-sent Envoy control headers go too, on every route (also where the
+                    # apply filter does not run: a client's x-envoy-original-path would be the
+                    # path the access log shows).
+                    "mutations": [*({"remove": h} for h in INTERNAL_HEADERS),
+                                  {"remove_on_match": {"key_matcher": {"prefix": ENVOY_PREFIX}}}],
                 },
             }
         ],

@@ -13,6 +13,7 @@ requests, `FakeProvider.default` answers the rest. Over HTTP (for the demo):
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import threading
@@ -38,7 +39,10 @@ class Reply:
     honour_cap: bool = True  # False: a dishonest provider that ignores the output cap
     usage: bool = True  # False: answer without `usage` (and streams without a usage chunk)
     uncapped_tokens: int = 100_000  # what "all it allows" means when the request names no cap
-    content_type: str = "application/json"  # of JSON answers (OpenAI sends no charset; others do)
+    content_type: str = "application/json"  # of JSON answers (OpenAI sends no charset; others do); "": none
+    raw_body: str | None = None  # a 200 JSON answer's exact text, instead of the generated one (buggy providers)
+    gzip: bool = False  # a 200 JSON answer gzip-compressed, with `content-encoding: gzip`
+    chunked: bool = False  # a 200 JSON answer in chunked transfer encoding, without content-length
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers (a provider forging ours)
 
 
@@ -183,16 +187,41 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if reply.status != 200:
-            extra = {"retry-after": str(reply.retry_after)} if reply.retry_after is not None else {}
-            extra.update(reply.headers)
+            extra = {**({"retry-after": str(reply.retry_after)} if reply.retry_after is not None else {}), **reply.headers}
             kind = "rate_limit_exceeded" if reply.status == 429 else "server_error"
             self._send_json(reply.status, {"error": {"message": f"{self.fake.name} says {reply.status}", "type": kind, "param": None, "code": kind}}, extra)
             return
         body = body if isinstance(body, dict) else {}
         if body.get("stream"):
             self._stream(body, reply)
+        elif reply.raw_body is not None or reply.gzip or reply.chunked or not reply.content_type or reply.headers:
+            self._send_raw(reply, reply.raw_body.encode() if reply.raw_body is not None else json.dumps(self._complete(body, reply)).encode())
         else:
             self._send_json(200, self._complete(body, reply), reply.headers, content_type=reply.content_type)
+
+    def _send_raw(self, reply: Reply, data: bytes) -> None:
+        """A 200 answer shaped as a buggy or unusual provider sends it."""
+        self.send_response(200)
+        if reply.content_type:
+            self.send_header("content-type", reply.content_type)
+        for k, v in reply.headers.items():
+            self.send_header(k, v)
+        if reply.gzip:
+            data = gzip.compress(data)
+            self.send_header("content-encoding", "gzip")
+        if reply.chunked:
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            step = -(-len(data) // 4) if reply.chunk_delay_s else 65536  # slowly: four chunks, chunk_delay_s apart
+            for i in range(0, len(data), step):
+                if i and reply.chunk_delay_s:
+                    time.sleep(reply.chunk_delay_s)
+                self._chunk(data[i:i + step])
+            self._chunk(b"")
+            return
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _control(self, raw: bytes) -> None:
         cmd = json.loads(raw or b"{}")

@@ -100,8 +100,9 @@ class Usage:
     completion_tokens: int
 
 
-def usage_from_json(obj: Any) -> Usage | None:
-    """`usage` of a chat/completions/embeddings/responses body or stream event, if any."""
+def usage_from_json(obj: Any, output_required: bool = False) -> Usage | None:
+    """`usage` of a chat/completions/embeddings/responses body or stream event, if any.
+    `output_required`: an answer that generates text must say how much (not embeddings)."""
     if not isinstance(obj, dict):
         return None
     usage = obj.get("usage")
@@ -109,11 +110,31 @@ def usage_from_json(obj: Any) -> Usage | None:
         usage = obj["response"].get("usage")  # responses API: response.completed event
     if not isinstance(usage, dict):
         return None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    if not isinstance(prompt, int) or not isinstance(completion, int):
+    return _usage(usage, output_required)
+
+
+MAX_COUNT = 2**53  # json_to_metadata reads numbers as doubles: past this they are not exact
+
+
+def _count(v: Any) -> int | None:
+    """A token count as both parsers (Envoy's and this one) must read it: a whole number,
+    not negative (a bool is no count; clamping -5 to 0 would bill below the usage)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_COUNT or v != int(v):
         return None
-    return Usage(max(0, prompt), max(0, completion))
+    return int(v)
+
+
+def _usage(fields: dict[str, Any], output_required: bool) -> Usage | None:
+    """The counts of a `usage` object (JSON null = absent, as json_to_metadata cannot tell
+    them apart); None when unreadable, so the answer is billed from an estimate."""
+    def first(*names: str) -> Any:
+        return next((fields[n] for n in names if fields.get(n) is not None), None)
+
+    prompt, completion = first("prompt_tokens", "input_tokens"), first("completion_tokens", "output_tokens")
+    if prompt is None or (completion is None and output_required):
+        return None
+    p, c = _count(prompt), _count(0 if completion is None else completion)
+    return None if p is None or c is None else Usage(p, c)
 
 
 def estimated_usage(prompt_estimate: int, text_bytes: int) -> Usage:
@@ -122,17 +143,8 @@ def estimated_usage(prompt_estimate: int, text_bytes: int) -> Usage:
     return Usage(prompt_estimate, -(-text_bytes // config.BYTES_PER_TOKEN))
 
 
-def usage_from_metadata(fields: dict[str, Any]) -> Usage | None:
-    """Usage that Envoy's json_to_metadata read from a JSON answer (numbers arrive as floats):
-    the same fields as `usage_from_json` reads; None when absent or not whole numbers, so
-    the caller reads the body itself."""
-    prompt = fields.get("prompt_tokens", fields.get("input_tokens"))
-    completion = fields.get("completion_tokens", fields.get("output_tokens"))
-    if prompt is None and completion is None:
-        return None
-    counts = []
-    for v in (prompt or 0, completion or 0):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or abs(v) > 2**53:
-            return None
-        counts.append(max(0, int(v)))
-    return Usage(counts[0], counts[1])
+def usage_from_metadata(fields: dict[str, Any], output_required: bool = False) -> Usage | None:
+    """Usage that Envoy's json_to_metadata read from a JSON answer (numbers arrive as floats,
+    other JSON values keep their type): read exactly as `usage_from_json` reads the body;
+    None when absent or unreadable, so the caller reads the body itself."""
+    return _usage(fields, output_required)

@@ -346,8 +346,8 @@ def test_provider_sent_tollgate_headers_are_removed_from_the_answer(redis_url: s
 
 def test_answer_without_usage_metadata_asks_for_the_buffered_body(redis_url: str, policy: Policy) -> None:
     async def scenario(rig: Rig) -> pb.ProcessingResponse:
-        ex, *_ = await admitted(rig, LEGAL)
-        return await phases.dispatch(ex, response_headers_message(200))
+        ex, *_ = await admitted(rig, LEGAL)  # of known size (a chunked one is metered as it passes)
+        return await phases.dispatch(ex, response_headers_message(200, extra={"content-length": "100"}))
 
     reply = run(redis_url, policy, scenario)
     assert reply.mode_override.response_body_mode == pb.ProcessingMode.BUFFERED
@@ -360,7 +360,7 @@ def test_buffered_answer_with_usage_in_its_body_is_billed_from_it(redis_url: str
 
     async def scenario(rig: Rig) -> tuple[pb.ProcessingResponse, int]:
         ex, customer, _, _ = await admitted(rig, LEGAL, fund=1_000_000)
-        await phases.dispatch(ex, response_headers_message(200))
+        await phases.dispatch(ex, response_headers_message(200, extra={"content-length": str(len(json.dumps(answer)))}))
         reply = await phases.dispatch(ex, response_body_message(json.dumps(answer).encode()))
         return reply, await rig.balance(customer)
 
