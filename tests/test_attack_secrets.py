@@ -19,7 +19,8 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 def get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as r:
-        return r.read().decode("utf-8", "replace")
+        text: str = r.read().decode("utf-8", "replace")
+    return text
 
 
 def test_fallback_attempt_carries_its_own_providers_key_not_the_first_ones(stack: Stack, customer: str) -> None:
