@@ -57,6 +57,9 @@ ANSWER_BYTES_PER_TOKEN = 256
 ANSWER_BYTES_PER_TOKEN_WITH_LOGPROBS = 8_192
 ANSWER_BYTES_PER_EMBEDDING = 160_000  # 4,096 dimensions x ~39 bytes per float
 ANSWER_OVERHEAD_BYTES = 64 * 1024  # ids, roles, finish reasons, usage
+# What Envoy may buffer of one answer on a provider route (a provider ignoring the cap):
+# beyond it the answer is lost to an overflow reply the processor never sees.
+ANSWER_BUFFER_LIMIT_BYTES = 64 * 1024 * 1024
 
 # --- policy defaults (policy/model.py, policy/*.py): what a policy file may leave out --------
 # Price tiers, cheapest first, when a policy names none.

@@ -251,6 +251,11 @@ def _provider_route(p: Provider, stream: bool, big: bool) -> dict[str, Any]:
         "route": {"cluster": p.name, "timeout": "0s", "host_rewrite_literal": p.host,
                   "retry_policy": {"num_retries": 0, **_timeouts(p, stream)}, **_idle(p, stream)},
         "request_headers_to_remove": [CLUSTER_HEADER],
+        # An answer json_to_metadata buffers may exceed its 8 MiB bound only if the provider
+        # ignores the cap (honest big answers take `+big` routes and stream through): give it
+        # room, so it is delivered and billed from its usage rather than lost in an overflow
+        # the processor never sees.
+        "per_request_buffer_limit_bytes": config.ANSWER_BUFFER_LIMIT_BYTES,
     }
 
 
@@ -287,6 +292,11 @@ def _chain_route(p: Provider, per_try_timeout_s: float, stream: bool, big: bool)
             **_idle(p, stream),
         },
         "request_headers_to_remove": [CLUSTER_HEADER],
+        # An answer json_to_metadata buffers may exceed its 8 MiB bound only if the provider
+        # ignores the cap (honest big answers take `+big` routes and stream through): give it
+        # room, so it is delivered and billed from its usage rather than lost in an overflow
+        # the processor never sees.
+        "per_request_buffer_limit_bytes": config.ANSWER_BUFFER_LIMIT_BYTES,
     }
 
 
