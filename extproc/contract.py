@@ -7,9 +7,9 @@ these names (SPEC's public headers are in `downstream.attribution`).
 
 How one request travels (normal path, two ext_proc messages, one Redis round trip):
 
-  client -> [early header mutation: drop INTERNAL_HEADERS]
+  client -> [early header mutation: drop INTERNAL_HEADERS and every x-envoy-* header]
          -> ext_proc (request body + REQUEST_ATTRIBUTES) --reply: body + NS_APPLY, NS_REQUEST-->
-         -> Lua APPLY_LUA (strips client x-envoy-*/x-tollgate-*, applies NS_APPLY, re-routes)
+         -> Lua APPLY_LUA (applies NS_APPLY, re-routes; client x-envoy-* went at the door)
          -> json_to_metadata (response: usage -> NS_USAGE)
          -> router -> provider cluster (or the fallback chain: upstream processor, NS_ATTEMPTS)
   provider -> json_to_metadata -> ext_proc (response headers + NS_USAGE, NS_ATTEMPTS) -> client
@@ -69,22 +69,16 @@ APPLY_FILTER = "tollgate.apply"  # the Lua filter's name, for per-route disablin
 
 # After the processor answered the body message, apply what it decided to the headers (Envoy
 # keeps no header map for a body reply when the header phase is skipped) and route again.
-# Client-sent Envoy control headers and our own header names are dropped first, so nothing a
-# client sends can steer retries, timeouts or attribution. A body-less POST never reaches the
-# processor (there is no body message); it is refused here.
+# Client-sent `x-envoy-*` and internal headers were already removed by the connection manager's
+# early header mutation (every route); other client `x-tollgate-*` headers steer nothing and
+# never pass a provider's allowlist gate. A body-less POST never reaches the processor (there is
+# no body message); it is refused here.
 APPLY_LUA = """
 local NO_BODY = %(no_body)s
 
 function envoy_on_request(h)
   local body = h:body()
   local hd = h:headers()
-  local drop = {}
-  for k, _ in pairs(hd) do
-    if string.sub(k, 1, %(envoy_len)d) == "%(envoy_prefix)s" or string.sub(k, 1, %(ours_len)d) == "%(ours_prefix)s" then
-      drop[#drop + 1] = k
-    end
-  end
-  for _, k in ipairs(drop) do hd:remove(k) end
   local m = h:streamInfo():dynamicMetadata():get("%(ns_apply)s")
   if m == nil then
     if body == nil or body:length() == 0 then

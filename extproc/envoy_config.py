@@ -17,7 +17,6 @@ from extproc import config, edge, errors
 from extproc.contract import (
     APPLY_FILTER,
     APPLY_LUA,
-    ATTRIBUTION_PREFIX,
     CLUSTER_HEADER,
     ENVOY_PREFIX,
     EXTPROC_CLUSTER,
@@ -369,11 +368,7 @@ def _downstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
 def apply_lua() -> str:
     """The request-side Lua filter (contract.APPLY_LUA) with its names filled in."""
     no_body = errors.invalid_request("A JSON request body is required.").body().decode()
-    return APPLY_LUA % {
-        "no_body": json.dumps(no_body), "ns_apply": NS_APPLY,
-        "envoy_prefix": ENVOY_PREFIX, "envoy_len": len(ENVOY_PREFIX),
-        "ours_prefix": ATTRIBUTION_PREFIX, "ours_len": len(ATTRIBUTION_PREFIX),
-    }
+    return APPLY_LUA % {"no_body": json.dumps(no_body), "ns_apply": NS_APPLY}
 
 
 def _no_processor(lua_too: bool) -> dict[str, Any]:
