@@ -305,9 +305,9 @@ class Exchange(PassThrough):
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
         # Only the upstream processor ends a chain, and it notes so in metadata too: a
         # provider's own copy of the header must not pass its error through unshaped.
-        noted_stop = self.chained and "stop" in namespace(req, NS_ATTEMPTS)
-        self.stop_reason = h.get(STOP_HEADER) if noted_stop else None
-        self.learn_attempts(req, self.stop_reason)
+        notes = AttemptsNote.from_struct(namespace(req, NS_ATTEMPTS)) if self.chained else AttemptsNote()
+        self.stop_reason = h.get(STOP_HEADER) if notes.stop is not None else None
+        self.learn_attempts(notes, self.stop_reason)
         remove = [k for k in h if k.startswith(PROVIDER_ONLY)]  # providers cannot forge ours, nor show their account
         self.pending_remove = remove  # also when the answer is replaced by our error
         if self.big and ORIGINAL_CONTENT_TYPE_HEADER in h:  # a big answer, hidden from json_to_metadata
@@ -347,7 +347,6 @@ class Exchange(PassThrough):
                 return self.stream_through(is_sse, remove)
         # The body is needed: an error to rewrite in OpenAI's shape, or an answer whose usage
         # Envoy could not read (none, or not JSON) to estimate from its text.
-        self.pending_remove = remove
         resp = self.headers_reply([], [])
         resp.mode_override.CopyFrom(
             pb.ProcessingMode(request_body_mode=pb.ProcessingMode.NONE, response_body_mode=pb.ProcessingMode.BUFFERED))
@@ -370,13 +369,12 @@ class Exchange(PassThrough):
         )
         return resp
 
-    def learn_attempts(self, req: pb.ProcessingRequest, stop_reason: str | None) -> None:
+    def learn_attempts(self, notes: AttemptsNote, stop_reason: str | None) -> None:
         """Every attempt and how it ended: from the upstream processor's notes (chains) and
         the final response itself."""
         c = self.choice
         if c is None:
             return
-        notes = AttemptsNote.from_struct(namespace(req, NS_ATTEMPTS)) if self.chained else AttemptsNote()
         attempts: list[Attempt] = []
         for k, e in notes.attempts.items():
             model = e.model or (c.target.name if k == 1 else "")

@@ -119,6 +119,13 @@ def route_target(name: str, stream: bool, big: bool = False) -> str:
 VARIANTS = ((False, False), (True, False), (False, True))  # (stream, big) of every downstream route
 
 
+# An answer json_to_metadata buffers may exceed its 8 MiB bound only if the provider ignores
+# the cap (honest big answers take `+big` routes and stream through): provider routes give it
+# room, so it is delivered and billed from its usage rather than lost in an overflow the
+# processor never sees.
+_ANSWER_ROOM = {"per_request_buffer_limit_bytes": config.ANSWER_BUFFER_LIMIT_BYTES}
+
+
 def _variant(big: bool) -> dict[str, Any]:
     if not big:
         return {}
@@ -250,11 +257,7 @@ def _provider_route(p: Provider, stream: bool, big: bool) -> dict[str, Any]:
         "route": {"cluster": p.name, "timeout": "0s", "host_rewrite_literal": p.host,
                   "retry_policy": {"num_retries": 0, **_timeouts(p, stream)}, **_idle(p, stream)},
         "request_headers_to_remove": [CLUSTER_HEADER],
-        # An answer json_to_metadata buffers may exceed its 8 MiB bound only if the provider
-        # ignores the cap (honest big answers take `+big` routes and stream through): give it
-        # room, so it is delivered and billed from its usage rather than lost in an overflow
-        # the processor never sees.
-        "per_request_buffer_limit_bytes": config.ANSWER_BUFFER_LIMIT_BYTES,
+        **_ANSWER_ROOM,
     }
 
 
@@ -291,11 +294,7 @@ def _chain_route(p: Provider, per_try_timeout_s: float, stream: bool, big: bool)
             **_idle(p, stream),
         },
         "request_headers_to_remove": [CLUSTER_HEADER],
-        # An answer json_to_metadata buffers may exceed its 8 MiB bound only if the provider
-        # ignores the cap (honest big answers take `+big` routes and stream through): give it
-        # room, so it is delivered and billed from its usage rather than lost in an overflow
-        # the processor never sees.
-        "per_request_buffer_limit_bytes": config.ANSWER_BUFFER_LIMIT_BYTES,
+        **_ANSWER_ROOM,
     }
 
 
@@ -371,13 +370,15 @@ def apply_lua() -> str:
     return APPLY_LUA % {"no_body": json.dumps(no_body), "ns_apply": NS_APPLY}
 
 
-def _no_processor(lua_too: bool) -> dict[str, Any]:
-    """Per-route config: neither the processor nor (optionally) the apply filter runs."""
-    out: dict[str, Any] = {"envoy.filters.http.ext_proc": {"@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                                                           "disabled": True}}
-    if lua_too:
-        out[APPLY_FILTER] = {"@type": _T + "extensions.filters.http.lua.v3.LuaPerRoute", "disabled": True}
-    return out
+def _apply_off() -> dict[str, Any]:
+    """Per-route config: the apply filter does not run (the route needs no provider)."""
+    return {APPLY_FILTER: {"@type": _T + "extensions.filters.http.lua.v3.LuaPerRoute", "disabled": True}}
+
+
+def _no_processor() -> dict[str, Any]:
+    """Per-route config: neither the processor nor the apply filter runs."""
+    return {"envoy.filters.http.ext_proc": {"@type": _T + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": True},
+            **_apply_off()}
 
 
 def _entry_routes(no_route: ApiError) -> list[dict[str, Any]]:
@@ -397,7 +398,7 @@ def _entry_routes(no_route: ApiError) -> list[dict[str, Any]]:
                     "request_header_mode": "SEND", "request_body_mode": "NONE", "response_header_mode": "SKIP",
                     "response_body_mode": "NONE", "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}},
             },
-            APPLY_FILTER: {"@type": _T + "extensions.filters.http.lua.v3.LuaPerRoute", "disabled": True},
+            **_apply_off(),
         },
     }
     endpoints = [{
@@ -411,7 +412,7 @@ def _entry_routes(no_route: ApiError) -> list[dict[str, Any]]:
         "match": {"prefix": "/"},
         "direct_response": {"status": 404, "body": {"inline_string": "{}"}},
         "response_headers_to_add": json_type,
-        "typed_per_filter_config": _no_processor(lua_too=True),
+        "typed_per_filter_config": _no_processor(),
     }
     return [models, *endpoints, unknown]
 
@@ -604,7 +605,7 @@ def render_bootstrap(
             "name": "healthz",
             "match": {"path": "/healthz"},
             "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
-            "typed_per_filter_config": _no_processor(lua_too=True),
+            "typed_per_filter_config": _no_processor(),
         },
         *(_provider_route(p, stream, big) for p in policy.providers.values() for stream, big in VARIANTS),
         *(_chain_route(p, per_try_stream if stream else per_try, stream, big)

@@ -21,10 +21,6 @@ class ScriptKeys:
         return [getattr(self, f.name) for f in fields(self)]  # type: ignore[arg-type]
 
 
-def key_list(keys: ScriptKeys) -> list[str]:
-    return keys.as_list()
-
-
 def lua_prelude(keys_type: type) -> str:
     """`local K = {marker = KEYS[1], ...}` for a script whose keys are `keys_type`."""
     names = [f.name for f in fields(keys_type)]
@@ -32,38 +28,39 @@ def lua_prelude(keys_type: type) -> str:
 
 
 @dataclass(frozen=True)
-class Space:
-    """One API key's place in the layout: its customer's keys, its workspace's, its own."""
+class Account:
+    """One API key's place in the layout: its customer's keys (`k`), its workspace's (`w`),
+    its own. Everything shares the customer's hash tag `{c:<customer>}`."""
 
     customer: str
     workspace: str
     key_id: str
 
-    def c(self, suffix: str) -> str:
+    def k(self, suffix: str) -> str:
         return f"tollgate:{{c:{self.customer}}}:{suffix}"
 
     def w(self, suffix: str) -> str:
-        return self.c(f"ws:{self.workspace}:{suffix}")
+        return self.k(f"ws:{self.workspace}:{suffix}")
 
     def reserve_keys(self, request_id: str, month: str) -> ReserveKeys:
         return ReserveKeys(
-            marker=self.c(f"req:{request_id}"), reservation=self.c(f"resv:{request_id}"), index=self.c("resv-index"),
-            balance=self.c("balance"), reserved=self.c("reserved"), spend=self.c(f"spend:{month}"), limits=self.c("limits"),
+            marker=self.k(f"req:{request_id}"), reservation=self.k(f"resv:{request_id}"), index=self.k("resv-index"),
+            balance=self.k("balance"), reserved=self.k("reserved"), spend=self.k(f"spend:{month}"), limits=self.k("limits"),
             ws_reserved=self.w("reserved"), ws_spend=self.w(f"spend:{month}"), ws_limits=self.w("limits"),
-            key_rpm=self.c(f"key:{self.key_id}:rpm"), key_tpm=self.c(f"key:{self.key_id}:tpm"),
-            ws_rpm=self.w("rpm"), ws_tpm=self.w("tpm"), rpm=self.c("rpm"), tpm=self.c("tpm"))
+            key_rpm=self.k(f"key:{self.key_id}:rpm"), key_tpm=self.k(f"key:{self.key_id}:tpm"),
+            ws_rpm=self.w("rpm"), ws_tpm=self.w("tpm"), rpm=self.k("rpm"), tpm=self.k("tpm"))
 
     def finish_keys(self, request_id: str, month: str) -> FinishKeys:
         return FinishKeys(
-            marker=self.c(f"req:{request_id}"), reservation=self.c(f"resv:{request_id}"), index=self.c("resv-index"),
-            balance=self.c("balance"), reserved=self.c("reserved"), spend=self.c(f"spend:{month}"),
-            ws_reserved=self.w("reserved"), ws_spend=self.w(f"spend:{month}"), key_tpm=self.c(f"key:{self.key_id}:tpm"),
-            ws_tpm=self.w("tpm"), outbox=self.c("outbox"), tpm=self.c("tpm"))
+            marker=self.k(f"req:{request_id}"), reservation=self.k(f"resv:{request_id}"), index=self.k("resv-index"),
+            balance=self.k("balance"), reserved=self.k("reserved"), spend=self.k(f"spend:{month}"),
+            ws_reserved=self.w("reserved"), ws_spend=self.w(f"spend:{month}"), key_tpm=self.k(f"key:{self.key_id}:tpm"),
+            ws_tpm=self.w("tpm"), outbox=self.k("outbox"), tpm=self.k("tpm"))
 
     def expire_keys(self, request_id: str) -> ExpireKeys:
         return ExpireKeys(
-            marker=self.c(f"req:{request_id}"), reservation=self.c(f"resv:{request_id}"), index=self.c("resv-index"),
-            reserved=self.c("reserved"), ws_reserved=self.w("reserved"), outbox=self.c("outbox"))
+            marker=self.k(f"req:{request_id}"), reservation=self.k(f"resv:{request_id}"), index=self.k("resv-index"),
+            reserved=self.k("reserved"), ws_reserved=self.w("reserved"), outbox=self.k("outbox"))
 
 
 @dataclass(frozen=True)

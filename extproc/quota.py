@@ -43,7 +43,7 @@ from typing import Any
 
 from extproc import config
 from extproc.caps import CostBound
-from extproc.keyspace import Space, key_list
+from extproc.keyspace import Account as Account  # re-exported: the key layout lives in keyspace
 from extproc.policy.model import DEFAULT_IDEMPOTENCY_WINDOW_S, Plan
 from extproc.store import RedisLike, Scripts
 from extproc.store import text as _s
@@ -76,23 +76,6 @@ class Limits:
     @classmethod
     def of(cls, plan: Plan, key_rpm: int | None = None, key_tpm: int | None = None) -> Limits:
         return cls(plan.prepaid, plan.monthly_budget_micro, plan.requests_per_minute, plan.tokens_per_minute, key_rpm, key_tpm)
-
-
-@dataclass(frozen=True)
-class Account:
-    customer: str
-    workspace: str
-    key_id: str
-
-    @property
-    def space(self) -> Space:
-        return Space(self.customer, self.workspace, self.key_id)
-
-    def k(self, suffix: str) -> str:
-        return self.space.c(suffix)
-
-    def w(self, suffix: str) -> str:
-        return self.space.w(suffix)
 
 
 def month_of(ts: float) -> str:
@@ -219,7 +202,7 @@ class Quota:
     async def reserve(self, res: Reservation, bound: CostBound, limits: Limits, ttl_ms: int, record: dict[str, str]) -> ReserveResult:
         """Check every limit and reserve the request's cap, in one atomic step."""
         a = res.account
-        keys = key_list(a.space.reserve_keys(res.request_id, res.month))
+        keys = a.reserve_keys(res.request_id, res.month).as_list()
         args = [json.dumps(reserve_args(bound, limits, ttl_ms, res.request_id)), json.dumps(record)]
 
         # Earlier requests' clean-ups ride along; then the hint, so that a reservation that
@@ -281,7 +264,7 @@ class Quota:
         hint removed, with the next round trip (`take_chores`)."""
         a = res.account
         uid = record["record_id"]
-        keys = key_list(a.space.finish_keys(res.request_id, res.month))
+        keys = a.finish_keys(res.request_id, res.month).as_list()
         body = json.dumps(record)
         args: list[Any] = [cost_micro, int(res.prepaid), actual_tokens, res.request_id, self.idempotency_window_s, int(served), uid, body]
 
@@ -328,7 +311,7 @@ class Quota:
             a = Account(customer, workspace, "")
             uid = uuid.uuid4().hex
             await self.redis.zadd(OUTBOX_HINTS, {customer: now_ms()}, nx=True)
-            keys = key_list(a.space.expire_keys(request_id))
+            keys = a.expire_keys(request_id).as_list()
             state = int(await self.scripts.eval("expire", keys, [request_id, self.idempotency_window_s, uid]))
             if state == 1:
                 body = await self.redis.hget(a.k("outbox"), uid)

@@ -59,6 +59,11 @@ def load_script(name: str) -> str:
 Command: TypeAlias = Callable[[Any], Any]  # queues one command on a client or pipeline
 
 
+def _deadline_passed() -> RedisTimeout:
+    """A round trip past its deadline, as the RedisError every caller already handles."""
+    return RedisTimeout(f"Redis did not answer within {config.REDIS_DEADLINE_S:g}s")
+
+
 @dataclass
 class _Group:
     """One caller's commands inside a shared pipeline, and where its replies go."""
@@ -78,15 +83,14 @@ class GroupCommit:
 
     scripts: Scripts
     queue: list[_Group] = field(default_factory=list)
-    flushing: bool = False
+    flusher: asyncio.Task[None] | None = None  # the task sending round trips, while there are batches
     batches: int = 0  # round trips made (observability and tests)
 
     async def submit(self, commands: tuple[Command, ...], tolerate: int) -> list[Any]:
         group = _Group(commands, tolerate, asyncio.get_running_loop().create_future())
         self.queue.append(group)
-        if not self.flushing:
-            self.flushing = True
-            asyncio.get_running_loop().create_task(self._flush())
+        if self.flusher is None:  # the running flusher takes this batch with its next round trip
+            self.flusher = asyncio.get_running_loop().create_task(self._flush())
         return await group.reply
 
     async def _flush(self) -> None:
@@ -97,7 +101,7 @@ class GroupCommit:
                 metrics.REDIS_ROUND_TRIPS.inc()
                 await self._send(groups)
         finally:
-            self.flushing = False
+            self.flusher = None
 
     async def _send(self, groups: list[_Group]) -> None:
         try:
@@ -108,7 +112,7 @@ class GroupCommit:
                 for g, r in zip(retry, await self._execute(retry), strict=True):
                     results[groups.index(g)] = r
         except (RedisError, OSError, TimeoutError) as exc:
-            err = exc if isinstance(exc, RedisError) else RedisTimeout(f"Redis did not answer within {config.REDIS_DEADLINE_S:g}s")
+            err = exc if isinstance(exc, RedisError) else _deadline_passed()
             for g in groups:
                 if not g.reply.done():
                     g.reply.set_exception(err)
@@ -166,7 +170,7 @@ class Scripts:
                     await self.load()
                     return await fn()
         except TimeoutError:
-            raise RedisTimeout(f"Redis did not answer within {config.REDIS_DEADLINE_S:g}s") from None
+            raise _deadline_passed() from None
 
     async def batch(self, *commands: Any, tolerate: int = 0) -> list[Any]:
         """Run commands (functions of a client) in order: pipelined in one round trip on one

@@ -192,6 +192,16 @@ def running_stack(fakes: dict[str, FakeProvider], policy_dir: Path, *, workers: 
                 part.stop()
 
 
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A throw-away redis-server per test module, for tests that need Redis but no Envoy."""
+    server = RedisServer().start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def fakes() -> Iterator[dict[str, FakeProvider]]:
     started = {n: FakeProvider(n).start() for n in FAKE_NAMES}

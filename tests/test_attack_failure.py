@@ -20,6 +20,7 @@ import pytest
 from extproc.fakeprovider import FakeProvider, Reply
 from extproc.quota import Account, month_of
 from tests.conftest import Stack, post_raw, running_stack
+from tests.test_attack_billing import records_of
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -52,15 +53,6 @@ def reserved(stack: Stack, customer: str) -> int:
 
 def spend(stack: Stack, customer: str) -> int:
     return int(stack.redis_sync().get(Account(customer, f"{customer}-ws", "").k(f"spend:{month_of(time.time())}")) or 0)
-
-
-def records_of(stack: Stack, customer: str) -> list[dict[str, str]]:
-    out = []
-    for _, fields in stack.redis_sync().xrange("tollgate:usage"):
-        rec = {k.decode(): v.decode() for k, v in fields.items()}
-        if rec.get("customer_id") == customer and rec.get("kind") != "credit":
-            out.append(rec)
-    return out
 
 
 def wait_until(cond: object, timeout: float, what: str) -> None:

@@ -9,7 +9,7 @@ from importlib import resources
 
 import pytest
 
-from extproc.keyspace import SCRIPT_KEYS, Space
+from extproc.keyspace import SCRIPT_KEYS, Account
 from extproc.store import load_script
 
 
@@ -34,7 +34,7 @@ def test_the_loaded_script_binds_each_name_to_its_position() -> None:
 
 
 def test_reserve_keys_are_in_the_customers_hash_slot_in_field_order() -> None:
-    keys = Space("acme", "ws1", "key9").reserve_keys("req-1", "202611").as_list()
+    keys = Account("acme", "ws1", "key9").reserve_keys("req-1", "202611").as_list()
     assert keys[:4] == ["tollgate:{c:acme}:req:req-1", "tollgate:{c:acme}:resv:req-1", "tollgate:{c:acme}:resv-index",
                         "tollgate:{c:acme}:balance"]
     assert keys[7] == "tollgate:{c:acme}:ws:ws1:reserved" and keys[10] == "tollgate:{c:acme}:key:key9:rpm"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import pytest
 from prometheus_client import REGISTRY
 
 from extproc import phases
-from extproc.devstack import RedisServer
 from extproc.downstream import Exchange
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.policy import Policy
@@ -40,15 +38,6 @@ from tests.inproc import (
 
 MESSAGES = [{"role": "user", "content": "Summarise the contract."}]
 LEGAL = {"model": "legal_summary", "messages": MESSAGES, "max_tokens": 50}
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    server = RedisServer().start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

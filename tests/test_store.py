@@ -4,23 +4,12 @@ caller still gets its own replies and its own errors."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from redis.exceptions import ResponseError
 
-from extproc.devstack import RedisServer
 from extproc.store import Scripts, redis_client
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    server = RedisServer().start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 def test_batches_submitted_together_go_in_one_round_trip(redis_url: str) -> None:

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from extproc import phases
-from extproc.devstack import RedisServer
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.policy import Policy
 from extproc.quota import now_ms
@@ -31,15 +29,6 @@ from tests.inproc import Rig, attempt_message, dynamic_metadata, immediate_json,
 CAP = 30
 # A non-stream attempt's per-try budget on any test provider: 2 s + 30 tokens / 10000 tokens/s.
 BUDGET_MS = "2003"
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    server = RedisServer().start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
