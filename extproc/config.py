@@ -81,6 +81,9 @@ CIRCUIT_COOLDOWN_S = 30
 # How long a served request id stays spent (409 duplicate_request) and `explain` finds it by id:
 # 24 h, the window payment APIs give idempotency keys. Policy `settings.idempotency_window_s`.
 IDEMPOTENCY_WINDOW_S = 24 * 3600
+# A reserve call whose reply never came is cancelled (quota.Quota.reserve); if Redis has not run
+# it yet, a tombstone this long stops it from reserving when it does (a stall rarely lasts long).
+CANCEL_TOMBSTONE_MS = 600_000
 # Completion tokens reserved for a request that sets no output cap (route `default_max_tokens`).
 ROUTE_DEFAULT_MAX_TOKENS = 1024
 

@@ -57,6 +57,12 @@ class Account:
             ws_reserved=self.w("reserved"), ws_spend=self.w(f"spend:{month}"), key_tpm=self.k(f"key:{self.key_id}:tpm"),
             ws_tpm=self.w("tpm"), outbox=self.k("outbox"), tpm=self.k("tpm"))
 
+    def cancel_keys(self, request_id: str) -> CancelKeys:
+        return CancelKeys(
+            marker=self.k(f"req:{request_id}"), reservation=self.k(f"resv:{request_id}"), index=self.k("resv-index"),
+            reserved=self.k("reserved"), ws_reserved=self.w("reserved"), key_tpm=self.k(f"key:{self.key_id}:tpm"),
+            ws_tpm=self.w("tpm"), tpm=self.k("tpm"))
+
     def expire_keys(self, request_id: str) -> ExpireKeys:
         return ExpireKeys(
             marker=self.k(f"req:{request_id}"), reservation=self.k(f"resv:{request_id}"), index=self.k("resv-index"),
@@ -118,4 +124,18 @@ class ExpireKeys(ScriptKeys):
     outbox: str
 
 
-SCRIPT_KEYS: dict[str, type] = {"reserve": ReserveKeys, "finish": FinishKeys, "expire": ExpireKeys}
+@dataclass(frozen=True)
+class CancelKeys(ScriptKeys):
+    """cancel.lua: one call's reservation, the money it holds and the tokens-per-minute it took."""
+
+    marker: str
+    reservation: str
+    index: str
+    reserved: str
+    ws_reserved: str
+    key_tpm: str
+    ws_tpm: str
+    tpm: str
+
+
+SCRIPT_KEYS: dict[str, type] = {"reserve": ReserveKeys, "finish": FinishKeys, "expire": ExpireKeys, "cancel": CancelKeys}

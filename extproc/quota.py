@@ -13,9 +13,9 @@ script's keys live in one Redis Cluster slot:
   tollgate:{c:C}:ws:W:{reserved,spend:YYYYMM,limits,rpm,tpm}   the same per workspace
   tollgate:{c:C}:{rpm,tpm}               token buckets per customer (limits: plan, or limits hash)
   tollgate:{c:C}:key:K:{rpm,tpm}         token buckets per API key
-  tollgate:{c:C}:req:ID                  request-id marker (inflight / settled / unsettled; kept for the
+  tollgate:{c:C}:req:ID                  request-id marker (inflight:<call> / settled / unsettled; kept for the
                                          idempotency window, `settings.idempotency_window_s`, 24 h)
-  tollgate:{c:C}:resv:ID                 one reservation: amount, tokens, deadline, record
+  tollgate:{c:C}:resv:ID                 one reservation: amount, cap, tokens, deadline, record
   tollgate:{c:C}:resv-index              the customer's reservations by deadline
   tollgate:{c:C}:outbox                  records written with the money, not yet in the stream
   tollgate:usage                         the usage stream (SPEC §6)
@@ -33,13 +33,18 @@ may end on. It is refunded to the real cost when the response's `usage` arrives.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
+import secrets
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from extproc import config
 from extproc.caps import CostBound
@@ -146,8 +151,9 @@ class ReserveResult:
 NANO_CEILING = 2**52
 
 
-def reserve_args(bound: CostBound, limits: Limits, ttl_ms: int, request_id: str) -> dict[str, int | str]:
-    """reserve.lua's request, by name (see the script's header)."""
+def reserve_args(bound: CostBound, limits: Limits, ttl_ms: int, request_id: str, call: str) -> dict[str, int | str]:
+    """reserve.lua's request, by name (see the script's header). `call` names this one call,
+    so a resend of it by the Redis client reserves once (the script answers it again)."""
     token_nano = bound.choices * bound.output_price
     input_nano = min(bound.input_tokens * bound.input_price, NANO_CEILING)
     want = bound.output_tokens
@@ -158,6 +164,7 @@ def reserve_args(bound: CostBound, limits: Limits, ttl_ms: int, request_id: str)
         "rate_tokens": bound.rate_tokens, "choices": bound.choices, "prepaid": int(limits.prepaid),
         "budget": _lim(limits.monthly_budget_micro), "rpm": _lim(limits.rpm), "tpm": _lim(limits.tpm),
         "key_rpm": _lim(limits.key_rpm), "key_tpm": _lim(limits.key_tpm), "ttl_ms": ttl_ms, "request_id": request_id,
+        "call": call,
     }
 
 
@@ -197,17 +204,19 @@ class Quota:
         # Served-request markers and the explain index live this long (a policy/CLI setting).
         self.idempotency_window_s = idempotency_window_s
         self._chores: list[Callable[[Any], Any]] = []  # clean-ups for the next round trip
-        self.scripts = Scripts(redis, "reserve", "finish", "expire", "publish", "hint_done", "extend")
+        self._flushing: asyncio.Task[None] | None = None  # a background flush of them (`_flush_soon`)
+        self.scripts = Scripts(redis, "reserve", "finish", "expire", "cancel", "publish", "hint_done", "extend")
 
     async def reserve(self, res: Reservation, bound: CostBound, limits: Limits, ttl_ms: int, record: dict[str, str]) -> ReserveResult:
         """Check every limit and reserve the request's cap, in one atomic step."""
         a = res.account
         keys = a.reserve_keys(res.request_id, res.month).as_list()
-        args = [json.dumps(reserve_args(bound, limits, ttl_ms, res.request_id)), json.dumps(record)]
 
         # Earlier requests' clean-ups ride along; then the hint, so that a reservation that
         # exists always has one.
         chores = self.take_chores()
+        call = secrets.token_hex(8)
+        args = [json.dumps(reserve_args(bound, limits, ttl_ms, res.request_id, call)), json.dumps(record)]
         try:
             *_, r = await self.scripts.batch(
                 *chores,
@@ -216,7 +225,13 @@ class Quota:
                 tolerate=len(chores),
             )
         except BaseException:
-            self._chores[:0] = chores  # maybe not run (Redis error, or cancelled): run them again later
+            # Maybe not run (Redis error, or cancelled): run the chores again later. The reserve
+            # call may have run, or may still run late (a stall): undo it, so the request id is
+            # free for the client's retry and no money stays held until the reaper.
+            self._chores[:0] = chores
+            self._chores.append(lambda c: self.scripts.call(
+                c, "cancel", a.cancel_keys(res.request_id).as_list(), [call, res.request_id, config.CANCEL_TOMBSTONE_MS]))
+            self._flush_soon()  # now, not with this process's next request: the retry may reach another
             raise
         code = int(r[0])
         rate = RateInfo(*(int(float(x)) for x in r[3:9]))
@@ -235,6 +250,16 @@ class Quota:
         or the drainer): they cost no round trip of their own."""
         chores, self._chores = self._chores, []
         return chores
+
+    def _flush_soon(self) -> None:
+        """Run the queued clean-ups in the background (one flush at a time; a failed one leaves
+        them queued for the next round trip or the reaper)."""
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._flush_quietly())
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(RedisError):  # they stay queued
+            await self.flush_chores()
 
     async def flush_chores(self) -> None:
         """Run queued clean-ups now (the reaper does, so an idle processor leaves none)."""

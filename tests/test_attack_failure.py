@@ -86,9 +86,6 @@ def test_stalled_redis_refuses_an_unknown_key_quickly_without_a_provider(rstack:
     assert rstack.fakes["p3"].calls() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the reservation the stalled Redis runs late is never cancelled: it burns the request id "
-                   "(its marker, then 'unsettled' after expiry) and holds the money until the reaper; needs a compensating "
-                   "cancel keyed by the attempt's record id (see the attack report)")
 def test_request_id_refused_during_a_stall_can_be_sent_again(rstack: Stack, customer: str) -> None:
     """The reservation the stalled Redis ran late was never used: the client's retry with the
     same id is served, not refused as a duplicate."""

@@ -18,7 +18,7 @@ import redis
 
 from extproc.caps import CostBound
 from extproc.devstack import RedisServer
-from extproc.quota import RESERVATION_HINTS, Account, Limits, Quota, Reservation, ReserveResult, month_of
+from extproc.quota import RESERVATION_HINTS, Account, Limits, Quota, Reservation, ReserveResult, month_of, reserve_args
 from extproc.store import redis_client
 
 BOUND = CostBound(input_tokens=100, rate_tokens=25, output_tokens=1000, min_output_tokens=16, choices=1,
@@ -194,6 +194,67 @@ def test_a_served_request_id_is_a_duplicate(server: RedisServer, sync: redis.Red
     reserve(server, POSTPAID)
     finish(server, "r1", 2100, 1, 1, prepaid=False)
     assert reserve(server, POSTPAID).status == "duplicate"
+
+
+def raw_reserve(server: RedisServer, call: str) -> list[Any]:
+    """One reserve.lua call as a Redis client sends it (prepaid, r1), named `call`."""
+    a = Account("c", "w", "k")
+    args = reserve_args(BOUND, PREPAID, 60_000, "r1", call)
+    keys = a.reserve_keys("r1", month_of(time.time())).as_list()
+    return run(server, lambda q: q.scripts.eval("reserve", keys, [json.dumps(args), json.dumps({"request_id": "r1"})]))
+
+
+def test_a_resent_reserve_call_is_answered_again_and_charged_once(server: RedisServer, sync: redis.Redis) -> None:
+    """A client library resending the same call after a lost reply (redis-py's cluster client
+    retries on a dropped connection) must not turn the request into a 409 or reserve twice."""
+    sync.set("tollgate:{c:c}:balance", 5000)
+    first, again = raw_reserve(server, "call-a"), raw_reserve(server, "call-a")
+    assert (int(first[0]), int(first[9]), int(first[10])) == (1, 1000, 2100)
+    assert (int(again[0]), int(again[9]), int(again[10])) == (1, 1000, 2100)
+    assert num(sync, "tollgate:{c:c}:reserved") == 2100
+
+
+def test_another_call_with_the_same_request_id_is_a_duplicate(server: RedisServer, sync: redis.Redis) -> None:
+    sync.set("tollgate:{c:c}:balance", 5000)
+    raw_reserve(server, "call-a")
+    assert int(raw_reserve(server, "call-b")[0]) == -1
+    assert num(sync, "tollgate:{c:c}:reserved") == 2100
+
+
+def cancel(server: RedisServer, call: str) -> int:
+    keys = Account("c", "w", "k").cancel_keys("r1").as_list()
+    return int(run(server, lambda q: q.scripts.eval("cancel", keys, [call, "r1", 60_000])))
+
+
+def test_cancelling_a_call_that_ran_releases_its_money_and_frees_the_id(server: RedisServer, sync: redis.Redis) -> None:
+    sync.set("tollgate:{c:c}:balance", 5000)
+    raw_reserve(server, "call-a")
+    assert cancel(server, "call-a") == 1
+    assert num(sync, "tollgate:{c:c}:reserved") == 0
+    assert not sync.exists("tollgate:{c:c}:resv:r1") and sync.zcard("tollgate:{c:c}:resv-index") == 0
+    assert int(raw_reserve(server, "call-b")[0]) == 1
+
+
+def test_a_call_cancelled_before_it_ran_does_not_reserve_when_it_arrives(server: RedisServer, sync: redis.Redis) -> None:
+    sync.set("tollgate:{c:c}:balance", 5000)
+    assert cancel(server, "call-a") == 2
+    assert int(raw_reserve(server, "call-a")[0]) == -1
+    assert num(sync, "tollgate:{c:c}:reserved") == 0
+
+
+def test_a_retry_passes_the_tombstone_and_the_late_call_then_finds_the_id_taken(server: RedisServer, sync: redis.Redis) -> None:
+    sync.set("tollgate:{c:c}:balance", 5000)
+    cancel(server, "call-a")
+    assert int(raw_reserve(server, "call-b")[0]) == 1
+    assert int(raw_reserve(server, "call-a")[0]) == -1
+    assert num(sync, "tollgate:{c:c}:reserved") == 2100
+
+
+def test_cancel_leaves_a_served_request_alone(server: RedisServer, sync: redis.Redis) -> None:
+    sync.set("tollgate:{c:c}:balance", 5000)
+    raw_reserve(server, "call-a")
+    assert cancel(server, "call-other") == 0
+    assert num(sync, "tollgate:{c:c}:reserved") == 2100
 
 
 def test_a_refused_settlement_keeps_the_reservation_and_its_hint(server: RedisServer, sync: redis.Redis) -> None:

@@ -7,8 +7,8 @@
 -- KEYS: named K.<field> after keyspace.ReserveKeys, whose field order is the KEYS list
 --       (store.Scripts prefixes `local K = {marker = KEYS[1], ...}` generated from it).
 -- ARGV: 1 the request as a JSON object (quota.ReserveArgs: input_nano, token_nano, want, min,
---         rate_tokens, choices, prepaid, budget, rpm, tpm, key_rpm, key_tpm, ttl_ms, request_id;
---         -1 means "no limit")
+--         rate_tokens, choices, prepaid, budget, rpm, tpm, key_rpm, key_tpm, ttl_ms, request_id,
+--         call; -1 means "no limit")
 --       2 record json (for an unsettled record)
 -- Every key is in the customer's hash slot ({c:<customer>}): Redis Cluster runs it on one node.
 -- Money arithmetic stays below 2^53 nano-USD (the processor bounds it), so doubles are exact.
@@ -22,7 +22,18 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local req = cjson.decode(ARGV[1])
 
-if redis.call('EXISTS', K.marker) == 1 then
+-- The marker names the call that reserved. A client library that resends this very call (it
+-- lost the reply to a dropped connection; redis-py's cluster client does) gets the same answer
+-- again instead of 'duplicate': one call reserves once, however often it is delivered.
+-- A call cancelled before it ran (cancel.lua left a tombstone) must not reserve when it
+-- arrives late; another call with the same id (the client's retry) may.
+local state = redis.call('GET', K.marker)
+if state == 'inflight:' .. req.call then
+  local r = redis.call('HMGET', K.reservation, 'amount', 'cap')
+  return {1, 'ok', 0, -1, -1, 0, -1, -1, 0, tonumber(r[2]), tonumber(r[1]), 0, 0}
+elseif state == 'cancelled:' .. req.call then
+  return {-1, 'cancelled', 0, -1, -1, 0, -1, -1, 0, 0, 0, 0, 0}
+elseif state and string.sub(state, 1, 10) ~= 'cancelled:' then
   return {-1, 'duplicate', 0, -1, -1, 0, -1, -1, 0, 0, 0, 0, 0}
 end
 
@@ -152,9 +163,9 @@ for _, b in pairs(tpm_buckets) do charge(b, est_tokens) end
 redis.call('INCRBY', K.reserved, amount)
 redis.call('INCRBY', K.ws_reserved, amount)
 local deadline = now + req.ttl_ms
-redis.call('HSET', K.reservation, 'amount', amount, 'tokens', est_tokens, 'deadline', deadline, 'record', ARGV[2])
+redis.call('HSET', K.reservation, 'amount', amount, 'cap', cap, 'tokens', est_tokens, 'deadline', deadline, 'record', ARGV[2])
 redis.call('ZADD', K.index, deadline, req.request_id)
-redis.call('SET', K.marker, 'inflight')
+redis.call('SET', K.marker, 'inflight:' .. req.call)
 
 local rl, rr, rs = report(rpm_buckets, 0)
 local tl, tr, ts = report(tpm_buckets, 0)
