@@ -217,3 +217,17 @@ def next_step(policy: Policy, route: Route, plan: Plan, history: list[Tried], un
 def max_chain_attempts(policy: Policy) -> int:
     """The most attempts any route may make: how many relay slots Envoy needs."""
     return max((r.max_attempts for r in policy.routes.values()), default=1)
+
+
+def planned_second_steps(policy: Policy, route: Route, plan: Plan, skipped: list[Tried], first: Model,
+                         unhealthy: frozenset[str], outcomes: Mapping[str, str]) -> dict[str, Step]:
+    """Attempt 2 decided before attempt 1 is sent, for each failure outcome in `outcomes`
+    (key -> outcome): exactly what `next_step` would decide after it, from the same facts.
+    Only steps that go to another provider are planned: a retry on the same provider waits a
+    back-off first, which the per-attempt processor does."""
+    out: dict[str, Step] = {}
+    for key, outcome in outcomes.items():
+        step = next_step(policy, route, plan, [*skipped, Tried(first.name, first.provider, outcome)], unhealthy)
+        if step.go and policy.models[step.model].provider != first.provider:
+            out[key] = step
+    return out

@@ -25,8 +25,9 @@ CLUSTER_HEADER = "x-tollgate-cluster"  # which provider route serves the request
 TARGET_HEADER = "x-tollgate-target"  # which provider the relay sends a later attempt to
 STOP_HEADER = "x-tollgate-stop-reason"  # set by the upstream processor when it ends a chain
 RELAY_FLAGS_HEADER = "x-tollgate-relay-flags"  # the relay's response flags, read by the status recorder
+PLANNED_HEADER = "x-tollgate-planned"  # attempt 2 was set up from NS_PLAN: the upstream processor is skipped
 # Client-sent copies are removed by Envoy before any filter or route reads them.
-INTERNAL_HEADERS = (CLUSTER_HEADER, TARGET_HEADER)
+INTERNAL_HEADERS = (CLUSTER_HEADER, TARGET_HEADER, PLANNED_HEADER)
 # Every header a provider or client sends that starts with this is ours; others' copies are dropped.
 ATTRIBUTION_PREFIX = "x-tollgate-"
 ROUTE_HEADER = "x-tollgate-route"  # a client's explicit route choice (SPEC §1.3)
@@ -39,6 +40,7 @@ NS_LAST = "tollgate.last"  # the last attempt's status (Lua status recorder, no 
 NS_REWRITE = "tollgate.rewrite"  # a later attempt's body head: old -> new (upstream processor -> Lua)
 NS_APPLY = "tollgate.apply"  # headers to set ("" = remove) once the body is decided (-> APPLY_LUA)
 NS_USAGE = "tollgate.usage"  # a JSON answer's usage, read by Envoy's json_to_metadata
+NS_PLAN = "tollgate.plan"  # attempt 2 decided in advance per failure status (downstream -> PLANNED_LUA)
 
 # Keys in NS_USAGE (json_to_metadata writes them; the downstream processor reads them).
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
@@ -91,6 +93,48 @@ function envoy_on_request(h)
   end
   hd:replace("content-length", tostring(body:length()))
   h:clearRouteCache()
+end
+"""
+
+
+# A chain's second attempt without a processor message. The downstream processor decided in
+# advance where attempt 2 goes if attempt 1 answers a 5xx (not 504) or a 429 (the outcomes a
+# status alone tells), when that switches provider (a retry on the same provider waits a
+# back-off, which only the processor does). On attempt 2 this upstream Lua filter picks the plan
+# for the status the recorder saw, sets what the upstream processor would set (target, time
+# budget, credential, the body's new model via NS_REWRITE, the attempt notes) and marks the
+# request so the retries-only processor is skipped. Anything else (no status: a timeout or a
+# reset; a 504; attempt 3 and later) is left to the processor. `os.time()` has second
+# resolution: attempt 2's start is only used to tell a later timeout from a connect failure.
+PLANNED_LUA = """
+function envoy_on_request(h)
+  local hd = h:headers()
+  hd:remove("%(planned)s")
+  if hd:get("x-envoy-attempt-count") ~= "2" then return end
+  local md = h:streamInfo():dynamicMetadata()
+  local plan = md:get("%(ns_plan)s")
+  local last = md:get("%(ns_last)s")
+  if plan == nil or last == nil then return end
+  local status = tonumber(last["status"] or "")
+  if status == nil then return end
+  local key, outcome
+  if status == 429 then
+    key, outcome = "429", "rate_limit"
+  elseif status >= 500 and status ~= 504 then
+    key, outcome = "5xx", "provider_5xx"
+  end
+  local p = key and plan[key]
+  if p == nil then return end
+  hd:replace("%(target)s", p["target"])
+  hd:replace("%(per_try)s", p["budget"])
+  if p["auth"] == "" then hd:remove("authorization") else hd:replace("authorization", p["auth"]) end
+  hd:replace("%(planned)s", "1")
+  md:set("%(ns_attempts)s", "1", {m = plan["m1"], p = plan["p1"], t = plan["t1"], o = outcome, s = status, hp = 1})
+  md:set("%(ns_attempts)s", "2", {m = p["m"], p = p["p"], t = os.time() * 1000, rule = p["rule"], reason = p["reason"]})
+  md:set("%(ns_last)s", "status", "")
+  md:set("%(ns_last)s", "flags", "")
+  md:set("%(ns_rewrite)s", "old", plan["old"])
+  md:set("%(ns_rewrite)s", "new", p["new"])
 end
 """
 
@@ -154,11 +198,14 @@ class AttemptNote:
     status: int = 0
     rule: str = ""  # the policy rule that chose this attempt
     reason: str = ""
+    health_pending: bool = False  # classified by PLANNED_LUA: its provider's health is noted downstream
 
     def to_struct(self) -> dict[str, Any]:
         out: dict[str, Any] = {"m": self.model, "p": self.provider, "t": self.started_ms}
         if self.outcome:
             out.update({"o": self.outcome, "s": self.status})
+        if self.health_pending:
+            out["hp"] = 1
         if self.rule:
             out["rule"] = self.rule
         if self.reason:
@@ -167,7 +214,8 @@ class AttemptNote:
 
     @classmethod
     def from_struct(cls, d: dict[str, Any]) -> AttemptNote:
-        return cls(_text(d, "m"), _text(d, "p"), _int(d, "t"), _text(d, "o"), _int(d, "s"), _text(d, "rule"), _text(d, "reason"))
+        return cls(_text(d, "m"), _text(d, "p"), _int(d, "t"), _text(d, "o"), _int(d, "s"), _text(d, "rule"), _text(d, "reason"),
+                   bool(d.get("hp")))
 
 
 @dataclass(frozen=True)
@@ -196,3 +244,42 @@ class AttemptsNote:
         attempts = {int(k): AttemptNote.from_struct(v) for k, v in d.items() if k.isdigit() and isinstance(v, dict)}
         stop = d.get("stop")
         return cls(dict(sorted(attempts.items())), StopNote(_text(stop, "reason"), _text(stop, "rule")) if isinstance(stop, dict) else None)
+
+
+# The statuses PLANNED_LUA acts on, by its plan keys, and the outcome each one is.
+PLANNED_OUTCOMES = {"5xx": "provider_5xx", "429": "rate_limit"}
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """Where attempt 2 goes after one kind of failure (a key of PLANNED_OUTCOMES)."""
+
+    target: str  # the relay's target header value
+    budget_ms: int  # the attempt's per-try timeout
+    credential: str  # the provider's authorization header ("" = none: removed)
+    model: str
+    provider: str
+    head: str  # the body's new head, `{"model":"<upstream model>"`
+    rule: str
+    reason: str
+
+    def to_struct(self) -> dict[str, Any]:
+        return {"target": self.target, "budget": str(self.budget_ms), "auth": self.credential, "m": self.model,
+                "p": self.provider, "new": self.head, "rule": self.rule, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class PlanNote:
+    """NS_PLAN: attempt 1 (for its note) and attempt 2 per failure kind, for PLANNED_LUA. It
+    holds provider credentials, like NS_APPLY: no processor or log is ever sent it."""
+
+    first_model: str
+    first_provider: str
+    first_at_ms: int
+    first_head: str  # the head the downstream processor wrote
+    steps: dict[str, PlannedStep]
+
+    def to_struct(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"m1": self.first_model, "p1": self.first_provider, "t1": self.first_at_ms, "old": self.first_head}
+        out.update({k: s.to_struct() for k, s in self.steps.items()})
+        return out

@@ -33,23 +33,36 @@ from redis.exceptions import RedisError
 
 from extproc import config, errors, metrics
 from extproc.caps import CostBound, answer_bytes_bound, cost_bound
-from extproc.chains import FAILURE_STATUS, HEALTH_FAILURES, all_candidates, first_step, outcome_of_status, unavailable_error
+from extproc.chains import (
+    FAILURE_STATUS,
+    HEALTH_FAILURES,
+    Tried,
+    all_candidates,
+    first_step,
+    outcome_of_status,
+    planned_second_steps,
+    unavailable_error,
+)
 from extproc.contract import (
     ATTR_CODE_DETAILS,
     ATTRIBUTION_PREFIX,
     CLUSTER_HEADER,
     NS_APPLY,
     NS_ATTEMPTS,
+    NS_PLAN,
     NS_REQUEST,
     NS_USAGE,
     ORIGINAL_CONTENT_TYPE_HEADER,
+    PLANNED_OUTCOMES,
     ROUTE_HEADER,
     STOP_HEADER,
     AttemptsNote,
+    PlannedStep,
+    PlanNote,
     RequestNote,
 )
 from extproc.decide import KeyInfo, RouteChoice, authorize, resolve_route, visible_routes
-from extproc.envoy_config import chain_cluster, route_target
+from extproc.envoy_config import chain_cluster, route_target, stream_target
 from extproc.errors import ApiError
 from extproc.gateway import Gateway
 from extproc.keys import secret_from_headers
@@ -60,6 +73,7 @@ from extproc.payload import (
     ParsedRequest,
     Usage,
     estimated_usage,
+    model_head,
     parse_request,
     rewrite_body,
     usage_from_json,
@@ -108,6 +122,7 @@ class Exchange(PassThrough):
         self.rate_headers: dict[str, str] = {}
         self.attempts: list[Attempt] = []
         self.skipped: Attempt | None = None  # the primary, when its circuit was open
+        self.health_pending: list[tuple[str, str]] = []  # (provider, outcome) of attempts no processor saw fail
         self.chained = False
         self.rule = ""
         self.replacement: ApiError | None = None  # a failed final answer, rewritten as ours
@@ -231,14 +246,31 @@ class Exchange(PassThrough):
         if self.chained:
             apply["x-envoy-max-retries"] = str(route.max_attempts - 1)
             skip = skipped[0] if skipped else None
+            started, unhealthy = now_ms(), frozenset(circuits.after_first)
             notes[NS_REQUEST] = RequestNote(
-                route.name, plan.name, target.name, choice.provider.name, now_ms(), key.customer, cap, parsed.stream,
-                frozenset(circuits.after_first), skip.model if skip else "", skip.provider if skip else "",
+                route.name, plan.name, target.name, choice.provider.name, started, key.customer, cap, parsed.stream,
+                unhealthy, skip.model if skip else "", skip.provider if skip else "",
                 skip.opened_by if skip else "").to_struct()
+            notes[NS_PLAN] = self.plan_second(choice, skipped, unhealthy, started, cap, parsed.stream).to_struct()
         return pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=body))),
             dynamic_metadata=metadata(notes),
         )
+
+    def plan_second(self, choice: RouteChoice, skipped: list[Tried], unhealthy: frozenset[str], started: int, cap: int,
+                    stream: bool) -> PlanNote:
+        """Attempt 2 per failure kind, decided now (chains.planned_second_steps), so a switch
+        after a 5xx or a 429 costs Envoy's Lua, not a processor message (contract.PLANNED_LUA)."""
+        policy, first = self.policy, choice.target
+        steps = planned_second_steps(policy, choice.route, choice.plan, skipped, first, unhealthy, PLANNED_OUTCOMES)
+        planned: dict[str, PlannedStep] = {}
+        for key, step in steps.items():
+            model = policy.models[step.model]
+            provider = policy.providers[model.provider]
+            planned[key] = PlannedStep(stream_target(provider.name, stream), attempt_budget_ms(provider, cap, stream),
+                                       self.gw.credential(provider.name), model.name, provider.name,
+                                       model_head(model.upstream_model), step.rule, step.reason)
+        return PlanNote(first.name, first.provider, started, model_head(first.upstream_model), planned)
 
     async def reserve(self, parsed: ParsedRequest, choice: RouteChoice, key: KeyInfo) -> ApiError | None:
         """Reserve the most the request can cost (caps.py); an ApiError when it must not go
@@ -376,6 +408,8 @@ class Exchange(PassThrough):
         if c is None:
             return
         attempts: list[Attempt] = []
+        # Attempts PLANNED_LUA classified: no processor saw them fail, so their health is noted here.
+        self.health_pending = [(e.provider, e.outcome) for e in notes.attempts.values() if e.health_pending]
         for k, e in notes.attempts.items():
             model = e.model or (c.target.name if k == 1 else "")
             provider = e.provider or (c.provider.name if k == 1 else "")
@@ -507,6 +541,9 @@ class Exchange(PassThrough):
         the provider's failure; a provider's 4xx answer shows it is alive."""
         if not self.attempts or self.key is None or self.parsed is None or self.reservation is None:
             return
+        for name, outcome in self.health_pending:
+            if outcome in HEALTH_FAILURES and name in self.policy.providers:
+                self.gw.spawn(self.gw.health.record_failure(name, self.key.customer, outcome))
         last = self.attempts[-1]
         provider = self.policy.providers.get(last.provider)
         if provider is None or last.reason == "unknown":

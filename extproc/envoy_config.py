@@ -26,10 +26,13 @@ from extproc.contract import (
     NS_APPLY,
     NS_ATTEMPTS,
     NS_LAST,
+    NS_PLAN,
     NS_REQUEST,
     NS_REWRITE,
     NS_USAGE,
     ORIGINAL_CONTENT_TYPE_HEADER,
+    PLANNED_HEADER,
+    PLANNED_LUA,
     RELAY_FLAGS_HEADER,
     RELAY_LISTENER,
     REQUEST_ATTRIBUTES,
@@ -41,6 +44,7 @@ from extproc.contract import (
 from extproc.errors import ApiError
 from extproc.payload import ENDPOINTS
 from extproc.policy.model import Policy, Provider
+from extproc.timeouts import PER_TRY_TIMEOUT_HEADER
 
 # The internal names shared with the processors live in `contract`; re-exported for callers.
 __all__ = [
@@ -335,7 +339,7 @@ def _downstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
             {"request_header_mode": "SKIP", "request_body_mode": "BUFFERED", "response_header_mode": "SEND",
              "response_body_mode": "NONE"},
             forwarding=[NS_ATTEMPTS, NS_USAGE],
-            receiving=[NS_REQUEST, NS_APPLY],
+            receiving=[NS_REQUEST, NS_APPLY, NS_PLAN],
             request_attributes=list(REQUEST_ATTRIBUTES),
             response_attributes=list(RESPONSE_ATTRIBUTES),
         ),
@@ -417,20 +421,33 @@ def _entry_routes(no_route: ApiError) -> list[dict[str, Any]]:
     return [models, *endpoints, unknown]
 
 
+def planned_lua() -> str:
+    """contract.PLANNED_LUA with the names filled in."""
+    return PLANNED_LUA % {"planned": PLANNED_HEADER, "ns_plan": NS_PLAN, "ns_last": NS_LAST, "ns_attempts": NS_ATTEMPTS,
+                          "ns_rewrite": NS_REWRITE, "target": TARGET_HEADER, "per_try": PER_TRY_TIMEOUT_HEADER}
+
+
+def _header_is(name: str, value: str) -> dict[str, Any]:
+    return {"single_predicate": {
+        "input": {"name": name, "typed_config": {"@type": _T + "type.matcher.v3.HttpRequestHeaderMatchInput", "header_name": name}},
+        "value_match": {"exact": value},
+    }}
+
+
 def _retries_only(filter_config: dict[str, Any]) -> dict[str, Any]:
     """Run a filter on retries only (composite filter matching `x-envoy-attempt-count`), so the
-    first attempt, the normal path, costs no per-attempt message at all."""
+    first attempt, the normal path, costs no per-attempt message at all; nor does a second
+    attempt PLANNED_LUA already set up (it marks it with PLANNED_HEADER)."""
     return {
         "name": "tollgate.retries_only",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
             "extension_config": {"name": "composite", "typed_config": {"@type": _T + "extensions.filters.http.composite.v3.Composite"}},
             "xds_matcher": {"matcher_list": {"matchers": [{
-                "predicate": {"not_matcher": {"single_predicate": {
-                    "input": {"name": "attempt", "typed_config": {"@type": _T + "type.matcher.v3.HttpRequestHeaderMatchInput",
-                                                                  "header_name": "x-envoy-attempt-count"}},
-                    "value_match": {"exact": "1"},
-                }}},
+                "predicate": {"and_matcher": {"predicate": [
+                    {"not_matcher": _header_is("x-envoy-attempt-count", "1")},
+                    {"not_matcher": _header_is(PLANNED_HEADER, "1")},
+                ]}},
                 "on_match": {"action": {"name": "on_retry", "typed_config": {
                     "@type": _T + "extensions.filters.http.composite.v3.ExecuteFilterAction",
                     "typed_config": filter_config,
@@ -447,6 +464,13 @@ def _upstream_filters(message_timeout_s: float, p: Provider) -> list[dict[str, A
             "typed_config": {
                 "@type": _T + "extensions.filters.http.lua.v3.Lua",
                 "default_source_code": {"inline_string": STATUS_RECORDER_LUA},
+            },
+        },
+        {
+            "name": "tollgate.planned_retry",
+            "typed_config": {
+                "@type": _T + "extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": planned_lua()},
             },
         },
         _retries_only(_ext_proc_filter(

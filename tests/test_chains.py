@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from extproc.chains import Tried, all_candidates, first_step, next_step, sequence
+from extproc.chains import Tried, all_candidates, first_step, next_step, planned_second_steps, sequence
 from extproc.policy import Policy, load_policy
 
 CATALOG = {
@@ -146,3 +146,35 @@ def test_unhealthy_candidates_are_skipped(tmp_path: Path) -> None:
 def test_reservation_candidates_cover_every_model_a_request_may_end_on(tmp_path: Path) -> None:
     p = policy(tmp_path)
     assert [m.name for m in all_candidates(p, p.routes["seed"], p.plans["basic"])] == ["a_low", "b_low", "c_low"]
+
+
+# --- attempt 2 planned with attempt 1 (chains.planned_second_steps) ------------------------------
+
+PLANNED = {"5xx": "provider_5xx", "429": "rate_limit"}
+
+
+def planned(p: Policy, route: str, plan: str, unhealthy: frozenset[str] = frozenset()) -> dict[str, str]:
+    r, pl = p.routes[route], p.plans[plan]
+    first = p.models[r.primary_model]
+    return {k: s.model for k, s in planned_second_steps(p, r, pl, [], first, unhealthy, PLANNED).items()}
+
+
+def test_the_seed_plans_its_rate_limit_switch_but_not_its_same_provider_retry(tmp_path: Path) -> None:
+    """seed: a 5xx retries a_low once (same provider: back-off, left to the processor); a 429
+    switches to b_low, the first other-provider model of the tier."""
+    assert planned(policy(tmp_path), "seed", "basic") == {"429": "b_low"}
+
+
+def test_a_fail_closed_event_plans_nothing(tmp_path: Path) -> None:
+    assert planned(policy(tmp_path), "closed", "basic") == {}
+
+
+def test_a_downgrade_is_planned_for_a_5xx_only(tmp_path: Path) -> None:
+    """down: b_std's 5xx goes to the low tier's first model, a_low on pa; no rate-limit rule
+    names a fallback, so a 429 is left to the processor."""
+    assert planned(policy(tmp_path), "down", "down") == {"5xx": "a_low"}
+
+
+def test_an_open_circuit_known_at_the_start_is_skipped_in_the_plan(tmp_path: Path) -> None:
+    """seed with pb unhealthy: the 429 switch skips b_low (pb) for c_low (pc)."""
+    assert planned(policy(tmp_path), "seed", "basic", frozenset({"pb"})) == {"429": "c_low"}

@@ -324,19 +324,53 @@ def test_explain_tells_which_model_was_intended_what_failed_and_what_it_cost(sta
     assert "cost           : $0.0" in out
 
 
-def test_the_first_attempt_costs_no_per_attempt_message_and_a_retry_costs_one(stack: Stack, customer: str) -> None:
+def upstream_messages(stack: Stack) -> float:
+    return metric(stack, "tollgate_decision_seconds_count", phase="upstream_request_headers")
+
+
+def test_the_first_attempt_costs_no_per_attempt_message(stack: Stack, customer: str) -> None:
     _, secret = stack.create_key(customer)
-
-    def upstream_messages() -> float:
-        return metric(stack, "tollgate_decision_seconds_count", phase="upstream_request_headers")
-
-    before = upstream_messages()
+    before = upstream_messages(stack)
     for _ in range(3):
         assert call(stack, secret, "support_draft").status == 200
-    assert upstream_messages() == before
+    assert upstream_messages(stack) == before
+
+
+def test_a_switch_after_a_429_costs_no_per_attempt_message(stack: Stack, customer: str) -> None:
+    """The seed's on_rate_limit switches provider: attempt 2 was planned with attempt 1."""
+    _, secret = stack.create_key(customer)
+    before = upstream_messages(stack)
     stack.fakes["p1"].script(Reply(status=429))
-    assert call(stack, secret, "support_draft").headers["x-tollgate-attempts"] == "2"
-    assert upstream_messages() == before + 1
+    res = call(stack, secret, "support_draft")
+    assert (res.headers["x-tollgate-attempts"], res.headers["x-tollgate-final-model"]) == ("2", "low_cost_chat_backup")
+    assert upstream_messages(stack) == before
+
+
+def test_a_retry_on_the_same_provider_costs_one_per_attempt_message(stack: Stack, customer: str) -> None:
+    """The seed's on_provider_5xx retries the primary once: that retry waits a back-off, which
+    only the per-attempt processor does, so it is not planned."""
+    _, secret = stack.create_key(customer)
+    before = upstream_messages(stack)
+    stack.fakes["p1"].script(Reply(status=500))
+    res = call(stack, secret, "support_draft")
+    assert (res.headers["x-tollgate-attempts"], res.headers["x-tollgate-final-model"]) == ("2", "low_cost_chat")
+    assert upstream_messages(stack) == before + 1
+
+
+def test_a_planned_second_attempt_that_fails_is_classified_by_the_third(stack: Stack, customer: str) -> None:
+    """switch_all (3 attempts, two models): p1's 500 switches to p2 without a processor
+    message; p2's 500 reaches the per-attempt processor, which finds no candidate left and
+    ends the chain. Both failures are in the record, each with its own provider and status."""
+    _, secret = stack.create_key(customer)
+    before = upstream_messages(stack)
+    stack.fakes["p1"].script(Reply(status=500))
+    stack.fakes["p2"].script(Reply(status=503))
+    res = call(stack, secret, "switch_all")
+    assert res.status == 502 and res.headers["x-tollgate-attempts"] == "2"
+    assert upstream_messages(stack) == before + 1
+    rec = record(stack, res.request_id)
+    assert [(a["provider"], a["status"], a["reason"]) for a in rec["attempt_list"]] == [
+        ("p1", 500, "provider_5xx"), ("p2", 503, "provider_5xx")]
 
 
 # --- truthful attribution (issue 10) ---------------------------------------------------------------
