@@ -112,8 +112,8 @@ class Health:
         if p is None:
             return
         keys, args = self._args(p, "fail", 1, customer, event)
-        try:
-            opened = await self.scripts.eval("health_note", keys, args)
+        try:  # shares a round trip with whatever else is in flight (store.GroupCommit)
+            (opened,) = await self.scripts.batch(partial(self.scripts.call, name="health_note", keys=keys, args=args))
         except RedisError:
             metrics.REDIS_ERRORS.labels("health").inc()
             return
