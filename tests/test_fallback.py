@@ -357,6 +357,21 @@ def test_a_retry_on_the_same_provider_costs_one_per_attempt_message(stack: Stack
     assert upstream_messages(stack) == before + 1
 
 
+def test_a_client_cannot_mark_its_retry_as_planned(stack: Stack, customer: str) -> None:
+    """x-tollgate-planned from a client would skip the per-attempt processor on the seed's
+    same-provider retry (sending it to the relay with no target). It is dropped at the door
+    (early header mutation), again by the planned-retry Lua on every attempt, and by attempt
+    1's provider gate (upstream header changes persist into later attempts): this test fails
+    only if all three let it through."""
+    _, secret = stack.create_key(customer)
+    before = upstream_messages(stack)
+    stack.fakes["p1"].script(Reply(status=500))
+    res = call(stack, secret, "support_draft", extra_headers={"x-tollgate-planned": "1"})
+    assert (res.status, res.headers["x-tollgate-attempts"], res.headers["x-tollgate-final-model"]) == (200, "2", "low_cost_chat")
+    assert upstream_messages(stack) == before + 1
+    assert "x-tollgate-planned" not in stack.fakes["p1"].requests[-1].headers
+
+
 def test_a_planned_second_attempt_that_fails_is_classified_by_the_third(stack: Stack, customer: str) -> None:
     """switch_all (3 attempts, two models): p1's 500 switches to p2 without a processor
     message; p2's 500 reaches the per-attempt processor, which finds no candidate left and
