@@ -160,6 +160,21 @@ def test_chained_route_goes_to_the_chain_cluster_and_notes_the_request_for_later
         "cust": customer, "unhealthy": ""}
 
 
+def test_chained_route_plans_the_switch_after_a_429_with_the_backup_providers_key(redis_url: str, policy: Policy) -> None:
+    """The seed: a 429 switches to low_cost_chat_backup on p2 (planned for Envoy's Lua); a
+    5xx retries p1 itself after a back-off, which only the processor does (not planned).
+    p2's budget: timeout_s 2 + 30 tokens at the test catalog's 10,000 tokens/s = 2.003 s."""
+    async def scenario(rig: Rig) -> pb.ProcessingResponse:
+        return (await admitted(rig, {"model": "support_draft", "messages": MESSAGES, "max_tokens": 30}, plan="starter", fund=0))[3]
+
+    plan = dynamic_metadata(run(redis_url, policy, scenario))["tollgate.plan"]
+    assert set(plan) == {"m1", "p1", "t1", "old", "429"}
+    assert (plan["m1"], plan["p1"], plan["old"]) == ("low_cost_chat", "p1", '{"model":"gpt-4o-mini"')
+    assert plan["429"] == {"target": "p2", "budget": "2003", "auth": "Bearer sk-provider-two", "m": "low_cost_chat_backup",
+                           "p": "p2", "new": '{"model":"small-chat-v2"', "rule": "on_rate_limit: switch_same_price_tier",
+                           "reason": "rate_limit"}
+
+
 def test_providers_with_an_open_circuit_are_noted_for_later_attempts(redis_url: str, policy: Policy) -> None:
     async def scenario(rig: Rig) -> dict[str, Any]:
         for customer in ("c-one", "c-two"):  # p4's circuit opens after 2 failures from 2 customers
