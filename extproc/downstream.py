@@ -123,6 +123,7 @@ class Exchange(PassThrough):
         self.attempts: list[Attempt] = []
         self.skipped: Attempt | None = None  # the primary, when its circuit was open
         self.health_pending: list[tuple[str, str]] = []  # (provider, outcome) of attempts no processor saw fail
+        self.answer_length = 0  # the answer's content-length, when it has one
         self.chained = False
         self.rule = ""
         self.replacement: ApiError | None = None  # a failed final answer, rewritten as ours
@@ -368,7 +369,8 @@ class Exchange(PassThrough):
             return self.headers_reply(self.attribution(cost), remove)
         if self.replacement is None and not self.local_reply:
             is_sse = "text/event-stream" in h.get("content-type", "")
-            too_large = int(h.get("content-length") or 0) > self.gw.max_body_bytes
+            self.answer_length = int(h.get("content-length") or 0)
+            too_large = self.answer_length > self.gw.max_body_bytes
             if is_sse or too_large:
                 return self.stream_through(is_sse, remove)
             usage = usage_from_metadata(namespace(req, NS_USAGE), self.generates()) if self.served() else None
@@ -521,7 +523,10 @@ class Exchange(PassThrough):
             self.attempts[-1] = Attempt(last.model, last.provider, last.status, "timeout")
             await self.finish(self.stream_usage(), status=504)
         elif self.streaming and (self.meter is None or not self.meter.json_body or self.meter.usage is not None):
-            await self.finish(self.stream_usage(), status=499)
+            # A JSON answer whose every byte went out: the client may close on its last byte,
+            # before Envoy passes the end of the stream here. It got the answer, not a 499.
+            whole = self.meter is not None and self.meter.json_body and 0 < self.answer_length <= self.meter.bytes
+            await self.finish(self.stream_usage(), status=self.upstream_status if whole else 499)
         elif self.served():
             self.usage_source = "reservation"
             await self.finish(None, status=status, charge=self.reservation.amount)

@@ -292,6 +292,32 @@ def test_a_settled_request_is_not_settled_again_when_its_stream_closes(redis_url
     assert run(redis_url, policy, scenario) == (1_000_000 - USAGE_COST_MICRO, USAGE_COST_MICRO, 1)
 
 
+# A JSON answer over the 8 MiB buffer, metered as it passes (9 MiB of text, then its usage).
+BIG_ANSWER = (b'{"choices":[{"message":{"content":"' + b"a" * (9 << 20)
+              + b'"}}],"usage":{"prompt_tokens":1000,"completion_tokens":50}}')
+
+
+async def _big_answer_closed_early(rig: Rig, sent: bytes, declared: int) -> dict[str, str]:
+    ex, _, rid, _ = await admitted(rig, LEGAL, fund=1_000_000)
+    await phases.dispatch(ex, response_headers_message(200, extra={"content-length": str(declared)}))
+    await phases.dispatch(ex, response_body_message(sent, end_of_stream=False))
+    await ex.close()  # the stream ended before Envoy passed on its end (the client closed)
+    (rec,) = await rig.records(rid)
+    return rec
+
+
+def test_a_big_answer_whose_every_byte_went_out_is_recorded_as_served(redis_url: str, policy: Policy) -> None:
+    """The client may close on the answer's last byte, before Envoy passes the end of the
+    stream: it got the whole answer, so the record says 200 (not 499), billed from its usage."""
+    rec = run(redis_url, policy, lambda rig: _big_answer_closed_early(rig, BIG_ANSWER, len(BIG_ANSWER)))
+    assert (rec["status"], rec["cost_micro_usd"], rec["usage_source"]) == ("200", "2400", "provider")
+
+
+def test_a_big_answer_cut_short_is_recorded_as_the_client_leaving(redis_url: str, policy: Policy) -> None:
+    rec = run(redis_url, policy, lambda rig: _big_answer_closed_early(rig, BIG_ANSWER, len(BIG_ANSWER) + 1))
+    assert (rec["status"], rec["cost_micro_usd"]) == ("499", "2400")
+
+
 def test_a_settled_request_is_counted_once_in_the_request_metric(redis_url: str, policy: Policy) -> None:
     labels = {"route": "legal_summary", "primary_model": "strong_reasoning", "final_model": "strong_reasoning", "code": "200"}
 
