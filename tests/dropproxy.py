@@ -1,0 +1,119 @@
+"""A TCP proxy in front of one Redis that loses one reply on purpose: when armed, the first
+client write carrying a given byte string (a script's SHA) goes through to Redis, and once
+Redis has run it (the caller's check says so) the client's connection is closed without the
+reply. That is the network failure after which a Redis client library may send the same
+command again."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DropProxy:
+    target_port: int
+    port: int = 0
+    dropped: int = 0  # replies lost on purpose so far
+    forwarded: dict[bytes, int] = field(default_factory=dict)  # writes carrying a watched string
+    _needle: bytes | None = None
+    _ran: Callable[[], bool] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _listener: socket.socket | None = None
+    _socks: list[socket.socket] = field(default_factory=list)
+
+    def start(self) -> DropProxy:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        for s in [self._listener, *self._socks]:
+            if s is not None:
+                _close(s)
+
+    def watch(self, needle: bytes) -> None:
+        """Count client writes carrying `needle` (how often a command was sent)."""
+        self.forwarded.setdefault(needle, 0)
+
+    def arm(self, needle: bytes, ran: Callable[[], bool]) -> None:
+        """Lose the reply to the next write carrying `needle`, once `ran()` says Redis ran it."""
+        with self._lock:
+            self._needle, self._ran = needle, ran
+            self.watch(needle)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            self._socks += [client, server]
+            doomed = threading.Event()
+            threading.Thread(target=self._up, args=(client, server, doomed), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, doomed), daemon=True).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, doomed: threading.Event) -> None:
+        tail = b""
+        while True:
+            try:
+                data = client.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                _close(server)
+                return
+            seen, before = tail + data, tail  # a string split over two reads is still seen once
+            tail = seen[-64:]
+            with self._lock:
+                for needle in self.forwarded:
+                    self.forwarded[needle] += seen.count(needle) - before.count(needle)
+                drop = self._needle is not None and self._needle in seen and self._needle not in before
+                ran = self._ran
+                if drop:
+                    self._needle = self._ran = None
+                    doomed.set()  # before Redis can answer: its reply never reaches the client
+            try:
+                server.sendall(data)
+            except OSError:
+                _close(client)
+                return
+            if drop and ran is not None:
+                deadline = time.monotonic() + 5
+                while not ran() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                self.dropped += 1
+                _close(client)
+                _close(server)
+                return
+
+    def _down(self, server: socket.socket, client: socket.socket, doomed: threading.Event) -> None:
+        while True:
+            try:
+                data = server.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                _close(client)
+                return
+            if doomed.is_set():
+                continue
+            try:
+                client.sendall(data)
+            except OSError:
+                _close(server)
+                return
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.close()

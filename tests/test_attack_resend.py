@@ -1,0 +1,204 @@
+"""A reserve call whose reply is lost after Redis ran it (the CI failure on the cluster race):
+a TCP proxy of our own (tests/dropproxy.py) sits between the processor and the Redis that
+owns the customer's slot, lets reserve.lua's EVALSHA through and closes the connection
+before its reply comes back, once.
+
+redis-py 8.1 decides what happens next. Its cluster client (`RedisCluster.execute_command`)
+sends the same command again after a ConnectionError, up to 10 times: the script must answer
+the resend of its own call `ok` again, not 409 duplicate_request, and reserve once. Its
+single-Redis client, as `store.redis_client` builds it (`from_url`: the connections' Retry
+has 0 retries), never resends: the request fails closed (503 quota_unavailable) and the
+cancel chore frees the money and the request id at once, not the reaper a minute later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from extproc.devstack import RedisClusterServer, RedisServer
+from extproc.fakeprovider import FakeProvider
+from extproc.quota import Account, month_of
+from extproc.store import load_script
+from tests.conftest import Stack, post_raw, running_stack
+from tests.dropproxy import DropProxy
+from tests.test_attack_billing import records_of
+
+RESERVE_SHA = hashlib.sha1(load_script("reserve").encode()).hexdigest().encode()
+MESSAGES = [{"role": "user", "content": "Summarise the contract in one line."}]
+
+
+@dataclass
+class Proxied:
+    """The stack's Redis seen through the proxy: `url` is what the processor dials, `direct`
+    a client of the real Redis that owns the test customers' slot (never through the proxy)."""
+
+    url: str
+    proxy: DropProxy
+    direct: redis.Redis
+    servers: list[Any]
+
+    def stop(self) -> None:
+        self.proxy.stop()
+        for s in self.servers:
+            s.stop()
+
+
+def _announce(node_port: int, proxy_port: int, ports: list[int]) -> None:
+    """Make the cluster tell clients to reach `node_port` at `proxy_port` (Redis's own
+    cluster-announce-port; the bus keeps its real port), and wait until every node says so."""
+    r = redis.Redis(port=node_port)
+    r.config_set("cluster-announce-bus-port", node_port + 10000)
+    r.config_set("cluster-announce-port", proxy_port)
+    deadline = time.monotonic() + 30
+    while True:
+        told = [{int(n[1]) for s in redis.Redis(port=p).execute_command("CLUSTER SLOTS") for n in s[2:3]} for p in ports]
+        if all(proxy_port in t and node_port not in t for t in told):
+            return
+        assert time.monotonic() < deadline, f"the cluster does not announce the proxy: {told}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cluster_proxied(fakes: dict[str, FakeProvider], policy_dir: Path) -> Iterator[Stack]:
+    cluster = RedisClusterServer(3).start()
+    ports = [n.port for n in cluster.nodes]
+    proxy = DropProxy(ports[1]).start()
+    _announce(ports[1], proxy.port, ports)
+    # The processor starts from another node and learns the proxied address from the cluster.
+    proxied = Proxied(f"redis+cluster://127.0.0.1:{ports[0]}/0", proxy, redis.Redis(port=ports[1]), [cluster])
+    with running_stack(fakes, policy_dir, workers=1, redis_server=proxied, name="resend-cluster") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def single_proxied(fakes: dict[str, FakeProvider], policy_dir: Path) -> Iterator[Stack]:
+    server = RedisServer().start()
+    proxy = DropProxy(server.port).start()
+    proxied = Proxied(f"redis://127.0.0.1:{proxy.port}/0", proxy, redis.Redis(port=server.port), [server])
+    # The reaper (which also runs queued chores) is a minute away: only the cancel sent at once frees anything.
+    env = {"TOLLGATE_REAPER_INTERVAL_S": "60"}
+    with running_stack(fakes, policy_dir, workers=1, redis_server=proxied, env=env, name="resend-single") as s:
+        yield s
+
+
+def owned_customer(stack: Stack, base: str) -> str:
+    """A customer whose hash slot the proxied Redis owns (on one Redis: any)."""
+    direct: redis.Redis = stack.redis.direct
+    for i in range(10_000):
+        name = f"{base}-{i}"
+        if not stack.redis.url.startswith("redis+cluster://"):
+            return name
+        slot = int(direct.execute_command("CLUSTER KEYSLOT", Account(name, "", "").k("reserved")))
+        if _owns(direct, slot):
+            return name
+    raise AssertionError("no customer name lands on the proxied node")
+
+
+def _owns(direct: redis.Redis, slot: int) -> bool:
+    me = direct.execute_command("CLUSTER MYID")
+    me = me.decode() if isinstance(me, bytes) else me
+    for lo, hi, master, *_ in direct.execute_command("CLUSTER SLOTS"):
+        node_id = master[2].decode() if isinstance(master[2], bytes) else master[2]
+        if int(lo) <= slot <= int(hi):
+            return bool(node_id == me)
+    return False
+
+
+def chat(stack: Stack, secret: str, rid: str) -> tuple[int, Any]:
+    body = json.dumps({"model": "legal_summary", "messages": MESSAGES}).encode()
+    return post_raw(f"{stack.base_url}/chat/completions", body, secret, {"x-request-id": rid}, timeout=20)
+
+
+def marker(stack: Stack, customer: str, rid: str) -> bytes | None:
+    value: bytes | None = stack.redis.direct.get(Account(customer, "", "").k(f"req:{rid}"))
+    return value
+
+
+def reserved(stack: Stack, customer: str) -> int:
+    return int(stack.redis.direct.get(Account(customer, "", "").k("reserved")) or 0)
+
+
+def spend(stack: Stack, customer: str) -> int:
+    return int(stack.redis.direct.get(Account(customer, "", "").k(f"spend:{month_of(time.time())}")) or 0)
+
+
+def wait_until(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def lose_the_reserve_reply(stack: Stack, customer: str, rid: str) -> None:
+    stack.redis.proxy.arm(RESERVE_SHA, lambda: marker(stack, customer, rid) is not None)
+
+
+def test_cluster_resend_of_a_reserve_whose_reply_was_lost_is_served_once(cluster_proxied: Stack, customer: str) -> None:
+    stack, proxy = cluster_proxied, cluster_proxied.redis.proxy
+    who = owned_customer(stack, customer)
+    _, secret = stack.create_key(who)
+    assert chat(stack, secret, uuid.uuid4().hex)[0] == 200  # the key is cached: only the reservation crosses now
+    proxy.watch(RESERVE_SHA)
+    calls, sent, dropped = stack.fakes["p3"].calls(), proxy.forwarded[RESERVE_SHA], proxy.dropped
+    spent = spend(stack, who)
+    rid = f"resend-{uuid.uuid4().hex}"
+    lose_the_reserve_reply(stack, who, rid)
+
+    status, answer = chat(stack, secret, rid)
+
+    assert status == 200, answer
+    assert proxy.dropped == dropped + 1 and proxy.forwarded[RESERVE_SHA] == sent + 2  # redis-py sent the same call again
+    assert stack.fakes["p3"].calls() == calls + 1
+    wait_until(lambda: reserved(stack, who) == 0, 5, "money still reserved after the request ended")
+    recs = [r for r in records_of(stack, who) if r["request_id"] == rid]
+    assert [r["status"] for r in recs] == ["200"]
+    assert spend(stack, who) - spent == int(recs[0]["cost_micro_usd"]) > 0
+    assert marker(stack, who, rid) == b"settled"
+
+
+def test_single_redis_lost_reserve_reply_fails_closed_and_frees_the_id_at_once(single_proxied: Stack, customer: str) -> None:
+    stack, proxy = single_proxied, single_proxied.redis.proxy
+    _, secret = stack.create_key(customer)
+    assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
+    proxy.watch(RESERVE_SHA)
+    calls, sent, dropped = stack.fakes["p3"].calls(), proxy.forwarded[RESERVE_SHA], proxy.dropped
+    rid = f"lost-{uuid.uuid4().hex}"
+    lose_the_reserve_reply(stack, customer, rid)
+
+    status, answer = chat(stack, secret, rid)
+
+    assert status == 503 and answer["error"]["code"] == "quota_unavailable", answer
+    assert proxy.dropped == dropped + 1 and proxy.forwarded[RESERVE_SHA] == sent + 1  # never resent
+    assert stack.fakes["p3"].calls() == calls
+    # The cancel chore, not the reaper (a minute's grace away): the money and the id are free now.
+    wait_until(lambda: reserved(stack, customer) == 0 and marker(stack, customer, rid) is None, 1.5,
+               "the lost call's reservation was not cancelled")
+    assert [r for r in records_of(stack, customer) if r["request_id"] == rid] == []
+
+
+def test_single_redis_retry_of_the_lost_request_is_served_and_billed_once(single_proxied: Stack, customer: str) -> None:
+    stack = single_proxied
+    _, secret = stack.create_key(customer)
+    assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
+    spent = spend(stack, customer)
+    rid = f"again-{uuid.uuid4().hex}"
+    lose_the_reserve_reply(stack, customer, rid)
+    assert chat(stack, secret, rid)[0] == 503
+
+    status, answer = chat(stack, secret, rid)  # the client's retry, same id, at once
+
+    assert status == 200, answer
+    recs = [r for r in records_of(stack, customer) if r["request_id"] == rid]
+    assert [r["status"] for r in recs] == ["200"]
+    assert spend(stack, customer) - spent == int(recs[0]["cost_micro_usd"]) > 0
+    wait_until(lambda: reserved(stack, customer) == 0, 5, "money still reserved after the retry ended")
