@@ -6,6 +6,7 @@ command again."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -112,8 +113,6 @@ class DropProxy:
 
 
 def _close(s: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         s.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     s.close()
