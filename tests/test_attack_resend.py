@@ -24,11 +24,12 @@ from typing import Any
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from extproc.devstack import RedisClusterServer, RedisServer
 from extproc.fakeprovider import FakeProvider
 from extproc.quota import Account, month_of
-from extproc.store import load_script
+from extproc.store import load_script, text
 from tests.conftest import Stack, post_raw, running_stack
 from tests.dropproxy import DropProxy
 from tests.test_attack_billing import records_of
@@ -53,6 +54,11 @@ class Proxied:
             s.stop()
 
 
+def cmd(r: redis.Redis, *args: Any) -> Any:
+    """A raw Redis command (redis-py leaves `execute_command` untyped)."""
+    return r.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
 def _announce(node_port: int, proxy_port: int, ports: list[int]) -> None:
     """Make the cluster tell clients to reach `node_port` at `proxy_port` (Redis's own
     cluster-announce-port; the bus keeps its real port), and wait until every node says so."""
@@ -61,7 +67,7 @@ def _announce(node_port: int, proxy_port: int, ports: list[int]) -> None:
     r.config_set("cluster-announce-port", proxy_port)
     deadline = time.monotonic() + 30
     while True:
-        told = [{int(n[1]) for s in redis.Redis(port=p).execute_command("CLUSTER SLOTS") for n in s[2:3]} for p in ports]
+        told = [{int(n[1]) for s in cmd(redis.Redis(port=p), "CLUSTER SLOTS") for n in s[2:3]} for p in ports]
         if all(proxy_port in t and node_port not in t for t in told):
             return
         assert time.monotonic() < deadline, f"the cluster does not announce the proxy: {told}"
@@ -98,19 +104,17 @@ def owned_customer(stack: Stack, base: str) -> str:
         name = f"{base}-{i}"
         if not stack.redis.url.startswith("redis+cluster://"):
             return name
-        slot = int(direct.execute_command("CLUSTER KEYSLOT", Account(name, "", "").k("reserved")))
+        slot = key_slot(Account(name, "", "").k("reserved").encode())
         if _owns(direct, slot):
             return name
     raise AssertionError("no customer name lands on the proxied node")
 
 
 def _owns(direct: redis.Redis, slot: int) -> bool:
-    me = direct.execute_command("CLUSTER MYID")
-    me = me.decode() if isinstance(me, bytes) else me
-    for lo, hi, master, *_ in direct.execute_command("CLUSTER SLOTS"):
-        node_id = master[2].decode() if isinstance(master[2], bytes) else master[2]
+    me = text(cmd(direct, "CLUSTER MYID"))
+    for lo, hi, master, *_ in cmd(direct, "CLUSTER SLOTS"):
         if int(lo) <= slot <= int(hi):
-            return bool(node_id == me)
+            return text(master[2]) == me
     return False
 
 
