@@ -22,6 +22,8 @@ class DropProxy:
     forwarded: dict[bytes, int] = field(default_factory=dict)  # writes carrying a watched string
     _needle: bytes | None = None
     _ran: Callable[[], bool] | None = None
+    _hold: tuple[bytes, Callable[[], bool]] | None = None  # the next write carrying it waits for the check
+    held: int = 0  # writes held back and then forwarded
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _listener: socket.socket | None = None
     _socks: list[socket.socket] = field(default_factory=list)
@@ -41,10 +43,13 @@ class DropProxy:
         """Count client writes carrying `needle` (how often a command was sent)."""
         self.forwarded.setdefault(needle, 0)
 
-    def arm(self, needle: bytes, ran: Callable[[], bool]) -> None:
-        """Lose the reply to the next write carrying `needle`, once `ran()` says Redis ran it."""
+    def arm(self, needle: bytes, ran: Callable[[], bool], then_hold_until: Callable[[], bool] | None = None) -> None:
+        """Lose the reply to the next write carrying `needle`, once `ran()` says Redis ran it;
+        with `then_hold_until`, the write after it carrying `needle` (a client's resend) reaches
+        Redis only once that check passes (a resend delayed in the network)."""
         with self._lock:
             self._needle, self._ran = needle, ran
+            self._hold = (needle, then_hold_until) if then_hold_until else None
             self.watch(needle)
 
     def _accept(self) -> None:
@@ -77,18 +82,22 @@ class DropProxy:
                     self.forwarded[needle] += seen.count(needle) - before.count(needle)
                 drop = self._needle is not None and self._needle in seen and self._needle not in before
                 ran = self._ran
+                hold = None
                 if drop:
                     self._needle = self._ran = None
                     doomed.set()  # before Redis can answer: its reply never reaches the client
+                elif self._hold is not None and self._hold[0] in seen and self._hold[0] not in before and self._needle is None:
+                    hold, self._hold = self._hold[1], None
+            if hold is not None:
+                _wait(hold, 10)
+                self.held += 1
             try:
                 server.sendall(data)
             except OSError:
                 _close(client)
                 return
             if drop and ran is not None:
-                deadline = time.monotonic() + 5
-                while not ran() and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                _wait(ran, 5)
                 self.dropped += 1
                 _close(client)
                 _close(server)
@@ -110,6 +119,12 @@ class DropProxy:
             except OSError:
                 _close(server)
                 return
+
+
+def _wait(check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _close(s: socket.socket) -> None:

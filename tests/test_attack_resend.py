@@ -185,7 +185,7 @@ def test_single_redis_lost_reserve_reply_fails_closed_and_frees_the_id_at_once(s
     assert proxy.dropped == dropped + 1 and proxy.forwarded[RESERVE_SHA] == sent + 1  # never resent
     assert stack.fakes["p3"].calls() == calls
     # The cancel chore, not the reaper (a minute's grace away): the money and the id are free now.
-    wait_until(lambda: reserved(stack, customer) == 0 and marker(stack, customer, rid) is None, 1.5,
+    wait_until(lambda: reserved(stack, customer) == 0 and (marker(stack, customer, rid) or b"").startswith(b"cancelled:"), 1.5,
                "the lost call's reservation was not cancelled")
     assert [r for r in records_of(stack, customer) if r["request_id"] == rid] == []
 
@@ -206,3 +206,32 @@ def test_single_redis_retry_of_the_lost_request_is_served_and_billed_once(single
     assert [r["status"] for r in recs] == ["200"]
     assert spend(stack, customer) - spent == int(recs[0]["cost_micro_usd"]) > 0
     wait_until(lambda: reserved(stack, customer) == 0, 5, "money still reserved after the retry ended")
+
+
+def test_cluster_resend_delayed_past_the_cancel_does_not_reserve_again(cluster_proxied: Stack, customer: str) -> None:
+    """The lost reply's resend is held in the network past the request's deadline: the request
+    fails closed, its cancel releases what the first delivery reserved, and the resend, when it
+    finally reaches Redis, must not reserve again (nobody would ever settle or cancel that)."""
+    stack, proxy = cluster_proxied, cluster_proxied.redis.proxy
+    who = owned_customer(stack, customer)
+    _, secret = stack.create_key(who)
+    assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
+    calls, held = stack.fakes["p3"].calls(), proxy.held
+    rid = f"late-{uuid.uuid4().hex}"
+
+    def cancelled() -> bool:
+        m = marker(stack, who, rid)
+        return m is None or m.startswith(b"cancelled:")
+
+    proxy.arm(RESERVE_SHA, lambda: marker(stack, who, rid) is not None, then_hold_until=cancelled)
+    status, answer = chat(stack, secret, rid)
+
+    assert status == 503 and answer["error"]["code"] == "quota_unavailable", answer
+    wait_until(lambda: proxy.held == held + 1, 10, "the resend was never held and forwarded")
+    time.sleep(0.3)  # the held resend has reached Redis
+    assert reserved(stack, who) == 0
+    assert stack.redis.direct.zcard(Account(who, "", "").k("resv-index")) == 0
+    assert stack.fakes["p3"].calls() == calls
+    status, answer = chat(stack, secret, rid)  # the client's retry, same id
+    assert status == 200, answer
+    assert [r["status"] for r in records_of(stack, who) if r["request_id"] == rid] == ["200"]
