@@ -24,6 +24,7 @@ class DropProxy:
     _ran: Callable[[], bool] | None = None
     _hold: tuple[bytes, Callable[[], bool]] | None = None  # the next write carrying it waits for the check
     held: int = 0  # writes held back and then forwarded
+    refused: set[bytes] = field(default_factory=set)  # writes carrying one of these never reach Redis
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _listener: socket.socket | None = None
     _socks: list[socket.socket] = field(default_factory=list)
@@ -88,6 +89,11 @@ class DropProxy:
                     doomed.set()  # before Redis can answer: its reply never reaches the client
                 elif self._hold is not None and self._hold[0] in seen and self._hold[0] not in before and self._needle is None:
                     hold, self._hold = self._hold[1], None
+                refuse = any(n in seen for n in self.refused)
+            if refuse:  # the connection breaks before the command is delivered
+                _close(client)
+                _close(server)
+                return
             if hold is not None:
                 _wait(hold, 10)
                 self.held += 1

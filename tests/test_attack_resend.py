@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from extproc.devstack import RedisClusterServer, RedisServer
+from extproc.devstack import Processor, RedisClusterServer, RedisServer
 from extproc.fakeprovider import FakeProvider
 from extproc.quota import Account, month_of
 from extproc.store import load_script, text
@@ -35,6 +37,7 @@ from tests.dropproxy import DropProxy
 from tests.test_attack_billing import records_of
 
 RESERVE_SHA = hashlib.sha1(load_script("reserve").encode()).hexdigest().encode()
+CANCEL_SHA = hashlib.sha1(load_script("cancel").encode()).hexdigest().encode()
 MESSAGES = [{"role": "user", "content": "Summarise the contract in one line."}]
 
 
@@ -94,6 +97,16 @@ def single_proxied(fakes: dict[str, FakeProvider], policy_dir: Path) -> Iterator
     # The reaper (which also runs queued chores) is a minute away: only the cancel sent at once frees anything.
     env = {"TOLLGATE_REAPER_INTERVAL_S": "60"}
     with running_stack(fakes, policy_dir, workers=1, redis_server=proxied, env=env, name="resend-single") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def reaped_proxied(fakes: dict[str, FakeProvider], policy_dir: Path) -> Iterator[Stack]:
+    server = RedisServer().start()
+    proxy = DropProxy(server.port).start()
+    proxied = Proxied(f"redis://127.0.0.1:{proxy.port}/0", proxy, redis.Redis(port=server.port), [server])
+    env = {"TOLLGATE_RESERVATION_GRACE_S": "1", "TOLLGATE_REAPER_INTERVAL_S": "0.3"}
+    with running_stack(fakes, policy_dir, workers=1, redis_server=proxied, env=env, name="resend-reaped") as s:
         yield s
 
 
@@ -235,3 +248,31 @@ def test_cluster_resend_delayed_past_the_cancel_does_not_reserve_again(cluster_p
     status, answer = chat(stack, secret, rid)  # the client's retry, same id
     assert status == 200, answer
     assert [r["status"] for r in records_of(stack, who) if r["request_id"] == rid] == ["200"]
+
+
+def test_a_lost_reply_whose_cancel_died_with_the_processor_is_reaped(reaped_proxied: Stack, customer: str) -> None:
+    """The cancel chore lives in the processor's memory: if the processor dies before it ran,
+    the reservation it undoes is an orphan, and the reaper (of a new processor) must still turn
+    it into an 'unsettled' record and release its money."""
+    stack, proxy = reaped_proxied, reaped_proxied.redis.proxy
+    _, secret = stack.create_key(customer)
+    assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
+    rid = f"orphan-{uuid.uuid4().hex}"
+    proxy.refused.add(CANCEL_SHA)  # every attempt to send the cancel breaks its connection
+    lose_the_reserve_reply(stack, customer, rid)
+    assert chat(stack, secret, rid)[0] == 503
+    time.sleep(0.5)  # the cancel was tried (at once, and by the reaper's flush) and failed
+    assert reserved(stack, customer) > 0 and (marker(stack, customer, rid) or b"").startswith(b"inflight:")
+    old = stack.processor
+    assert old.proc is not None
+    os.kill(old.proc.pid, signal.SIGKILL)
+    old.proc.wait()
+    proxy.refused.discard(CANCEL_SHA)
+
+    stack.processor = Processor(old.policy, old.redis_url, port=old.port, metrics_port=old.metrics_port, env=old.env).start()
+
+    wait_until(lambda: [r["status"] for r in records_of(stack, customer) if r["request_id"] == rid] == ["unsettled"], 20,
+               "the orphan reservation was never reaped")
+    assert reserved(stack, customer) == 0
+    assert stack.redis.direct.zcard(Account(customer, "", "").k("resv-index")) == 0
+    assert marker(stack, customer, rid) == b"unsettled"
