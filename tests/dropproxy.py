@@ -53,6 +53,12 @@ class DropProxy:
             self._hold = (needle, then_hold_until) if then_hold_until else None
             self.watch(needle)
 
+    def hold(self, needle: bytes, until: Callable[[], bool]) -> None:
+        """The next write carrying `needle` reaches Redis only once `until()` passes (or 10 s)."""
+        with self._lock:
+            self._hold = (needle, until)
+            self.watch(needle)
+
     def _accept(self) -> None:
         assert self._listener is not None
         while True:

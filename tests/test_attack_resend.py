@@ -96,7 +96,7 @@ def single_proxied(fakes: dict[str, FakeProvider], policy_dir: Path) -> Iterator
     proxied = Proxied(f"redis://127.0.0.1:{proxy.port}/0", proxy, redis.Redis(port=server.port), [server])
     # The reaper (which also runs queued chores) is a minute away: only the cancel sent at once frees anything.
     env = {"TOLLGATE_REAPER_INTERVAL_S": "60"}
-    with running_stack(fakes, policy_dir, workers=1, redis_server=proxied, env=env, name="resend-single") as s:
+    with running_stack(fakes, policy_dir, workers=2, redis_server=proxied, env=env, name="resend-single") as s:
         yield s
 
 
@@ -203,22 +203,39 @@ def test_single_redis_lost_reserve_reply_fails_closed_and_frees_the_id_at_once(s
     assert [r for r in records_of(stack, customer) if r["request_id"] == rid] == []
 
 
-def test_single_redis_retry_of_the_lost_request_is_served_and_billed_once(single_proxied: Stack, customer: str) -> None:
-    stack = single_proxied
+def for_s(seconds: float) -> Any:
+    """A check that passes `seconds` after it is first asked."""
+    start: list[float] = []
+
+    def passed() -> bool:
+        start[:] = start or [time.monotonic()]
+        return time.monotonic() - start[0] >= seconds
+    return passed
+
+
+def test_single_redis_retry_at_once_is_served_whichever_worker_takes_it(single_proxied: Stack, customer: str) -> None:
+    """The client retries the moment it gets the 503, and Envoy may hand the retry to the other
+    worker, which never had the cancel chore: the 503 must go out only once the cancel reached
+    Redis. The cancel is slowed (100 ms in the network) so that a 503 sent before it would let
+    the retry overtake it; six rounds, so the retry reaches the other worker in some of them."""
+    stack, proxy = single_proxied, single_proxied.redis.proxy
     _, secret = stack.create_key(customer)
     assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
-    spent = spend(stack, customer)
-    rid = f"again-{uuid.uuid4().hex}"
-    lose_the_reserve_reply(stack, customer, rid)
-    assert chat(stack, secret, rid)[0] == 503
+    spent, rids = spend(stack, customer), []
+    for _ in range(6):
+        rid = f"again-{uuid.uuid4().hex}"
+        lose_the_reserve_reply(stack, customer, rid)
+        proxy.hold(CANCEL_SHA, for_s(0.1))
+        assert chat(stack, secret, rid)[0] == 503
 
-    status, answer = chat(stack, secret, rid)  # the client's retry, same id, at once
+        status, answer = chat(stack, secret, rid)  # the client's retry, same id, at once
 
-    assert status == 200, answer
-    recs = [r for r in records_of(stack, customer) if r["request_id"] == rid]
-    assert [r["status"] for r in recs] == ["200"]
-    assert spend(stack, customer) - spent == int(recs[0]["cost_micro_usd"]) > 0
-    wait_until(lambda: reserved(stack, customer) == 0, 5, "money still reserved after the retry ended")
+        assert status == 200, answer
+        rids.append(rid)
+    recs = [r for r in records_of(stack, customer) if r["request_id"] in rids]
+    assert sorted(r["request_id"] for r in recs) == sorted(rids) and {r["status"] for r in recs} == {"200"}
+    assert spend(stack, customer) - spent == sum(int(r["cost_micro_usd"]) for r in recs) > 0
+    wait_until(lambda: reserved(stack, customer) == 0, 5, "money still reserved after the retries ended")
 
 
 def test_cluster_resend_delayed_past_the_cancel_does_not_reserve_again(cluster_proxied: Stack, customer: str) -> None:
@@ -276,3 +293,25 @@ def test_a_lost_reply_whose_cancel_died_with_the_processor_is_reaped(reaped_prox
     assert reserved(stack, customer) == 0
     assert stack.redis.direct.zcard(Account(customer, "", "").k("resv-index")) == 0
     assert marker(stack, customer, rid) == b"unsettled"
+
+
+def test_a_client_gone_while_its_reserve_waits_leaves_nothing_reserved(single_proxied: Stack, customer: str) -> None:
+    """The caller is cancelled (its client left) while the reserve call is on its way: the call
+    still runs, and the cancel sent after it releases it at once, not the reaper a minute later."""
+    stack, proxy = single_proxied, single_proxied.redis.proxy
+    _, secret = stack.create_key(customer)
+    assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
+    calls, held = stack.fakes["p3"].calls(), proxy.held
+    rid = f"gone-{uuid.uuid4().hex}"
+    release_at = time.monotonic() + 1.2  # after the client left, before the 2 s Redis deadline
+    proxy.hold(RESERVE_SHA, lambda: time.monotonic() >= release_at)
+    body = json.dumps({"model": "legal_summary", "messages": MESSAGES}).encode()
+    with pytest.raises(OSError):  # urllib's timeout: the client hangs up
+        post_raw(f"{stack.base_url}/chat/completions", body, secret, {"x-request-id": rid}, timeout=0.4)
+
+    wait_until(lambda: proxy.held == held + 1, 5, "the reserve was never forwarded")
+    wait_until(lambda: marker(stack, customer, rid) is not None and reserved(stack, customer) == 0, 3,
+               "the abandoned request's reservation was not released")
+    assert (marker(stack, customer, rid) or b"").startswith(b"cancelled:")
+    assert stack.fakes["p3"].calls() == calls
+    assert [r for r in records_of(stack, customer) if r["request_id"] == rid] == []
