@@ -315,3 +315,27 @@ def test_a_client_gone_while_its_reserve_waits_leaves_nothing_reserved(single_pr
     assert (marker(stack, customer, rid) or b"").startswith(b"cancelled:")
     assert stack.fakes["p3"].calls() == calls
     assert [r for r in records_of(stack, customer) if r["request_id"] == rid] == []
+
+
+def test_a_cancel_held_up_by_an_outage_still_wins_over_the_reaper(reaped_proxied: Stack, customer: str) -> None:
+    """Redis is out of reach from the moment the reserve reply is lost until the reservation is
+    overdue: when it is back, this processor's queued cancel must undo the call before its
+    reaper turns it into an 'unsettled' record, which would spend the request id for the whole
+    idempotency window although the processor knows nothing went upstream."""
+    stack, proxy = reaped_proxied, reaped_proxied.redis.proxy
+    _, secret = stack.create_key(customer)
+    assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
+    rid = f"outage-{uuid.uuid4().hex}"
+    proxy.refused.add(CANCEL_SHA)
+    lose_the_reserve_reply(stack, customer, rid)
+    assert chat(stack, secret, rid)[0] == 503
+    proxy.refused.add(b"")  # nothing gets through now
+    deadline = int(stack.redis.direct.hget(Account(customer, "", "").k(f"resv:{rid}"), "deadline") or 0)
+    assert deadline > 0
+    wait_until(lambda: time.time() * 1000 > deadline + 1000, 10, "the reservation never became overdue")
+    proxy.refused.clear()
+
+    wait_until(lambda: reserved(stack, customer) == 0, 5, "nothing released the lost call's reservation")
+    assert (marker(stack, customer, rid) or b"").startswith(b"cancelled:")
+    assert [r for r in records_of(stack, customer) if r["request_id"] == rid] == []
+    assert chat(stack, secret, rid)[0] == 200
