@@ -13,6 +13,7 @@ cancel chore frees the money and the request id at once, not the reaper a minute
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -28,15 +29,17 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from extproc.credits import Credit, add_credit, reference_key
 from extproc.devstack import Processor, RedisClusterServer, RedisServer
 from extproc.fakeprovider import FakeProvider
 from extproc.quota import Account, month_of
-from extproc.store import load_script, text
+from extproc.store import load_script, redis_client, text
 from tests.conftest import Stack, post_raw, running_stack
 from tests.dropproxy import DropProxy
 from tests.test_attack_billing import records_of
 
 RESERVE_SHA = hashlib.sha1(load_script("reserve").encode()).hexdigest().encode()
+CREDIT_SHA = hashlib.sha1(load_script("credit").encode()).hexdigest().encode()
 CANCEL_SHA = hashlib.sha1(load_script("cancel").encode()).hexdigest().encode()
 MESSAGES = [{"role": "user", "content": "Summarise the contract in one line."}]
 
@@ -339,3 +342,29 @@ def test_a_cancel_held_up_by_an_outage_still_wins_over_the_reaper(reaped_proxied
     assert (marker(stack, customer, rid) or b"").startswith(b"cancelled:")
     assert [r for r in records_of(stack, customer) if r["request_id"] == rid] == []
     assert chat(stack, secret, rid)[0] == 200
+
+
+def test_cluster_resent_credit_is_reported_as_credited_once(cluster_proxied: Stack, customer: str) -> None:
+    """The same resend on the tools' client (CLI `balance add`, the admin API): credit.lua
+    answers the resend of its own call 'already credited'. The money is right, but telling the
+    operator "nothing changed" invites a second top-up under a new reference."""
+    stack, proxy = cluster_proxied, cluster_proxied.redis.proxy
+    who = owned_customer(stack, customer)
+    ref = f"pay-{uuid.uuid4().hex}"
+    stack.redis.direct.script_load(load_script("credit"))  # the lost reply is the credit's, not a NOSCRIPT
+    proxy.watch(CREDIT_SHA)
+    sent = proxy.forwarded[CREDIT_SHA]
+    proxy.arm(CREDIT_SHA, lambda: stack.redis.direct.exists(reference_key(who, ref)) == 1)
+
+    async def top_up() -> Credit:
+        client = redis_client(stack.redis.url)
+        try:
+            return await add_credit(client, who, 2_500_000, ref, source="cli")
+        finally:
+            await client.aclose()
+
+    credit = asyncio.run(top_up())
+
+    assert proxy.forwarded[CREDIT_SHA] == sent + 2  # sent, reply lost, sent again
+    assert credit.credited and credit.balance_micro == 2_500_000
+    assert int(stack.redis.direct.get(Account(who, "", "").k("balance")) or 0) == 2_500_000
