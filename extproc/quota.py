@@ -13,7 +13,7 @@ script's keys live in one Redis Cluster slot:
   tollgate:{c:C}:ws:W:{reserved,spend:YYYYMM,limits,rpm,tpm}   the same per workspace
   tollgate:{c:C}:{rpm,tpm}               token buckets per customer (limits: plan, or limits hash)
   tollgate:{c:C}:key:K:{rpm,tpm}         token buckets per API key
-  tollgate:{c:C}:req:ID                  request-id marker (inflight:<call> / settled / unsettled; kept for the
+  tollgate:{c:C}:req:ID                  request-id marker (inflight:<call> / cancelled:<call> / settled / unsettled; kept for the
                                          idempotency window, `settings.idempotency_window_s`, 24 h)
   tollgate:{c:C}:resv:ID                 one reservation: amount, cap, tokens, deadline, record
   tollgate:{c:C}:resv-index              the customer's reservations by deadline
