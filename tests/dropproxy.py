@@ -25,6 +25,7 @@ class DropProxy:
     _hold: tuple[bytes, Callable[[], bool]] | None = None  # the next write carrying it waits for the check
     held: int = 0  # writes held back and then forwarded
     refused: set[bytes] = field(default_factory=set)  # writes carrying one of these never reach Redis
+    _slow: tuple[bytes, float] | None = None  # the reply to the next write carrying it comes this late
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _listener: socket.socket | None = None
     _socks: list[socket.socket] = field(default_factory=list)
@@ -59,6 +60,13 @@ class DropProxy:
             self._hold = (needle, until)
             self.watch(needle)
 
+    def slow_reply(self, needle: bytes, seconds: float) -> None:
+        """The reply to the next write carrying `needle` (Redis runs it at once) reaches the
+        client `seconds` late, if the client still listens then."""
+        with self._lock:
+            self._slow = (needle, seconds)
+            self.watch(needle)
+
     def _accept(self) -> None:
         assert self._listener is not None
         while True:
@@ -69,10 +77,11 @@ class DropProxy:
             server = socket.create_connection(("127.0.0.1", self.target_port))
             self._socks += [client, server]
             doomed = threading.Event()
-            threading.Thread(target=self._up, args=(client, server, doomed), daemon=True).start()
-            threading.Thread(target=self._down, args=(server, client, doomed), daemon=True).start()
+            late: list[float] = []  # a delay for the next reply, set by `_up`
+            threading.Thread(target=self._up, args=(client, server, doomed, late), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, doomed, late), daemon=True).start()
 
-    def _up(self, client: socket.socket, server: socket.socket, doomed: threading.Event) -> None:
+    def _up(self, client: socket.socket, server: socket.socket, doomed: threading.Event, late: list[float]) -> None:
         tail = b""
         while True:
             try:
@@ -96,6 +105,9 @@ class DropProxy:
                 elif self._hold is not None and self._hold[0] in seen and self._hold[0] not in before and self._needle is None:
                     hold, self._hold = self._hold[1], None
                 refuse = any(n in seen for n in self.refused)
+                if self._slow is not None and self._slow[0] in seen and self._slow[0] not in before:
+                    late.append(self._slow[1])
+                    self._slow = None
             if refuse:  # the connection breaks before the command is delivered
                 _close(client)
                 _close(server)
@@ -115,7 +127,7 @@ class DropProxy:
                 _close(server)
                 return
 
-    def _down(self, server: socket.socket, client: socket.socket, doomed: threading.Event) -> None:
+    def _down(self, server: socket.socket, client: socket.socket, doomed: threading.Event, late: list[float]) -> None:
         while True:
             try:
                 data = server.recv(65536)
@@ -126,6 +138,8 @@ class DropProxy:
                 return
             if doomed.is_set():
                 continue
+            if late:
+                time.sleep(late.pop())
             try:
                 client.sendall(data)
             except OSError:

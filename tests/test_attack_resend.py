@@ -368,3 +368,26 @@ def test_cluster_resent_credit_is_reported_as_credited_once(cluster_proxied: Sta
     assert proxy.forwarded[CREDIT_SHA] == sent + 2  # sent, reply lost, sent again
     assert credit.credited and credit.balance_micro == 2_500_000
     assert int(stack.redis.direct.get(Account(who, "", "").k("balance")) or 0) == 2_500_000
+
+
+def test_a_reserve_answered_after_the_deadline_is_released_and_never_forwarded(single_proxied: Stack, customer: str) -> None:
+    """Redis ran the reserve at once but its answer comes after the 2 s deadline: the request
+    fails closed without reaching the provider, and the money the call holds is released, not
+    billed and not left to the reaper; the client's retry with the same id is served once."""
+    stack, proxy = single_proxied, single_proxied.redis.proxy
+    _, secret = stack.create_key(customer)
+    assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
+    calls, spent = stack.fakes["p3"].calls(), spend(stack, customer)
+    rid = f"slow-{uuid.uuid4().hex}"
+    proxy.slow_reply(RESERVE_SHA, 3.0)
+    t0 = time.monotonic()
+    status, answer = chat(stack, secret, rid)
+
+    assert status == 503 and answer["error"]["code"] == "quota_unavailable", answer
+    assert 2.0 <= time.monotonic() - t0 < 3.0
+    assert reserved(stack, customer) == 0 and (marker(stack, customer, rid) or b"").startswith(b"cancelled:")
+    assert stack.fakes["p3"].calls() == calls and spend(stack, customer) == spent
+    assert chat(stack, secret, rid)[0] == 200
+    recs = [r for r in records_of(stack, customer) if r["request_id"] == rid]
+    assert [r["status"] for r in recs] == ["200"]
+    assert spend(stack, customer) - spent == int(recs[0]["cost_micro_usd"]) > 0
