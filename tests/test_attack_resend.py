@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from redis.crc import key_slot
 
 from extproc.credits import Credit, add_credit, reference_key
 from extproc.devstack import Processor, RedisClusterServer, RedisServer
-from extproc.fakeprovider import FakeProvider
+from extproc.fakeprovider import FakeProvider, Reply
 from extproc.quota import Account, month_of
 from extproc.store import load_script, redis_client, text
 from tests.conftest import Stack, post_raw, running_stack
@@ -173,9 +174,16 @@ def test_cluster_resend_of_a_reserve_whose_reply_was_lost_is_served_once(cluster
     spent = spend(stack, who)
     rid = f"resend-{uuid.uuid4().hex}"
     lose_the_reserve_reply(stack, who, rid)
+    stack.fakes["p3"].script(Reply(delay_s=1.0))
+    out: list[tuple[int, Any]] = []
+    t = threading.Thread(target=lambda: out.append(chat(stack, secret, rid)))
+    t.start()
+    wait_until(lambda: stack.fakes["p3"].calls() == calls + 1, 5, "the request never reached the provider")
+    # While the provider works, the money stays held by the call that reserved it.
+    assert reserved(stack, who) > 0 and (marker(stack, who, rid) or b"").startswith(b"inflight:")
+    t.join(timeout=20)
 
-    status, answer = chat(stack, secret, rid)
-
+    status, answer = out[0]
     assert status == 200, answer
     assert proxy.dropped == dropped + 1 and proxy.forwarded[RESERVE_SHA] == sent + 2  # redis-py sent the same call again
     assert stack.fakes["p3"].calls() == calls + 1
