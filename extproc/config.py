@@ -84,6 +84,10 @@ IDEMPOTENCY_WINDOW_S = 24 * 3600
 # A reserve call whose reply never came is cancelled (quota.Quota.reserve); if Redis has not run
 # it yet, a tombstone this long stops it from reserving when it does (a stall rarely lasts long).
 CANCEL_TOMBSTONE_MS = 600_000
+# The 503 for a failed reserve call waits this long at most for its cancel, so the client's
+# immediate retry (maybe on another worker) finds the request id free; a stalled Redis gets the
+# cancel in the background instead.
+CANCEL_WAIT_S = 0.25
 # Completion tokens reserved for a request that sets no output cap (route `default_max_tokens`).
 ROUTE_DEFAULT_MAX_TOKENS = 1024
 

@@ -53,7 +53,10 @@ async def add_credit(redis: RedisLike, customer: str, amount_micro: int, referen
         lambda c: c.zadd(OUTBOX_HINTS, {customer: now_ms()}, nx=True),
         lambda c: scripts.call(c, "credit", keys, [amount_micro, uid, json.dumps(record)]),
     )
-    credited, first_uid, balance = int(reply[0]) == 1, _text(reply[1]), int(reply[2])
+    first_uid, balance = _text(reply[1]), int(reply[2])
+    # The first credit under this reference may be this very call: a cluster client resends a
+    # call whose reply it lost, and the resend finds the reference taken by itself.
+    credited = int(reply[0]) == 1 or first_uid == uid
     if credited:
         body = await redis.hget(a.k("outbox"), uid)
         if body is not None:

@@ -13,7 +13,7 @@ script's keys live in one Redis Cluster slot:
   tollgate:{c:C}:ws:W:{reserved,spend:YYYYMM,limits,rpm,tpm}   the same per workspace
   tollgate:{c:C}:{rpm,tpm}               token buckets per customer (limits: plan, or limits hash)
   tollgate:{c:C}:key:K:{rpm,tpm}         token buckets per API key
-  tollgate:{c:C}:req:ID                  request-id marker (inflight:<call> / settled / unsettled; kept for the
+  tollgate:{c:C}:req:ID                  request-id marker (inflight:<call> / cancelled:<call> / settled / unsettled; kept for the
                                          idempotency window, `settings.idempotency_window_s`, 24 h)
   tollgate:{c:C}:resv:ID                 one reservation: amount, cap, tokens, deadline, record
   tollgate:{c:C}:resv-index              the customer's reservations by deadline
@@ -224,14 +224,14 @@ class Quota:
                 lambda c: self.scripts.call(c, "reserve", keys, args),
                 tolerate=len(chores),
             )
-        except BaseException:
+        except BaseException as exc:
             # Maybe not run (Redis error, or cancelled): run the chores again later. The reserve
             # call may have run, or may still run late (a stall): undo it, so the request id is
             # free for the client's retry and no money stays held until the reaper.
             self._chores[:0] = chores
-            self._chores.append(lambda c: self.scripts.call(
-                c, "cancel", a.cancel_keys(res.request_id).as_list(), [call, res.request_id, config.CANCEL_TOMBSTONE_MS]))
-            self._flush_soon()  # now, not with this process's next request: the retry may reach another
+            await self._undo(lambda c: self.scripts.call(
+                c, "cancel", a.cancel_keys(res.request_id).as_list(), [call, res.request_id, config.CANCEL_TOMBSTONE_MS]),
+                wait=not isinstance(exc, asyncio.CancelledError))
             raise
         code = int(r[0])
         rate = RateInfo(*(int(float(x)) for x in r[3:9]))
@@ -250,6 +250,23 @@ class Quota:
         or the drainer): they cost no round trip of their own."""
         chores, self._chores = self._chores, []
         return chores
+
+    async def _undo(self, undo: Callable[[Any], Any], wait: bool) -> None:
+        """Undo a failed reserve call before its 503 goes out (`wait`): the client's retry may
+        come at once and reach another worker, which must find the request id free, not 409.
+        A Redis that does not take it within `config.CANCEL_WAIT_S` (or a caller cancelled
+        meanwhile) leaves it queued, sent in the background at once (`_flush_soon`)."""
+        done = False
+        try:
+            if wait:
+                with contextlib.suppress(RedisError, TimeoutError):
+                    async with asyncio.timeout(config.CANCEL_WAIT_S):
+                        await self.scripts.batch(undo)
+                    done = True
+        finally:
+            if not done:
+                self._chores.append(undo)
+                self._flush_soon()  # now, not with this process's next request: the retry may reach another
 
     def _flush_soon(self) -> None:
         """Run the queued clean-ups in the background (one flush at a time; a failed one leaves

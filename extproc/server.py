@@ -11,6 +11,7 @@ Envoy holds few long-lived HTTP/2 connections).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -228,10 +229,14 @@ class Processor:
                 metrics.REDIS_ERRORS.labels("reaper").inc()
 
     async def reap_once(self) -> None:
+        # Queued clean-ups first: a cancel that waited out a Redis outage must undo its call
+        # before the call's reservation, overdue by then, is expired into an 'unsettled' record.
+        # A failed flush leaves them queued and must not hold up the rest of the pass.
+        with contextlib.suppress(RedisError):
+            await self.gateway.quota.flush_chores()
         n = await self.gateway.quota.expire_overdue()
         if n:
             log.warning("expired %d overdue reservation(s) into unsettled usage records", n)
-        await self.gateway.quota.flush_chores()
         n = await self.gateway.quota.drain_outboxes()
         if n:
             log.warning("published %d usage record(s) a stopped processor had settled", n)

@@ -235,6 +235,17 @@ def test_cancelling_a_call_that_ran_releases_its_money_and_frees_the_id(server: 
     assert int(raw_reserve(server, "call-b")[0]) == 1
 
 
+def test_a_call_delivered_again_after_its_cancel_released_it_does_not_reserve(server: RedisServer, sync: redis.Redis) -> None:
+    """redis-py's cluster client may resend a call whose reply it lost, and that resend can
+    reach Redis after the call was cancelled: it must find the call cancelled, not a free id."""
+    sync.set("tollgate:{c:c}:balance", 5000)
+    raw_reserve(server, "call-a")
+    assert cancel(server, "call-a") == 1
+    assert int(raw_reserve(server, "call-a")[0]) == -1
+    assert num(sync, "tollgate:{c:c}:reserved") == 0
+    assert not sync.exists("tollgate:{c:c}:resv:r1")
+
+
 def test_a_call_cancelled_before_it_ran_does_not_reserve_when_it_arrives(server: RedisServer, sync: redis.Redis) -> None:
     sync.set("tollgate:{c:c}:balance", 5000)
     assert cancel(server, "call-a") == 2

@@ -5,8 +5,9 @@
 --
 -- KEYS: named K.<field> after keyspace.CancelKeys (store.Scripts prefixes `local K = {...}`).
 -- ARGV: 1 the call's name (quota.reserve_args' `call`)  2 request id  3 tombstone ttl ms
--- Returns 1 when the call's reservation was released, 2 when a tombstone now stops the call
--- from reserving if it still arrives, 0 when the id belongs to something else (left alone).
+-- Returns 1 when the call's reservation was released, 2 when it had not run yet; either way a
+-- tombstone now stops the call from reserving if it still arrives. 0 when the id belongs to
+-- something else (left alone).
 
 local state = redis.call('GET', K.marker)
 if state == 'inflight:' .. ARGV[1] then
@@ -23,7 +24,10 @@ if state == 'inflight:' .. ARGV[1] then
       if b then redis.call('HSET', k, 'tokens', tostring(tonumber(b) + tonumber(r[2]))) end
     end
   end
-  redis.call('DEL', K.marker)
+  -- A tombstone, not a deleted marker: the client library may still deliver this very call
+  -- again (redis-py's cluster client resends after a dropped connection; the resend can be
+  -- on the wire past the deadline), and it must find the call cancelled, not a free id.
+  redis.call('SET', K.marker, 'cancelled:' .. ARGV[1], 'PX', tonumber(ARGV[3]))
   return 1
 end
 if not state then
