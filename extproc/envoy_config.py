@@ -459,18 +459,13 @@ def _retries_only(filter_config: dict[str, Any]) -> dict[str, Any]:
 
 def _upstream_filters(message_timeout_s: float, p: Provider) -> list[dict[str, Any]]:
     return [
+        # One Lua filter for both (each filter costs on every attempt): it records every
+        # attempt's status on the response, and sets up a planned attempt 2 on the request.
         {
-            "name": "envoy.filters.http.lua",
+            "name": "tollgate.attempts",
             "typed_config": {
                 "@type": _T + "extensions.filters.http.lua.v3.Lua",
-                "default_source_code": {"inline_string": STATUS_RECORDER_LUA},
-            },
-        },
-        {
-            "name": "tollgate.planned_retry",
-            "typed_config": {
-                "@type": _T + "extensions.filters.http.lua.v3.Lua",
-                "default_source_code": {"inline_string": planned_lua()},
+                "default_source_code": {"inline_string": STATUS_RECORDER_LUA + planned_lua()},
             },
         },
         _retries_only(_ext_proc_filter(

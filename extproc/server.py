@@ -129,9 +129,11 @@ class Processor:
         self.policy_paths = policy_paths
         policy = load_policy(policy_paths)
         self.redis = redis_client(redis_url)
-        self.request_redis = redis_client(redis_url, deadline_only=True)  # reserve and settle: one deadline per round trip
+        # Reserve, settle and health notes: one deadline per round trip, and shared round trips
+        # (a failed attempt's health note rides with its request's settlement).
+        self.request_redis = redis_client(redis_url, deadline_only=True)
         self.gateway = Gateway(policy=policy, keys=KeyStore(self.redis), quota=Quota(self.request_redis, idempotency_window(policy)),
-                               health=Health(self.redis, policy), provider_secrets=provider_secrets(policy),
+                               health=Health(self.request_redis, policy), provider_secrets=provider_secrets(policy),
                                reservation_grace_s=float(os.environ.get("TOLLGATE_RESERVATION_GRACE_S", config.RESERVATION_GRACE_S)))
         self._mtimes = self._stat()
         self.next_sweep = 0.0  # when the reaper next looks for reservations without a hint

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -81,7 +82,8 @@ class GroupCommit:
     falls with the number of requests in flight. Each caller still gets its own replies and
     its own errors; order within a caller's batch is kept (one Redis, one connection)."""
 
-    scripts: Scripts
+    redis: RedisLike
+    scripts: list[Scripts] = field(default_factory=list)  # every script set using this client (reloaded on NoScript)
     queue: list[_Group] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None  # the task sending round trips, while there are batches
     batches: int = 0  # round trips made (observability and tests)
@@ -108,7 +110,8 @@ class GroupCommit:
             results = await self._execute(groups)
             retry = [g for g, r in zip(groups, results, strict=True) if any(isinstance(x, NoScriptError) for x in r)]
             if retry:  # Redis lost its scripts (a restart): load them once, run those batches again
-                await self.scripts.load()
+                for scripts in self.scripts:
+                    await scripts.load()
                 for g, r in zip(retry, await self._execute(retry), strict=True):
                     results[groups.index(g)] = r
         except (RedisError, OSError, TimeoutError) as exc:
@@ -127,7 +130,7 @@ class GroupCommit:
                 g.reply.set_result(r)
 
     async def _execute(self, groups: list[_Group]) -> list[list[Any]]:
-        pipe = self.scripts.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         for g in groups:
             for command in g.commands:
                 command(pipe)
@@ -140,6 +143,18 @@ class GroupCommit:
         return out
 
 
+# One GroupCommit per client: every module's batches on that client (quota, health) share
+# round trips, e.g. a failed attempt's health note rides with its request's settlement.
+_GROUPS: weakref.WeakKeyDictionary[Any, GroupCommit] = weakref.WeakKeyDictionary()
+
+
+def group_commit(redis: RedisLike) -> GroupCommit:
+    group = _GROUPS.get(redis)
+    if group is None:
+        group = _GROUPS[redis] = GroupCommit(redis)
+    return group
+
+
 class Scripts:
     """The Lua scripts, loaded once and called by SHA (in pipelines too). After a Redis
     restart the scripts are gone: `run` loads them again and retries once. Every round trip
@@ -150,7 +165,8 @@ class Scripts:
         self.redis = redis
         self.text = {n: load_script(n) for n in names}
         self.sha = {n: hashlib.sha1(t.encode()).hexdigest() for n, t in self.text.items()}
-        self.group = GroupCommit(self)
+        self.group = group_commit(redis)
+        self.group.scripts.append(self)
 
     async def load(self) -> None:
         for text in self.text.values():

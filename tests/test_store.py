@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from redis.exceptions import ResponseError
 
 from extproc.store import Scripts, redis_client
@@ -90,3 +91,38 @@ def test_a_redis_that_does_not_answer_fails_each_caller_within_the_deadline(redi
     finally:
         listener.close()
     assert took < config.REDIS_DEADLINE_S + 1.5
+
+
+def test_script_sets_on_one_client_share_round_trips(redis_url: str) -> None:
+    """Health and quota keep their own scripts but one client: a failed attempt's health note
+    and its request's settlement, submitted together, go in one round trip."""
+    def round_trips() -> float:
+        return REGISTRY.get_sample_value("tollgate_redis_round_trips_total") or 0.0
+
+    async def run() -> list[list[Any]]:
+        client = redis_client(redis_url, deadline_only=True)
+        health, money = Scripts(client, "health_note"), Scripts(client, "publish")
+        try:
+            return list(await asyncio.gather(health.batch(lambda c: c.set("gc:health", 1)), money.batch(lambda c: c.set("gc:money", 2))))
+        finally:
+            await client.aclose()
+
+    before = round_trips()
+    assert asyncio.run(run()) == [[True], [True]]
+    assert round_trips() - before == 1
+
+
+def test_scripts_lost_by_redis_are_loaded_again_for_every_set_sharing_the_client(redis_url: str) -> None:
+    async def run() -> Any:
+        client = redis_client(redis_url, deadline_only=True)
+        first, second = Scripts(client, "hint_done"), Scripts(client, "health_note")
+        try:
+            await client.script_flush()
+            keys = ["gc:open", "gc:probe", "gc:b0", "gc:c0"]
+            (opened,) = await second.batch(lambda c: second.call(c, "health_note", keys, [1, "ok", 1, "", "", 5, "0.5", 2, 30, 33]))
+            return opened, await client.script_exists(first.sha["hint_done"])
+        finally:
+            await client.aclose()
+
+    opened, exists = asyncio.run(run())
+    assert opened == 0 and exists == [True]
