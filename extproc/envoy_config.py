@@ -434,21 +434,18 @@ def _header_is(name: str, value: str) -> dict[str, Any]:
     }}
 
 
-def _retries_only(filter_config: dict[str, Any]) -> dict[str, Any]:
-    """Run a filter on retries only (composite filter matching `x-envoy-attempt-count`), so the
-    first attempt, the normal path, costs no per-attempt message at all; nor does a second
-    attempt PLANNED_LUA already set up (it marks it with PLANNED_HEADER)."""
+def _on_attempts(name: str, predicate: dict[str, Any], filter_config: dict[str, Any]) -> dict[str, Any]:
+    """Run a filter only on the attempts `predicate` matches (a composite filter on the
+    attempt's request headers): the first attempt, the normal path, pays a header match, not
+    the filter."""
     return {
-        "name": "tollgate.retries_only",
+        "name": name,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
             "extension_config": {"name": "composite", "typed_config": {"@type": _T + "extensions.filters.http.composite.v3.Composite"}},
             "xds_matcher": {"matcher_list": {"matchers": [{
-                "predicate": {"and_matcher": {"predicate": [
-                    {"not_matcher": _header_is("x-envoy-attempt-count", "1")},
-                    {"not_matcher": _header_is(PLANNED_HEADER, "1")},
-                ]}},
-                "on_match": {"action": {"name": "on_retry", "typed_config": {
+                "predicate": predicate,
+                "on_match": {"action": {"name": "run", "typed_config": {
                     "@type": _T + "extensions.filters.http.composite.v3.ExecuteFilterAction",
                     "typed_config": filter_config,
                 }}},
@@ -457,18 +454,30 @@ def _retries_only(filter_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Attempt 2 only: where PLANNED_LUA may set it up.
+SECOND_ATTEMPT = _header_is("x-envoy-attempt-count", "2")
+# Retries, except a second attempt PLANNED_LUA set up (its mark persists into attempt 3,
+# which the processor must see, so the mark counts on attempt 2 only).
+UNPLANNED_RETRY = {"and_matcher": {"predicate": [
+    {"not_matcher": _header_is("x-envoy-attempt-count", "1")},
+    {"not_matcher": {"and_matcher": {"predicate": [SECOND_ATTEMPT, _header_is(PLANNED_HEADER, "1")]}}},
+]}}
+
+
 def _upstream_filters(message_timeout_s: float, p: Provider) -> list[dict[str, Any]]:
     return [
-        # One Lua filter for both (each filter costs on every attempt): it records every
-        # attempt's status on the response, and sets up a planned attempt 2 on the request.
         {
-            "name": "tollgate.attempts",
+            "name": "tollgate.status_recorder",
             "typed_config": {
                 "@type": _T + "extensions.filters.http.lua.v3.Lua",
-                "default_source_code": {"inline_string": STATUS_RECORDER_LUA + planned_lua()},
+                "default_source_code": {"inline_string": STATUS_RECORDER_LUA},
             },
         },
-        _retries_only(_ext_proc_filter(
+        _on_attempts("tollgate.planned_retry", SECOND_ATTEMPT, {"name": "envoy.filters.http.lua", "typed_config": {
+            "@type": _T + "extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": planned_lua()},
+        }}),
+        _on_attempts("tollgate.retries_only", UNPLANNED_RETRY, _ext_proc_filter(
             message_timeout_s,
             # One message per retry: its headers. The body's `model` is rewritten by Lua below.
             {"request_header_mode": "SEND", "response_header_mode": "SKIP", "request_body_mode": "NONE", "response_body_mode": "NONE"},
