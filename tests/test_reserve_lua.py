@@ -210,7 +210,8 @@ def test_a_resent_reserve_call_is_answered_again_and_charged_once(server: RedisS
     sync.set("tollgate:{c:c}:balance", 5000)
     first, again = raw_reserve(server, "call-a"), raw_reserve(server, "call-a")
     assert (int(first[0]), int(first[9]), int(first[10])) == (1, 1000, 2100)
-    assert (int(again[0]), int(again[9]), int(again[10])) == (1, 1000, 2100)
+    # the whole reply: ok, no wait, no rate limits to report (-1), cap 1000, 2100 micro-USD
+    assert again == [1, b"ok", 0, -1, -1, 0, -1, -1, 0, 1000, 2100, 0, 0]
     assert num(sync, "tollgate:{c:c}:reserved") == 2100
 
 
