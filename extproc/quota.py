@@ -278,6 +278,14 @@ class Quota:
         with contextlib.suppress(RedisError):  # they stay queued
             await self.flush_chores()
 
+    async def flush_all_chores(self) -> None:
+        """Every queued clean-up, including one a background flush is sending now (the
+        reaper must not expire a reservation whose cancel is still on its way). Raises if
+        some could not be sent."""
+        if self._flushing is not None and not self._flushing.done():
+            await asyncio.shield(self._flushing)
+        await self.flush_chores()
+
     async def flush_chores(self) -> None:
         """Run queued clean-ups now (the reaper does, so an idle processor leaves none)."""
         chores = self.take_chores()

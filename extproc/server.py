@@ -11,7 +11,6 @@ Envoy holds few long-lived HTTP/2 connections).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -233,9 +232,12 @@ class Processor:
     async def reap_once(self) -> None:
         # Queued clean-ups first: a cancel that waited out a Redis outage must undo its call
         # before the call's reservation, overdue by then, is expired into an 'unsettled' record.
-        # A failed flush leaves them queued and must not hold up the rest of the pass.
-        with contextlib.suppress(RedisError):
-            await self.gateway.quota.flush_chores()
+        # A flush that fails (Redis still out of reach) leaves them queued, and nothing is
+        # expired this pass: the next pass flushes them first.
+        try:
+            await self.gateway.quota.flush_all_chores()
+        except RedisError:
+            return
         n = await self.gateway.quota.expire_overdue()
         if n:
             log.warning("expired %d overdue reservation(s) into unsettled usage records", n)
