@@ -84,10 +84,7 @@ class DropProxy:
     def _up(self, client: socket.socket, server: socket.socket, doomed: threading.Event, late: list[float]) -> None:
         tail = b""
         while True:
-            try:
-                data = client.recv(65536)
-            except OSError:
-                data = b""
+            data = _recv(client)
             if not data:
                 _close(server)
                 return
@@ -129,10 +126,7 @@ class DropProxy:
 
     def _down(self, server: socket.socket, client: socket.socket, doomed: threading.Event, late: list[float]) -> None:
         while True:
-            try:
-                data = server.recv(65536)
-            except OSError:
-                data = b""
+            data = _recv(server)
             if not data:
                 _close(client)
                 return
@@ -151,6 +145,14 @@ def _wait(check: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not check() and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def _recv(s: socket.socket) -> bytes:
+    """The next bytes from `s`; b"" when it closed or broke."""
+    try:
+        return s.recv(65536)
+    except OSError:
+        return b""
 
 
 def _close(s: socket.socket) -> None:

@@ -93,25 +93,25 @@ def cluster_proxied(fakes: dict[str, FakeProvider], policy_dir: Path) -> Iterato
         yield s
 
 
-@pytest.fixture(scope="module")
-def single_proxied(fakes: dict[str, FakeProvider], policy_dir: Path) -> Iterator[Stack]:
+def _single_proxied(fakes: dict[str, FakeProvider], policy_dir: Path, workers: int, env: dict[str, str], name: str) -> Iterator[Stack]:
+    """A stack whose processors reach one Redis through a DropProxy."""
     server = RedisServer().start()
     proxy = DropProxy(server.port).start()
     proxied = Proxied(f"redis://127.0.0.1:{proxy.port}/0", proxy, redis.Redis(port=server.port), [server])
-    # The reaper (which also runs queued chores) is a minute away: only the cancel sent at once frees anything.
-    env = {"TOLLGATE_REAPER_INTERVAL_S": "60"}
-    with running_stack(fakes, policy_dir, workers=2, redis_server=proxied, env=env, name="resend-single") as s:
+    with running_stack(fakes, policy_dir, workers=workers, redis_server=proxied, env=env, name=name) as s:
         yield s
+
+
+@pytest.fixture(scope="module")
+def single_proxied(fakes: dict[str, FakeProvider], policy_dir: Path) -> Iterator[Stack]:
+    # The reaper (which also runs queued chores) is a minute away: only the cancel sent at once frees anything.
+    yield from _single_proxied(fakes, policy_dir, 2, {"TOLLGATE_REAPER_INTERVAL_S": "60"}, "resend-single")
 
 
 @pytest.fixture(scope="module")
 def reaped_proxied(fakes: dict[str, FakeProvider], policy_dir: Path) -> Iterator[Stack]:
-    server = RedisServer().start()
-    proxy = DropProxy(server.port).start()
-    proxied = Proxied(f"redis://127.0.0.1:{proxy.port}/0", proxy, redis.Redis(port=server.port), [server])
     env = {"TOLLGATE_RESERVATION_GRACE_S": "1", "TOLLGATE_REAPER_INTERVAL_S": "0.3"}
-    with running_stack(fakes, policy_dir, workers=1, redis_server=proxied, env=env, name="resend-reaped") as s:
-        yield s
+    yield from _single_proxied(fakes, policy_dir, 1, env, "resend-reaped")
 
 
 def owned_customer(stack: Stack, base: str) -> str:
