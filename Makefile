@@ -18,7 +18,7 @@ lint: setup
 	$(VENV)/mypy extproc tests
 
 protos: setup
-	$(VENV)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. protos/extproc/pb/ext_proc.proto
+	$(VENV)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. protos/extproc/pb/ext_proc.proto protos/extproc/pb/als.proto
 
 envoy-example: setup
 	$(VENV)/tollgate envoy-config --policy $(POLICY) > envoy/envoy.yaml
