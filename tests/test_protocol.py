@@ -13,11 +13,12 @@ from extproc.pb import ext_proc_pb2 as pb
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_generated_code_is_not_stale(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proto", ["ext_proc", "als"])
+def test_generated_code_is_not_stale(tmp_path: Path, proto: str) -> None:
     pytest.importorskip("grpc_tools")
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", str(ROOT / "protos"), f"--python_out={tmp_path}",
-                    f"--pyi_out={tmp_path}", "extproc/pb/ext_proc.proto"], check=True, cwd=ROOT)
-    for name in ("ext_proc_pb2.py", "ext_proc_pb2.pyi"):
+                    f"--pyi_out={tmp_path}", f"extproc/pb/{proto}.proto"], check=True, cwd=ROOT)
+    for name in (f"{proto}_pb2.py", f"{proto}_pb2.pyi"):
         fresh = (tmp_path / "extproc" / "pb" / name).read_text()
         assert (ROOT / "extproc" / "pb" / name).read_text() == fresh, f"{name} is stale: run `make protos`"
 
