@@ -97,9 +97,9 @@ FINAL_TYPES = frozenset({pb.NotSet, pb.DownstreamEnd})
 
 
 def is_final(e: Any) -> bool:
-    """Whether an HTTPAccessLogEntry is the one written when its request ended. Envoy 1.40 marks a
-    periodic entry both ways (intermediate_log_entry and DownstreamPeriodic), a start entry only
-    by its type (DownstreamStart)."""
+    """Whether an HTTPAccessLogEntry is the one written when its request ended. Envoy 1.40 marks start
+    and periodic entries both ways (intermediate_log_entry and their type); the type also keeps out
+    per-attempt entries (UpstreamEnd) should an upstream log ever share this service."""
     common = e.common_properties
     return not common.intermediate_log_entry and common.access_log_type in FINAL_TYPES
 
