@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import http.client
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -172,7 +173,7 @@ class Receiver:
     batches: list[list[LogEntry]] = field(default_factory=list)
     arrived: dict[str, float] = field(default_factory=dict)
     fail_next: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Condition = field(default_factory=threading.Condition)
 
     def on_entries(self, batch: list[LogEntry]) -> None:
         now = time.monotonic()
@@ -183,6 +184,13 @@ class Receiver:
             self.batches.append(batch)
             for e in batch:
                 self.arrived[e.request_id] = now
+            self.lock.notify_all()
+
+    def arrival(self, request_id: str, timeout_s: float = 5.0) -> float | None:
+        """When the entry of `request_id` reached the callback (monotonic), waiting for it if need be."""
+        with self.lock:
+            self.lock.wait_for(lambda: request_id in self.arrived, timeout_s)
+            return self.arrived.get(request_id)
 
     def all(self) -> list[LogEntry]:
         with self.lock:
@@ -483,10 +491,7 @@ def test_real_envoy_fills_the_request_and_response_fields(front: Front) -> None:
     started = time.time()
     assert _post(conn, "/v1/chat/completions?x=1", body, {"x-request-id": "fields-1"})[0] == 200
     conn.close()
-    front.rec.wait_for(1)
-    deadline = time.monotonic() + 5
-    while "fields-1" not in front.rec.arrived and time.monotonic() < deadline:
-        time.sleep(0.01)
+    front.rec.arrival("fields-1")
     (e,) = [e for e in front.rec.all() if e.request_id == "fields-1"]
     assert (e.path, e.request_body_bytes, e.response_body_bytes) == ("/v1/chat/completions?x=1", 27, len(ANSWER))
     assert (e.response_code_details, e.attempt_count, e.route_name) == ("via_upstream", 1, "chat")
@@ -520,20 +525,22 @@ def test_real_envoy_reports_a_client_that_left_before_the_answer() -> None:
 
 @pytest.mark.parametrize("flush_interval", ["0.01s", "0.001s"])
 def test_measure_delay_from_answer_to_callback(flush_interval: str) -> None:
+    """Requests start at a random phase of the flush timer: sent right after the previous entry
+    arrived, each would land just after a flush and wait the whole interval."""
     n = 50
     delays: list[float] = []
+    phase = random.Random(12)
     with envoy_with_als(flush_interval) as f:
         conn = http.client.HTTPConnection("127.0.0.1", f.port, timeout=5)
         for i in range(n):
             rid = f"m-{i}"
+            time.sleep(phase.uniform(0, 0.02))
             status, _ = _post(conn, "/v1/chat/completions", b"{}", {"x-request-id": rid})
             answered = time.monotonic()
             assert status == 200
-            deadline = answered + 5
-            while rid not in f.rec.arrived and time.monotonic() < deadline:
-                time.sleep(0.0002)
-            if rid in f.rec.arrived:
-                delays.append(f.rec.arrived[rid] - answered)
+            arrived = f.rec.arrival(rid)
+            if arrived is not None:
+                delays.append(arrived - answered)
         conn.close()
         batches = len(f.rec.batches)
     ms = sorted(d * 1000 for d in delays)
