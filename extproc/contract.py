@@ -26,10 +26,15 @@ TARGET_HEADER = "x-tollgate-target"  # which provider the relay sends a later at
 STOP_HEADER = "x-tollgate-stop-reason"  # set by the upstream processor when it ends a chain
 RELAY_FLAGS_HEADER = "x-tollgate-relay-flags"  # the relay's response flags, read by the status recorder
 PLANNED_HEADER = "x-tollgate-planned"  # attempt 2 was set up from NS_PLAN: the upstream processor is skipped
+ANSWER_HEADER = "x-tollgate-answer"  # set by PRICE_LUA on a response the answer processor must see
 # Client-sent copies are removed by Envoy before any filter or route reads them.
 INTERNAL_HEADERS = (CLUSTER_HEADER, TARGET_HEADER, PLANNED_HEADER)
 # Every header a provider or client sends that starts with this is ours; others' copies are dropped.
 ATTRIBUTION_PREFIX = "x-tollgate-"
+# A provider's response headers a client never sees: our own names (a provider cannot forge
+# them), and the operator's provider account (its rate limits would pose as the key's,
+# SPEC §3; its organization, project and cookies). The gateway's own values are set after.
+PROVIDER_ONLY = (ATTRIBUTION_PREFIX, "x-ratelimit-", "openai-organization", "openai-project", "set-cookie")
 ROUTE_HEADER = "x-tollgate-route"  # a client's explicit route choice (SPEC §1.3)
 ENVOY_PREFIX = "x-envoy-"  # Envoy's control headers: never honoured from a client
 
@@ -41,6 +46,11 @@ NS_REWRITE = "tollgate.rewrite"  # a later attempt's body head: old -> new (upst
 NS_APPLY = "tollgate.apply"  # headers to set ("" = remove) once the body is decided (-> APPLY_LUA)
 NS_USAGE = "tollgate.usage"  # a JSON answer's usage, read by Envoy's json_to_metadata
 NS_PLAN = "tollgate.plan"  # attempt 2 decided in advance per failure status (downstream -> PLANNED_LUA)
+NS_EXCHANGE = "tollgate.exchange"  # the request's accounting state (SNAPSHOT_KEY): downstream -> answer processor, settlement
+SNAPSHOT_KEY = "s"
+NS_FAST = "tollgate.fast"  # what PRICE_LUA needs to answer alone; it writes back FAST_COST or FAST_HANDED
+FAST_COST = "cost"  # PRICE_LUA priced the answer: the access-log settlement settles it
+FAST_HANDED = "b"  # PRICE_LUA handed the answer to the answer processor, which settles it
 
 # Keys in NS_USAGE (json_to_metadata writes them; the downstream processor reads them).
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
@@ -68,6 +78,13 @@ UPSTREAM_ATTEMPT_ATTRIBUTE = "upstream.request_attempt_count"  # marks an upstre
 EXTPROC_CLUSTER = "tollgate_extproc"
 RELAY_LISTENER = "tollgate_relay"
 APPLY_FILTER = "tollgate.apply"  # the Lua filter's name, for per-route disabling
+ANSWER_FILTER = "tollgate.answer"  # the answer processor: ext_proc in a composite matching ANSWER_HEADER
+PRICE_FILTER = "tollgate.price"  # PRICE_LUA
+SETTLE_LOG = "tollgate_settle"  # the gRPC access log's name (envoy.access_loggers.http_grpc)
+# Token counts PRICE_LUA prices itself: below this, and prices below FAST_MAX_PRICE, every
+# product in its integer arithmetic stays exact in a double (< 2^53); larger go to the processor.
+FAST_MAX_COUNT = 10**9
+FAST_MAX_PRICE = 10**12
 
 # After the processor answered the body message, apply what it decided to the headers (Envoy
 # keeps no header map for a body reply when the header phase is skipped) and route again.
@@ -138,6 +155,67 @@ function envoy_on_request(h)
 end
 """
 
+
+# The response side of a plain answer, served by Envoy alone: a 200 JSON answer of attempt 1
+# whose usage json_to_metadata read (numbers it can price exactly) is priced here, from the
+# target's prices the downstream processor put in NS_FAST, with Price.cost_micro's rounding
+# (prices split into whole millions and the rest, so every product stays an exact integer in a
+# double). The attribution headers come from NS_FAST too; the provider's own copies go. The
+# cost goes back into NS_FAST, and the gRPC access log carries it to the processor, which
+# settles the request from the same metadata (answers.settle_entry). Anything else (another
+# status, Envoy's own reply, a later attempt, no or odd usage, a stream, a big answer) is
+# marked with ANSWER_HEADER, which starts the answer processor (a composite filter matching it).
+PRICE_LUA = """
+local PROVIDER_ONLY = {%(provider_only)s}
+local MAX = %(max_count)d
+
+local function count(v)
+  if type(v) ~= "number" or v < 0 or v > MAX or v ~= math.floor(v) then return nil end
+  return v
+end
+
+local function first(u, a, b)
+  local v = u[a]
+  if v == nil then v = u[b] end
+  return v
+end
+
+function envoy_on_response(h)
+  local hd = h:headers()
+  hd:remove("%(answer)s")
+  local md = h:streamInfo():dynamicMetadata()
+  if md:get("%(ns_exchange)s") == nil then return end
+  local fast = md:get("%(ns_fast)s")
+  local u = md:get("%(ns_usage)s")
+  local p, c
+  if fast ~= nil and u ~= nil and hd:get(":status") == "200" and hd:get("x-envoy-upstream-service-time") ~= nil
+      and md:get("%(ns_attempts)s") == nil then
+    p = count(first(u, "prompt_tokens", "input_tokens"))
+    local cv = first(u, "completion_tokens", "output_tokens")
+    if cv == nil and fast["gen"] ~= 1 then cv = 0 end
+    c = count(cv)
+  end
+  if p == nil or c == nil then
+    hd:add("%(answer)s", "process")
+    md:set("%(ns_fast)s", "%(handed)s", 1)
+    return
+  end
+  local x = p * fast["pi_l"] + c * fast["po_l"]
+  local q = math.floor(x / 1000000)
+  if q * 1000000 < x then q = q + 1 end
+  local cost = p * fast["pi_h"] + c * fast["po_h"] + q
+  local drop = {}
+  for k, _ in pairs(hd) do
+    for _, pre in ipairs(PROVIDER_ONLY) do
+      if string.sub(k, 1, #pre) == pre then drop[#drop + 1] = k; break end
+    end
+  end
+  for _, k in ipairs(drop) do hd:remove(k) end
+  for k, v in pairs(fast["h"]) do hd:replace(k, v) end
+  hd:replace("x-tollgate-cost-usd", string.format("%%.0f.%%06.0f", math.floor(cost / 1000000), cost %% 1000000))
+  md:set("%(ns_fast)s", "%(cost)s", cost)
+end
+"""
 
 # --- typed notes: what the processors tell each other through dynamic metadata ----------------
 # On the wire the keys stay short (metadata travels with every message); in code they have names.

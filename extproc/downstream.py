@@ -22,6 +22,7 @@ calls them, and translates results into Envoy's protocol.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -44,17 +45,22 @@ from extproc.chains import (
     unavailable_error,
 )
 from extproc.contract import (
+    ANSWER_HEADER,
     ATTR_CODE_DETAILS,
-    ATTRIBUTION_PREFIX,
     CLUSTER_HEADER,
+    FAST_MAX_PRICE,
     NS_APPLY,
     NS_ATTEMPTS,
+    NS_EXCHANGE,
+    NS_FAST,
     NS_PLAN,
     NS_REQUEST,
     NS_USAGE,
     ORIGINAL_CONTENT_TYPE_HEADER,
     PLANNED_OUTCOMES,
+    PROVIDER_ONLY,
     ROUTE_HEADER,
+    SNAPSHOT_KEY,
     STOP_HEADER,
     AttemptsNote,
     PlannedStep,
@@ -93,10 +99,11 @@ from extproc.timeouts import PER_TRY_TIMEOUT_HEADER, attempt_budget_ms, size_exp
 
 log = logging.getLogger("tollgate.downstream")
 
-# A provider's response headers a client never sees: our own names (a provider cannot forge
-# them), and the operator's provider account (its rate limits would pose as the key's,
-# SPEC §3; its organization, project and cookies). The gateway's own values are set after.
-PROVIDER_ONLY = (ATTRIBUTION_PREFIX, "x-ratelimit-", "openai-organization", "openai-project", "set-cookie")
+# Refusals a reservation still waiting for its settlement can cause: money in flight
+# ("settling": reserve.lua would cut the cap or refuse) and tokens held at the cap; requests
+# per minute count requests, which settlement does not change.
+SETTLED_LATER = ("settling", "tpm")
+
 
 
 
@@ -141,6 +148,7 @@ class Exchange(PassThrough):
         self.overrun = False  # the provider billed more than was reserved
         self.record_id = uuid.uuid4().hex  # publishes the usage record exactly once
         self.finished = False
+        self.handed_over = False  # the response side belongs to Envoy's Lua and the answer processor
 
     # --- the phases (phases.Processor): server.py dispatches each message here -----------
 
@@ -253,10 +261,77 @@ class Exchange(PassThrough):
                 unhealthy, skip.model if skip else "", skip.provider if skip else "",
                 skip.opened_by if skip else "").to_struct()
             notes[NS_PLAN] = self.plan_second(choice, skipped, unhealthy, started, cap, parsed.stream).to_struct()
+        notes[NS_EXCHANGE] = {SNAPSHOT_KEY: json.dumps(self.snapshot(), separators=(",", ":"))}
+        fast = self.fast_note()
+        if fast is not None:
+            notes[NS_FAST] = fast
+        # From here on this stream has nothing more to do: the answer is priced by Envoy's Lua
+        # and settled from its access log, or taken by the answer processor (a new stream).
+        self.handed_over = self.finished = True
         return pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=body))),
             dynamic_metadata=metadata(notes),
         )
+
+    def snapshot(self) -> dict[str, Any]:
+        """This request's accounting state after the reservation: what the answer processor
+        or the access-log settlement needs to finish it exactly as this processor would."""
+        key, c, res, b, parsed = self.key, self.choice, self.reservation, self.bound, self.parsed
+        assert key is not None and c is not None and res is not None and b is not None and parsed is not None
+        return {"path": self.path, "rid": self.request_id, "t0": self.started_ms, "rec": self.record_id,
+                "key": [key.key_id, key.customer, key.workspace, key.plan],
+                "c": [c.route.name, c.plan.name, c.primary.name, c.target.name],
+                "res": [res.month, res.prepaid, res.amount, res.cap],
+                "b": [b.input_tokens, b.rate_tokens, b.output_tokens, b.min_output_tokens, b.choices, b.input_price, b.output_price],
+                "ttl": self.reservation_ttl_ms, "rate": self.rate_headers, "rule": self.rule, "fr": self.fallback_reason,
+                "skip": [self.skipped.model, self.skipped.provider] if self.skipped else None,
+                "chained": self.chained, "stream": parsed.stream, "usage_chunk": parsed.wants_usage_chunk, "big": self.big}
+
+    @classmethod
+    def resume(cls, gw: Gateway, snap: dict[str, Any]) -> Exchange | None:
+        """The Exchange `snapshot` described, ready for its response phase; None when the
+        policy no longer has its route or models (the reaper then records it as unsettled)."""
+        ex = cls(gw)
+        p = ex.policy
+        route_name, plan_name, primary_name, target_name = snap["c"]
+        route, plan = p.routes.get(route_name), p.plans.get(plan_name)
+        primary, target = p.models.get(primary_name), p.models.get(target_name)
+        if route is None or plan is None or primary is None or target is None or target.provider not in p.providers:
+            return None
+        ex.path, ex.request_id, ex.started_ms, ex.record_id = snap["path"], snap["rid"], int(snap["t0"]), snap["rec"]
+        ex.started = time.monotonic() - max(0, now_ms() - ex.started_ms) / 1000
+        key_id, customer, workspace, key_plan = snap["key"]
+        ex.key = KeyInfo(key_id, customer, workspace, key_plan)
+        ex.route = route
+        ex.choice = RouteChoice(route, plan, primary, target, p.providers[target.provider])
+        month, prepaid, amount, cap = snap["res"]
+        ex.reservation = Reservation(Account(customer, workspace, key_id), ex.request_id, month, bool(prepaid), int(amount), int(cap))
+        ex.bound = CostBound(*(int(v) for v in snap["b"]))
+        ex.reservation_ttl_ms = int(snap["ttl"])
+        ex.extend_at = time.monotonic() + ex.reservation_ttl_ms / 1000 * config.EXTEND_WHEN_LEFT
+        ex.rate_headers = dict(snap["rate"])
+        ex.rule, ex.fallback_reason = snap["rule"], snap["fr"]
+        if snap["skip"]:
+            ex.skipped = Attempt(snap["skip"][0], snap["skip"][1], 0, "provider_unhealthy")
+        ex.chained, ex.big = bool(snap["chained"]), bool(snap["big"])
+        body: dict[str, Any] = {"stream_options": {"include_usage": True}} if snap["usage_chunk"] else {}
+        ex.parsed = ParsedRequest(body, target.name, bool(snap["stream"]), 0)
+        ex.attempts = [Attempt(target.name, ex.choice.provider.name, 0, "unknown")]
+        return ex
+
+    def fast_note(self) -> dict[str, Any] | None:
+        """NS_FAST: what Envoy's PRICE_LUA needs to answer a plain 200 JSON answer of attempt 1
+        alone (prices, attribution headers); None when the answer processor must see it (a
+        stream, or an answer that may not fit Envoy's buffer)."""
+        c, parsed = self.choice, self.parsed
+        assert c is not None and parsed is not None
+        price = c.target.price
+        if parsed.stream or self.big or max(price.input_micro_per_mtok, price.output_micro_per_mtok) >= FAST_MAX_PRICE:
+            return None
+        headers = {h.header.key: h.header.raw_value.decode() for h in self.attribution(cost_micro=None)}
+        return {"pi_h": price.input_micro_per_mtok // 1_000_000, "pi_l": price.input_micro_per_mtok % 1_000_000,
+                "po_h": price.output_micro_per_mtok // 1_000_000, "po_l": price.output_micro_per_mtok % 1_000_000,
+                "gen": 1 if self.generates() else 0, "h": headers}
 
     def plan_second(self, choice: RouteChoice, skipped: list[Tried], unhealthy: frozenset[str], started: int, cap: int,
                     stream: bool) -> PlanNote:
@@ -287,9 +362,15 @@ class Exchange(PassThrough):
         if parsed.stream:
             budgets += [int(self.policy.providers[m.provider].idle_s * 1000) for m in candidates]
         ttl = reservation_ttl_ms(budgets, route.max_attempts, self.gw.reservation_grace_s)
+        limits, unsettled = Limits.of(plan, key.rpm, key.tpm), self.record_base().fields(finished=False)
         try:
-            result = await self.gw.quota.reserve(res, bound, Limits.of(plan, key.rpm, key.tpm), ttl,
-                                                 self.record_base().fields(finished=False))
+            result = await self.gw.quota.reserve(res, bound, limits, ttl, unsettled, settling=True)
+            if result.status == "refused" and result.reason in SETTLED_LATER:
+                # Answers are settled from Envoy's access log a few milliseconds after their
+                # clients got them: a client sending its next request at once may find the last
+                # one's cap still held. Cut its cap or refuse it only once those have landed.
+                await asyncio.sleep(config.SETTLE_WAIT_S)
+                result = await self.gw.quota.reserve(res, bound, limits, ttl, unsettled)
         except RedisError:
             metrics.REDIS_ERRORS.labels("reserve").inc()
             return errors.quota_unavailable()
@@ -335,7 +416,7 @@ class Exchange(PassThrough):
         self.local_reply = "x-envoy-upstream-service-time" not in h
         if not self.path:  # Envoy refused the request before this processor saw it (too large,
             self.finished = True  # bad path, upgrade): its local reply mapper speaks for it.
-            return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+            return self.headers_reply([], [ANSWER_HEADER])
         # Only the upstream processor ends a chain, and it notes so in metadata too: a
         # provider's own copy of the header must not pass its error through unshaped.
         notes = AttemptsNote.from_struct(namespace(req, NS_ATTEMPTS)) if self.chained else AttemptsNote()
@@ -729,3 +810,13 @@ class Exchange(PassThrough):
             common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
         return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+
+
+def answer_exchange(gw: Gateway, first: pb.ProcessingRequest) -> Exchange:
+    """The answer processor's Exchange: the request's own, rebuilt from the snapshot the
+    downstream processor left in metadata. Without one (a reply Envoy made before the
+    processor reserved anything) it passes the response through."""
+    raw = namespace(first, NS_EXCHANGE).get(SNAPSHOT_KEY)
+    ex = Exchange.resume(gw, json.loads(raw)) if isinstance(raw, str) else None
+    return ex if ex is not None else Exchange(gw)
+

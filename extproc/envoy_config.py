@@ -15,16 +15,23 @@ from typing import Any
 
 from extproc import config, edge, errors
 from extproc.contract import (
+    ANSWER_FILTER,
+    ANSWER_HEADER,
     APPLY_FILTER,
     APPLY_LUA,
     CLUSTER_HEADER,
     ENVOY_PREFIX,
     EXTPROC_CLUSTER,
+    FAST_COST,
+    FAST_HANDED,
+    FAST_MAX_COUNT,
     HIDDEN_CONTENT_TYPE,
     HIDE_FILTER,
     INTERNAL_HEADERS,
     NS_APPLY,
     NS_ATTEMPTS,
+    NS_EXCHANGE,
+    NS_FAST,
     NS_LAST,
     NS_PLAN,
     NS_REQUEST,
@@ -33,10 +40,15 @@ from extproc.contract import (
     ORIGINAL_CONTENT_TYPE_HEADER,
     PLANNED_HEADER,
     PLANNED_LUA,
+    PRICE_FILTER,
+    PRICE_LUA,
+    PROVIDER_ONLY,
     RELAY_FLAGS_HEADER,
     RELAY_LISTENER,
     REQUEST_ATTRIBUTES,
     RESPONSE_ATTRIBUTES,
+    SETTLE_LOG,
+    SNAPSHOT_KEY,
     TARGET_HEADER,
     UPSTREAM_ATTEMPT_ATTRIBUTE,
     USAGE_KEYS,
@@ -329,24 +341,36 @@ def _ext_proc_filter(message_timeout_s: float, modes: dict[str, str], *, forward
 
 
 def _downstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
-    """The normal path costs two processor messages: the request body (with the few headers
-    it needs as attributes) and the response headers (with the answer's usage, which Envoy's
-    json_to_metadata read from the body). Streams and answers without usage switch the
-    response body on from the headers reply (`mode_override`)."""
+    """A normal request costs one processor message: its body (with the few headers it needs
+    as attributes). A plain answer (200 JSON of attempt 1, usage readable) is priced and
+    attributed by PRICE_LUA from what that message left in metadata, and settled from the
+    gRPC access log (`settlement_log`). Every other answer starts the answer processor: a
+    second ext_proc filter, created on the response only, in a composite matching the
+    ANSWER_HEADER PRICE_LUA sets (its body is switched on from its headers reply when needed)."""
     return [
         _ext_proc_filter(
             message_timeout_s,
-            {"request_header_mode": "SKIP", "request_body_mode": "BUFFERED", "response_header_mode": "SEND",
+            {"request_header_mode": "SKIP", "request_body_mode": "BUFFERED", "response_header_mode": "SKIP",
              "response_body_mode": "NONE"},
-            forwarding=[NS_ATTEMPTS, NS_USAGE],
-            receiving=[NS_REQUEST, NS_APPLY, NS_PLAN],
+            forwarding=[],
+            receiving=[NS_REQUEST, NS_APPLY, NS_PLAN, NS_EXCHANGE, NS_FAST],
             request_attributes=list(REQUEST_ATTRIBUTES),
-            response_attributes=list(RESPONSE_ATTRIBUTES),
         ),
         {"name": APPLY_FILTER, "typed_config": {"@type": _T + "extensions.filters.http.lua.v3.Lua",
                                                 "default_source_code": {"inline_string": apply_lua()}}},
-        # Encoding runs the list backwards: this reads the answer's usage before ext_proc sees
-        # the response headers (it holds them until the JSON body is parsed).
+        # Encoding runs the list backwards: from here up, filters see the response after
+        # json_to_metadata read the usage and PRICE_LUA priced it or marked it.
+        _on_match(ANSWER_FILTER, _response_header_is(ANSWER_HEADER, "process"), _ext_proc_filter(
+            message_timeout_s,
+            {"request_header_mode": "SKIP", "request_body_mode": "NONE", "response_header_mode": "SEND",
+             "response_body_mode": "NONE"},
+            forwarding=[NS_ATTEMPTS, NS_USAGE, NS_EXCHANGE],
+            receiving=[],
+            response_attributes=list(RESPONSE_ATTRIBUTES),
+        )),
+        {"name": PRICE_FILTER, "typed_config": {"@type": _T + "extensions.filters.http.lua.v3.Lua",
+                                                "default_source_code": {"inline_string": price_lua()}}},
+        # Reads the answer's usage (and holds its headers until the JSON body is parsed).
         {"name": "envoy.filters.http.json_to_metadata", "typed_config": {
             "@type": _T + "extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
             "response_rules": {
@@ -366,6 +390,33 @@ def _downstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
                                                "mutations": {}}},
         ROUTER_FILTER,
     ]
+
+
+def price_lua() -> str:
+    """contract.PRICE_LUA with the names filled in."""
+    return PRICE_LUA % {"provider_only": ", ".join(json.dumps(p) for p in PROVIDER_ONLY), "max_count": FAST_MAX_COUNT,
+                        "answer": ANSWER_HEADER, "ns_exchange": NS_EXCHANGE, "ns_fast": NS_FAST, "ns_usage": NS_USAGE,
+                        "ns_attempts": NS_ATTEMPTS, "handed": FAST_HANDED, "cost": FAST_COST}
+
+
+def settlement_log() -> dict[str, Any]:
+    """Envoy's gRPC access log to the processor: one entry per request the processor reserved
+    for (it left a snapshot), batched; the processor settles what PRICE_LUA priced."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {"metadata_filter": {"matcher": {"filter": NS_EXCHANGE, "path": [{"key": SNAPSHOT_KEY}],
+                                                   "value": {"present_match": True}}}},
+        "typed_config": {
+            "@type": _T + "extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": SETTLE_LOG,
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                "buffer_flush_interval": f"{config.SETTLE_LOG_FLUSH_S:g}s",
+                "buffer_size_bytes": config.SETTLE_LOG_BUFFER_BYTES,
+            },
+        },
+    }
 
 
 def apply_lua() -> str:
@@ -427,17 +478,21 @@ def planned_lua() -> str:
                           "ns_rewrite": NS_REWRITE, "target": TARGET_HEADER, "per_try": PER_TRY_TIMEOUT_HEADER}
 
 
-def _header_is(name: str, value: str) -> dict[str, Any]:
+def _header_is(name: str, value: str, kind: str = "Request") -> dict[str, Any]:
     return {"single_predicate": {
-        "input": {"name": name, "typed_config": {"@type": _T + "type.matcher.v3.HttpRequestHeaderMatchInput", "header_name": name}},
+        "input": {"name": name, "typed_config": {"@type": _T + f"type.matcher.v3.Http{kind}HeaderMatchInput", "header_name": name}},
         "value_match": {"exact": value},
     }}
 
 
-def _on_attempts(name: str, predicate: dict[str, Any], filter_config: dict[str, Any]) -> dict[str, Any]:
-    """Run a filter only on the attempts `predicate` matches (a composite filter on the
-    attempt's request headers): the first attempt, the normal path, pays a header match, not
-    the filter."""
+def _response_header_is(name: str, value: str) -> dict[str, Any]:
+    return _header_is(name, value, "Response")
+
+
+def _on_match(name: str, predicate: dict[str, Any], filter_config: dict[str, Any]) -> dict[str, Any]:
+    """Run a filter only where `predicate` matches (a composite filter): on the attempts it
+    matches (the first attempt, the normal path, pays a header match, not the filter), or on
+    the responses it matches (the filter is created then and sees the response only)."""
     return {
         "name": name,
         "typed_config": {
@@ -473,11 +528,11 @@ def _upstream_filters(message_timeout_s: float, p: Provider) -> list[dict[str, A
                 "default_source_code": {"inline_string": STATUS_RECORDER_LUA},
             },
         },
-        _on_attempts("tollgate.planned_retry", SECOND_ATTEMPT, {"name": "envoy.filters.http.lua", "typed_config": {
+        _on_match("tollgate.planned_retry", SECOND_ATTEMPT, {"name": "envoy.filters.http.lua", "typed_config": {
             "@type": _T + "extensions.filters.http.lua.v3.Lua",
             "default_source_code": {"inline_string": planned_lua()},
         }}),
-        _on_attempts("tollgate.retries_only", UNPLANNED_RETRY, _ext_proc_filter(
+        _on_match("tollgate.retries_only", UNPLANNED_RETRY, _ext_proc_filter(
             message_timeout_s,
             # One message per retry: its headers. The body's `model` is rewritten by Lua below.
             {"request_header_mode": "SEND", "response_header_mode": "SKIP", "request_body_mode": "NONE", "response_body_mode": "NONE"},
@@ -684,8 +739,9 @@ def render_bootstrap(
         ]},
         "http_filters": _downstream_filters(message_timeout_s),
     }
+    hcm["access_log"] = [settlement_log()]
     if access_log:
-        hcm["access_log"] = [
+        hcm["access_log"] += [
             {
                 "name": "envoy.access_loggers.stderr",
                 "typed_config": {

@@ -151,9 +151,12 @@ class ReserveResult:
 NANO_CEILING = 2**52
 
 
-def reserve_args(bound: CostBound, limits: Limits, ttl_ms: int, request_id: str, call: str) -> dict[str, int | str]:
+def reserve_args(bound: CostBound, limits: Limits, ttl_ms: int, request_id: str, call: str,
+                 settling: bool = False) -> dict[str, int | str]:
     """reserve.lua's request, by name (see the script's header). `call` names this one call,
-    so a resend of it by the Redis client reserves once (the script answers it again)."""
+    so a resend of it by the Redis client reserves once (the script answers it again).
+    `settling`: refuse as 'settling' instead of cutting the cap or refusing for money while
+    the customer has money in flight (it may be an answer whose settlement is on its way)."""
     token_nano = bound.choices * bound.output_price
     input_nano = min(bound.input_tokens * bound.input_price, NANO_CEILING)
     want = bound.output_tokens
@@ -164,7 +167,7 @@ def reserve_args(bound: CostBound, limits: Limits, ttl_ms: int, request_id: str,
         "rate_tokens": bound.rate_tokens, "choices": bound.choices, "prepaid": int(limits.prepaid),
         "budget": _lim(limits.monthly_budget_micro), "rpm": _lim(limits.rpm), "tpm": _lim(limits.tpm),
         "key_rpm": _lim(limits.key_rpm), "key_tpm": _lim(limits.key_tpm), "ttl_ms": ttl_ms, "request_id": request_id,
-        "call": call,
+        "call": call, "settling": int(settling),
     }
 
 
@@ -207,8 +210,10 @@ class Quota:
         self._flushing: asyncio.Task[None] | None = None  # a background flush of them (`_flush_soon`)
         self.scripts = Scripts(redis, "reserve", "finish", "expire", "cancel", "publish", "hint_done", "extend")
 
-    async def reserve(self, res: Reservation, bound: CostBound, limits: Limits, ttl_ms: int, record: dict[str, str]) -> ReserveResult:
-        """Check every limit and reserve the request's cap, in one atomic step."""
+    async def reserve(self, res: Reservation, bound: CostBound, limits: Limits, ttl_ms: int, record: dict[str, str],
+                      settling: bool = False) -> ReserveResult:
+        """Check every limit and reserve the request's cap, in one atomic step (`settling`:
+        see `reserve_args`)."""
         a = res.account
         keys = a.reserve_keys(res.request_id, res.month).as_list()
 
@@ -216,7 +221,7 @@ class Quota:
         # exists always has one.
         chores = self.take_chores()
         call = secrets.token_hex(8)
-        args = [json.dumps(reserve_args(bound, limits, ttl_ms, res.request_id, call)), json.dumps(record)]
+        args = [json.dumps(reserve_args(bound, limits, ttl_ms, res.request_id, call, settling)), json.dumps(record)]
         try:
             *_, r = await self.scripts.batch(
                 *chores,

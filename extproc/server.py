@@ -27,8 +27,9 @@ from prometheus_client import multiprocess as _multiprocess
 from redis.exceptions import RedisError
 
 from extproc import config, metrics, phases, published
+from extproc.accesslog import LogEntry, add_access_log_service
 from extproc.contract import UPSTREAM_ATTEMPT_ATTRIBUTE
-from extproc.downstream import Exchange
+from extproc.downstream import Exchange, answer_exchange
 from extproc.envoy_config import GrpcEndpoint, worker_endpoints
 from extproc.errors import ApiError
 from extproc.gateway import Gateway
@@ -39,6 +40,7 @@ from extproc.policy import Policy, PolicyError, load_policy
 from extproc.policy.load import expand_sources
 from extproc.protocol import attribute, immediate
 from extproc.quota import Quota
+from extproc.settlement_log import settle_entry
 from extproc.store import redis_client
 from extproc.upstream import AttemptExchange
 
@@ -71,9 +73,12 @@ def _failure_reply(kind: str | None) -> pb.ProcessingResponse:
 RESET_WAIT_S = 5.0
 
 
-def is_last_message(kind: str | None, req: pb.ProcessingRequest, reply: pb.ProcessingResponse, upstream: bool) -> bool:
-    """True when Envoy will send nothing more on this stream: an immediate response, the end
-    of the response (downstream), or an upstream attempt's request headers (its only message).
+def is_last_message(kind: str | None, req: pb.ProcessingRequest, reply: pb.ProcessingResponse, upstream: bool,
+                    handed_over: bool = False) -> bool:
+    """True when Envoy will send nothing more on this stream: an immediate response, the
+    request body once the response side was handed over (the downstream filter skips the
+    response), the end of the response (the answer processor), or an upstream attempt's
+    request headers (its only message).
 
     Why it matters: Envoy ends every ext_proc stream with a half-close *and* a reset, often
     before grpc has told Python that the last reply was written. A handler that is then reading
@@ -81,7 +86,7 @@ def is_last_message(kind: str | None, req: pb.ProcessingRequest, reply: pb.Proce
     awaiter cancelled, and grpc.aio leaks that batch (grpc/grpc#43360; op array and message):
     ~140 bytes per request, for ever. So the last write is shielded from the cancellation, and
     the handler then waits on a plain timer: grpc's cancellation ends it with no batch lost."""
-    if reply.HasField("immediate_response"):
+    if reply.HasField("immediate_response") or handed_over:
         return True
     if kind == "response_body":
         return req.response_body.end_of_stream
@@ -158,7 +163,7 @@ class Processor:
                     reply = _failure_reply(kind)
                 upstream = ex is None
                 _phase_timer(kind, upstream).observe(time.perf_counter() - started)
-                if not is_last_message(kind, req, reply, upstream=upstream):
+                if not is_last_message(kind, req, reply, upstream=upstream, handed_over=ex is not None and ex.handed_over):
                     await context.write(reply)
                     continue
                 await asyncio.shield(context.write(reply))  # completes (freeing its batch) even if Envoy resets now
@@ -169,11 +174,19 @@ class Processor:
                 # Envoy's reset cancels this handler: the accounting runs to its end anyway.
                 await asyncio.shield(self.gateway.spawn(ex.close()))
 
+    def settle_entries(self, batch: list[LogEntry]) -> None:
+        """A batch of Envoy's access-log entries: each finished request is settled at once,
+        concurrently, so the batch's settlements share Redis round trips."""
+        for entry in batch:
+            self.gateway.spawn(settle_entry(self.gateway, entry))
+
     def processor_for(self, first: pb.ProcessingRequest) -> phases.Processor:
         """The stream's processor, chosen by its first message: Envoy's upstream filter
         announces itself with the `upstream.request_attempt_count` attribute."""
         if attribute(first, UPSTREAM_ATTEMPT_ATTRIBUTE) is not None:
             return AttemptExchange(self.gateway)
+        if first.WhichOneof("request") == "response_headers":  # the answer processor (a composite, on the response only)
+            return answer_exchange(self.gateway, first)
         return Exchange(self.gateway)
 
     # --- policy reload ------------------------------------------------------------------
@@ -270,6 +283,8 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("envoy.service.ext_proc.v3.ExternalProcessor", {"Process": handler})]
     )
+    # Envoy's access log: the settlement of the answers Envoy priced alone (settlement_log).
+    add_access_log_service(server, processor.settle_entries)
     # The standard gRPC health service: Kubernetes' grpc probes and `grpc_health_probe` use it.
     health_service = grpc_health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)

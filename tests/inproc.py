@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 import yaml
 from google.protobuf import struct_pb2
 
+from extproc.contract import NS_EXCHANGE, SNAPSHOT_KEY
+from extproc.downstream import Exchange
 from extproc.gateway import Gateway
 from extproc.health import Health
 from extproc.keys import KeyStore
@@ -200,6 +202,14 @@ def plain(value: struct_pb2.Value | struct_pb2.Struct) -> Any:
 def dynamic_metadata(reply: pb.ProcessingResponse) -> dict[str, Any]:
     out: dict[str, Any] = plain(reply.dynamic_metadata)
     return out
+
+
+def answer_side(gw: Gateway, body_reply: pb.ProcessingResponse) -> Exchange | None:
+    """What Envoy does with a request the body phase admitted: the answer processor's
+    Exchange, rebuilt from the snapshot the body reply left in metadata (None when it left
+    none: the request was answered at once)."""
+    snap = dynamic_metadata(body_reply).get(NS_EXCHANGE, {}).get(SNAPSHOT_KEY)
+    return Exchange.resume(gw, json.loads(snap)) if isinstance(snap, str) else None
 
 
 def set_headers(mutation: pb.HeaderMutation) -> dict[str, str]:

@@ -25,6 +25,7 @@ from extproc.pb import ext_proc_pb2 as pb
 from extproc.policy import Policy
 from tests.inproc import (
     Rig,
+    answer_side,
     body_message,
     dynamic_metadata,
     immediate_json,
@@ -53,7 +54,7 @@ async def admitted(rig: Rig, body: dict[str, Any], plan: str = "prepaid", fund: 
     ex = Exchange(rig.gw)
     msg = body_message(body, secret)
     reply = await phases.dispatch(ex, msg)
-    return ex, customer, request_id_of(msg), reply
+    return answer_side(rig.gw, reply) or ex, customer, request_id_of(msg), reply
 
 
 # --- request body ----------------------------------------------------------------------------
@@ -351,8 +352,9 @@ def test_request_id_of_a_served_request_is_refused_409_when_sent_again(redis_url
     async def scenario(rig: Rig) -> tuple[pb.ProcessingResponse, int]:
         customer, secret = await rig.key("prepaid")
         await rig.fund(customer, 1_000_000)
-        ex = Exchange(rig.gw)
-        await phases.dispatch(ex, body_message(LEGAL, secret, request_id="req-once-1"))
+        body_reply = await phases.dispatch(Exchange(rig.gw), body_message(LEGAL, secret, request_id="req-once-1"))
+        ex = answer_side(rig.gw, body_reply)
+        assert ex is not None
         await phases.dispatch(ex, response_headers_message(200, usage=USAGE))
         again = await phases.dispatch(Exchange(rig.gw), body_message(LEGAL, secret, request_id="req-once-1"))
         return again, await rig.balance(customer)

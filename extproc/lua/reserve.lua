@@ -8,13 +8,13 @@
 --       (store.Scripts prefixes `local K = {marker = KEYS[1], ...}` generated from it).
 -- ARGV: 1 the request as a JSON object (quota.ReserveArgs: input_nano, token_nano, want, min,
 --         rate_tokens, choices, prepaid, budget, rpm, tpm, key_rpm, key_tpm, ttl_ms, request_id,
---         call; -1 means "no limit")
+--         call, settling; -1 means "no limit")
 --       2 record json (for an unsettled record)
 -- Every key is in the customer's hash slot ({c:<customer>}): Redis Cluster runs it on one node.
 -- Money arithmetic stays below 2^53 nano-USD (the processor bounds it), so doubles are exact.
 -- Returns {status, reason, retry_after_ms, rpm_limit, rpm_remaining, rpm_reset_ms,
 --          tpm_limit, tpm_remaining, tpm_reset_ms, cap, amount, need, available}
---   status 1 reserved, 0 refused (reason rpm|tpm|balance|budget), -1 duplicate request id
+--   status 1 reserved, 0 refused (reason rpm|tpm|balance|budget|settling), -1 duplicate request id
 --   cap: output tokens per choice; amount: micro-USD reserved; on a money refusal need is
 --   what the smallest useful request costs and available what the tightest limit has left.
 
@@ -136,6 +136,11 @@ end
 local cap = req.want
 local amount = cost(cap)
 if available ~= nil and amount > available then
+  -- An answer Envoy priced alone is settled from its access log a few milliseconds after its
+  -- client got it, so a client's next request may find the last one's cap still in flight.
+  -- Asked to (req.settling), refuse as 'settling' rather than cut the cap or refuse while money
+  -- is in flight: the processor asks again (without it) once such settlements have landed.
+  if req.settling == 1 and cust_reserved > 0 then return refuse('settling', 0) end
   if cost(req.min) > available then return refuse(tightest, 0, cost(req.min), math.max(0, available)) end
   -- The largest cap the money covers: input + cap * token_nano <= available * 1e6.
   cap = math.min(req.want, floor_div(available * 1000000 - req.input_nano, req.token_nano))

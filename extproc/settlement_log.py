@@ -1,0 +1,56 @@
+"""Settlement of the answers Envoy served alone, from its gRPC access log.
+
+A plain answer (200 JSON of attempt 1, usage readable) never reaches a processor: Envoy's
+PRICE_LUA prices it and sets the attribution headers from what the downstream processor left
+in metadata (NS_FAST), and Envoy's access log (`envoy_config.settlement_log`) sends one entry
+per finished request, in batches, to this service. An entry carries the request's metadata:
+the downstream processor's snapshot (NS_EXCHANGE), the usage json_to_metadata read, and what
+PRICE_LUA did. From those the request is finished exactly as its own processor would have
+finished it (`downstream.Exchange.resume`, then `finish` or `close`): the same price, record,
+metrics and settlement; the settlements of a batch share Redis round trips (store.GroupCommit).
+
+Who settles what, so nothing is settled twice and nothing is lost:
+  - PRICE_LUA priced it (FAST_COST): here, from the entry;
+  - PRICE_LUA handed it to the answer processor (FAST_HANDED): that processor; not here;
+  - neither (the client left before the answer's headers): here, as the processor's `close`
+    would (nothing served is billed 0; the reservation is released);
+  - no entry at all (Envoy died, the processor was down when the batch came): the reaper
+    records the reservation as `unsettled`, as for any request whose processor died.
+A settlement is applied once even if its entry came twice: the reservation's marker and the
+record id make `finish.lua` and the record write idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from extproc.accesslog import LogEntry
+from extproc.contract import FAST_COST, FAST_HANDED, NS_EXCHANGE, NS_FAST, NS_USAGE, SNAPSHOT_KEY, AttemptsNote
+from extproc.downstream import Exchange
+from extproc.gateway import Gateway
+from extproc.payload import usage_from_metadata
+
+log = logging.getLogger("tollgate.settlement_log")
+
+
+async def settle_entry(gw: Gateway, entry: LogEntry) -> None:
+    """Finish the request one access-log entry describes, if it is this service's to finish."""
+    raw = entry.metadata.get(NS_EXCHANGE, {}).get(SNAPSHOT_KEY)
+    fast = entry.metadata.get(NS_FAST, {})
+    if not isinstance(raw, str) or FAST_HANDED in fast:
+        return
+    ex = Exchange.resume(gw, json.loads(raw))
+    if ex is None:
+        log.warning("request %s: its route or model left the policy; the reaper will record it", entry.request_id)
+        return
+    if FAST_COST not in fast:
+        await ex.close()  # the client left before the answer's headers
+        return
+    ex.upstream_status = 200
+    ex.learn_attempts(AttemptsNote(), None)
+    usage = usage_from_metadata(entry.metadata.get(NS_USAGE, {}), ex.generates())
+    cost = await ex.finish(usage)
+    lua_cost = fast.get(FAST_COST)
+    if usage is None or lua_cost is None or int(lua_cost) != cost:  # PRICE_LUA and Price.cost_micro must agree to the micro-dollar
+        log.error("request %s: Envoy priced %s, the processor %s micro-USD", entry.request_id, lua_cost, cost)
