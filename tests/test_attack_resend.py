@@ -169,6 +169,7 @@ def test_cluster_resend_of_a_reserve_whose_reply_was_lost_is_served_once(cluster
     who = owned_customer(stack, customer)
     _, secret = stack.create_key(who)
     assert chat(stack, secret, uuid.uuid4().hex)[0] == 200  # the key is cached: only the reservation crosses now
+    wait_until(lambda: reserved(stack, who) == 0, 5, "the first answer was never settled")  # from Envoy's access log
     proxy.watch(RESERVE_SHA)
     calls, sent, dropped = stack.fakes["p3"].calls(), proxy.forwarded[RESERVE_SHA], proxy.dropped
     spent = spend(stack, who)
