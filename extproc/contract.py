@@ -79,6 +79,7 @@ EXTPROC_CLUSTER = "tollgate_extproc"
 RELAY_LISTENER = "tollgate_relay"
 APPLY_FILTER = "tollgate.apply"  # the Lua filter's name, for per-route disabling
 ANSWER_FILTER = "tollgate.answer"  # the answer processor: ext_proc in a composite matching ANSWER_HEADER
+ANSWER_STATS = "answer"  # its Envoy stats: http.tollgate.ext_proc.answer.*
 PRICE_FILTER = "tollgate.price"  # PRICE_LUA
 SETTLE_LOG = "tollgate_settle"  # the gRPC access log's name (envoy.access_loggers.http_grpc)
 # Token counts PRICE_LUA prices itself: below this, and prices below FAST_MAX_PRICE, every

@@ -17,6 +17,7 @@ from extproc import config, edge, errors
 from extproc.contract import (
     ANSWER_FILTER,
     ANSWER_HEADER,
+    ANSWER_STATS,
     APPLY_FILTER,
     APPLY_LUA,
     CLUSTER_HEADER,
@@ -318,7 +319,8 @@ ROUTER_FILTER = {"name": "envoy.filters.http.router", "typed_config": {"@type": 
 
 
 def _ext_proc_filter(message_timeout_s: float, modes: dict[str, str], *, forwarding: list[str], receiving: list[str],
-                     request_attributes: list[str] | None = None, response_attributes: list[str] | None = None) -> dict[str, Any]:
+                     request_attributes: list[str] | None = None, response_attributes: list[str] | None = None,
+                     stat_prefix: str = "") -> dict[str, Any]:
     """Tollgate's ext_proc filter: fails closed (503 when the processor is down or slow)."""
     config: dict[str, Any] = {
         "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
@@ -337,6 +339,8 @@ def _ext_proc_filter(message_timeout_s: float, modes: dict[str, str], *, forward
         config["request_attributes"] = request_attributes
     if response_attributes:
         config["response_attributes"] = response_attributes
+    if stat_prefix:  # Envoy's stats: http.<hcm>.ext_proc.<stat_prefix>.*
+        config["stat_prefix"] = stat_prefix
     return {"name": "envoy.filters.http.ext_proc", "typed_config": config}
 
 
@@ -367,6 +371,7 @@ def _downstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
             forwarding=[NS_ATTEMPTS, NS_USAGE, NS_EXCHANGE],
             receiving=[],
             response_attributes=list(RESPONSE_ATTRIBUTES),
+            stat_prefix=ANSWER_STATS,
         )),
         {"name": PRICE_FILTER, "typed_config": {"@type": _T + "extensions.filters.http.lua.v3.Lua",
                                                 "default_source_code": {"inline_string": price_lua()}}},
