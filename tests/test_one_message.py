@@ -63,8 +63,9 @@ def test_a_plain_answer_on_a_fallback_chain_costs_one_message_too(stack: Stack, 
 def test_a_stream_starts_the_answer_processor(stack: Stack, customer: str) -> None:
     _, secret = stack.create_key(customer)
     before = counts(stack)
-    with stack.client(secret).chat.completions.create(model="legal_summary", messages=MESSAGES, stream=True) as events:
-        assert sum(1 for _ in events) > 0
+    events = stack.client(secret).chat.completions.create(model="legal_summary", messages=[{"role": "user", "content": "hi"}],
+                                                          stream=True)
+    assert sum(1 for _ in events) > 0
     assert delta(before, counts(stack))[2] == 1
 
 
