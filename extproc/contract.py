@@ -5,14 +5,19 @@ bootstrap (`envoy_config`, its Lua filters) and the runtime (`downstream`, `upst
 named here, so that the two can never drift apart. Nothing here is public: clients never see
 these names (SPEC's public headers are in `downstream.attribution`).
 
-How one request travels (normal path, two ext_proc messages, one Redis round trip):
+How one request travels (normal path: one ext_proc message, one Redis round trip):
 
   client -> [early header mutation: drop INTERNAL_HEADERS and every x-envoy-* header]
-         -> ext_proc (request body + REQUEST_ATTRIBUTES) --reply: body + NS_APPLY, NS_REQUEST-->
+         -> ext_proc (request body + REQUEST_ATTRIBUTES) --reply: body + NS_APPLY, NS_REQUEST,
+            NS_PLAN, NS_EXCHANGE, NS_FAST-->
          -> Lua APPLY_LUA (applies NS_APPLY, re-routes; client x-envoy-* went at the door)
-         -> json_to_metadata (response: usage -> NS_USAGE)
-         -> router -> provider cluster (or the fallback chain: upstream processor, NS_ATTEMPTS)
-  provider -> json_to_metadata -> ext_proc (response headers + NS_USAGE, NS_ATTEMPTS) -> client
+         -> router -> provider cluster (or the fallback chain: PLANNED_LUA or the upstream
+            processor, NS_ATTEMPTS)
+  provider -> json_to_metadata (usage -> NS_USAGE)
+           -> Lua PRICE_LUA: a plain answer is priced and attributed here (NS_FAST); any
+              other gets ANSWER_HEADER -> ANSWER_FILTER (the answer processor, NS_EXCHANGE)
+           -> client
+  then Envoy's gRPC access log (SETTLE_LOG) -> settlement_log: settles what PRICE_LUA priced
 """
 
 from __future__ import annotations

@@ -1,16 +1,22 @@
-"""The downstream ext_proc filter's processor: one `Exchange` per HTTP request.
+"""The downstream processors: one `Exchange` per HTTP request, on up to two gRPC streams.
 
-A normal request costs Envoy two messages on one gRPC stream (contract.py shows the path):
+A normal request costs Envoy one message (contract.py shows the path):
 
   request body     -> with the few headers it needs as attributes: authenticate (key cache;
                       Redis on a miss), validate, resolve the route, check the plan, RESERVE
-                      (Redis, Lua), choose the provider; reply with the rewritten body and the
-                      headers to apply (metadata for Envoy's apply filter)
-  response headers -> with the answer's usage (Envoy's json_to_metadata read it from the JSON
-                      body): cost, SETTLE (settle + record, Redis, Lua), attribution headers
+                      (Redis, Lua), choose the provider; reply with the rewritten body, the
+                      headers to apply (metadata for Envoy's apply filter), and the request's
+                      accounting state (`snapshot`) with what Envoy's pricing Lua needs
 
-Only these ask for the response body too (`mode_override`): streams (metered chunk by chunk),
-failed answers rewritten in OpenAI's shape, and answers whose usage Envoy could not read.
+A plain answer (200 JSON of attempt 1 with readable usage) is then priced by Envoy's Lua and
+settled from Envoy's access log (`settlement_log`, which rebuilds this Exchange with
+`resume`). Any other answer starts the answer processor, a second stream whose first message
+is the response headers (`answer_exchange` rebuilds the Exchange there):
+
+  response headers -> usage (read by Envoy's json_to_metadata) or not; a failure to rewrite,
+                      a stream to meter, an answer without usage (`mode_override` switches
+                      the body on); SETTLE (settle + record, Redis, Lua), attribution headers
+
 GET /v1/models sends its headers instead (a per-route override) and is answered at once.
 
 Redis round trips: one per request (reserve); settlements share round trips with other

@@ -13,7 +13,8 @@ Who settles what, so nothing is settled twice and nothing is lost:
   - PRICE_LUA priced it (FAST_COST): here, from the entry;
   - PRICE_LUA handed it to the answer processor (FAST_HANDED): that processor; not here;
   - neither (the client left before the answer's headers): here, as the processor's `close`
-    would (nothing served is billed 0; the reservation is released);
+    would (nothing served is billed 0; the reservation is released); but a 200 whose usage
+    Envoy read is billed from it even so (the Lua failing must not make an answer free);
   - no entry at all (Envoy died, the processor was down when the batch came): the reaper
     records the reservation as `unsettled`, as for any request whose processor died.
 A settlement is applied once even if its entry came twice: the reservation's marker and the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from extproc.accesslog import LogEntry
 from extproc.contract import FAST_COST, FAST_HANDED, NS_EXCHANGE, NS_FAST, NS_USAGE, SNAPSHOT_KEY, AttemptsNote
@@ -44,13 +46,17 @@ async def settle_entry(gw: Gateway, entry: LogEntry) -> None:
     if ex is None:
         log.warning("request %s: its route or model left the policy; the reaper will record it", entry.request_id)
         return
-    if FAST_COST not in fast:
+    if entry.duration_us:  # the record's latency is the request's, not until this entry came
+        ex.started = time.monotonic() - entry.duration_us / 1e6
+    usage = usage_from_metadata(entry.metadata.get(NS_USAGE, {}), ex.generates())
+    if FAST_COST not in fast and not (entry.response_code == 200 and usage is not None):
         await ex.close()  # the client left before the answer's headers
         return
+    if FAST_COST not in fast:  # a 200 with usage the Lua did not price (it failed?): billed all the same
+        log.error("request %s: a 200 answer with usage was not priced by Envoy's Lua; settled from its usage", entry.request_id)
     ex.upstream_status = 200
     ex.learn_attempts(AttemptsNote(), None)
-    usage = usage_from_metadata(entry.metadata.get(NS_USAGE, {}), ex.generates())
     cost = await ex.finish(usage)
     lua_cost = fast.get(FAST_COST)
-    if usage is None or lua_cost is None or int(lua_cost) != cost:  # PRICE_LUA and Price.cost_micro must agree to the micro-dollar
+    if lua_cost is not None and int(lua_cost) != cost:  # PRICE_LUA and Price.cost_micro must agree to the micro-dollar
         log.error("request %s: Envoy priced %s, the processor %s micro-USD", entry.request_id, lua_cost, cost)

@@ -69,6 +69,7 @@ def test_a_priced_entry_settles_balance_spend_and_one_record(redis_url: str, pol
     assert (rec["cost_micro_usd"], rec["prompt_tokens"], rec["completion_tokens"], rec["status"], rec["attempts"]) == (
         "2400", "1000", "50", "200", "1")
     assert (rec["final_model"], rec["provider"], rec["usage_source"], rec["kind"]) == ("strong_reasoning", "p3", "provider", "normal")
+    assert rec["latency_ms"] == "5"  # the entry's duration (5,000 µs), not the time until it came
 
 
 def test_an_entry_delivered_twice_is_settled_once(redis_url: str, policy: Policy) -> None:
@@ -117,6 +118,19 @@ def test_a_request_whose_answer_never_reached_the_lua_is_released_as_the_client_
     assert (balance, spend, reserved) == (FUNDS, 0, 0)
     (rec,) = records
     assert (rec["status"], rec["cost_micro_usd"]) == ("499", "0")
+
+
+def test_a_200_with_usage_the_lua_did_not_price_is_billed_from_its_usage(redis_url: str, policy: Policy) -> None:
+    """Should Envoy's pricing Lua fail, the client still got a 200 whose usage Envoy read: it
+    is billed, never settled as free."""
+    async def scenario(rig: Rig) -> tuple[int, int, int, list[dict[str, str]]]:
+        customer, rid, md = await admitted(rig)
+        await settle_entry(rig.gw, entry(rid, {**md, "tollgate.usage": dict(USAGE)}, code=200))
+        return await money(rig, customer, rid)
+
+    balance, spend, reserved, records = run(redis_url, policy, scenario)
+    assert (balance, spend, reserved) == (FUNDS - COST, COST, 0)
+    assert [r["status"] for r in records] == ["200"]
 
 
 def test_an_entry_without_a_snapshot_is_not_the_settlements(redis_url: str, policy: Policy) -> None:
