@@ -45,6 +45,8 @@ SETTLE_LOG_BUFFER_BYTES = 16384
 # A request refused for money or tokens is reserved once more after this wait, so that the
 # client's previous answers, settled from the access log, have landed (downstream.reserve).
 SETTLE_WAIT_S = 0.05
+# How often (in hand-overs) a process forgets handed-over requests whose reservation expired.
+HANDED_SWEEP_EVERY = 1000
 
 # --- Redis (store.py) -------------------------------------------------------------------------
 # One deadline per round trip on the request path: a Redis that does not answer within it
