@@ -335,7 +335,7 @@ class Exchange(PassThrough):
         price = c.target.price
         if parsed.stream or self.big or max(price.input_micro_per_mtok, price.output_micro_per_mtok) >= FAST_MAX_PRICE:
             return None
-        headers = {h.header.key: h.header.raw_value.decode() for h in self.attribution(cost_micro=None)}
+        headers = self.attribution_headers(cost_micro=None)
         return {"pi_h": price.input_micro_per_mtok // 1_000_000, "pi_l": price.input_micro_per_mtok % 1_000_000,
                 "po_h": price.output_micro_per_mtok // 1_000_000, "po_l": price.output_micro_per_mtok % 1_000_000,
                 "gen": 1 if self.generates() else 0, "h": headers}
@@ -748,26 +748,30 @@ class Exchange(PassThrough):
     # --- replies ------------------------------------------------------------------------
 
     def attribution(self, cost_micro: int | None) -> list[pb.HeaderValueOption]:
-        out = [_opt("x-request-id", self.request_id)] if self.request_id else []
+        return [_opt(k, v) for k, v in self.attribution_headers(cost_micro).items()]
+
+    def attribution_headers(self, cost_micro: int | None) -> dict[str, str]:
+        """SPEC §3's response headers, as far as they are known (no cost: not priced yet)."""
+        out = {"x-request-id": self.request_id} if self.request_id else {}
         if self.key is None:
             return out
-        out += [
-            _opt("x-tollgate-customer", self.key.customer),
-            _opt("x-tollgate-workspace", self.key.workspace),
-            _opt("x-tollgate-key-id", self.key.key_id),
-            _opt("x-tollgate-attempts", str(len(self.attempts))),  # real upstream attempts only
-            _opt("x-tollgate-fallback-reason", self.fallback_reason),
-            _opt("x-tollgate-provider", self.choice.provider.name if self.choice and self.attempts else "none"),
-        ]
+        out.update({
+            "x-tollgate-customer": self.key.customer,
+            "x-tollgate-workspace": self.key.workspace,
+            "x-tollgate-key-id": self.key.key_id,
+            "x-tollgate-attempts": str(len(self.attempts)),  # real upstream attempts only
+            "x-tollgate-fallback-reason": self.fallback_reason,
+            "x-tollgate-provider": self.choice.provider.name if self.choice and self.attempts else "none",
+        })
         if self.route is not None:
-            out += [
-                _opt("x-tollgate-route", self.route.name),
-                _opt("x-tollgate-primary-model", self.route.primary_model),
-                _opt("x-tollgate-final-model", self.choice.target.name if self.choice else self.route.primary_model),
-            ]
+            out.update({
+                "x-tollgate-route": self.route.name,
+                "x-tollgate-primary-model": self.route.primary_model,
+                "x-tollgate-final-model": self.choice.target.name if self.choice else self.route.primary_model,
+            })
         if cost_micro is not None:
-            out.append(_opt("x-tollgate-cost-usd", format_usd(cost_micro)))
-        out += [_opt(k, v) for k, v in self.rate_headers.items()]
+            out["x-tollgate-cost-usd"] = format_usd(cost_micro)
+        out.update(self.rate_headers)
         return out
 
     def headers_reply(self, set_headers: list[pb.HeaderValueOption], remove: list[str]) -> pb.ProcessingResponse:
