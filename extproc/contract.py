@@ -177,7 +177,7 @@ local MAX = %(max_count)d
 
 local function count(v)
   if type(v) ~= "number" or v < 0 or v > MAX or v ~= math.floor(v) then return nil end
-  return v
+  return v + 0  -- a JSON -0 counts 0: -0 would make the cost header "-0.000000"
 end
 
 local function first(u, a, b)
