@@ -10,6 +10,8 @@ amount is the one computed here by hand.
 
 from __future__ import annotations
 
+import http.client
+import json
 import time
 import uuid
 
@@ -129,3 +131,73 @@ def test_a_chunked_json_answer_bills_its_usage(stack: Stack, customer: str) -> N
     usage = '"usage":{"prompt_tokens":7,"completion_tokens":9}'
     answer, rec = answered(stack, customer, Reply(raw_body=body_with(usage), chunked=True, chunk_delay_s=0.05))
     assert (micro(answer.headers["x-tollgate-cost-usd"]), int(rec["cost_micro_usd"])) == (86, 86)
+
+
+# --- headers: nobody outside can start, skip or see the answer processor ------------------------
+
+def answer_streams(stack: Stack) -> int:
+    return stack.envoy.stats().get(ANSWER_STREAMS, 0)
+
+
+def raw_answer(stack: Stack, secret: str, body: dict[str, object], headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """A raw HTTP exchange (the SDK would hide headers of a stream): status, headers, body."""
+    conn = http.client.HTTPConnection("127.0.0.1", stack.envoy.port, timeout=30)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                     headers={"authorization": f"Bearer {secret}", "content-type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def test_a_client_cannot_start_the_answer_processor_with_the_internal_header(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer)
+    before = answer_streams(stack)
+    status, headers, _ = raw_answer(stack, secret, {"model": "legal_summary", "messages": MESSAGES, "max_tokens": 20},
+                                    {"x-tollgate-answer": "process"})
+    assert status == 200 and "x-tollgate-answer" not in headers
+    assert answer_streams(stack) == before
+
+
+def test_a_stream_answer_never_shows_the_internal_header(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer)
+    status, headers, body = raw_answer(stack, secret, {"model": "legal_summary", "messages": MESSAGES, "stream": True})
+    assert status == 200 and b"data:" in body
+    assert "x-tollgate-answer" not in headers
+
+
+def test_a_rate_limited_answer_never_shows_the_internal_header_nor_the_providers_limits(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer)
+    stack.fakes["p3"].script(Reply(status=429, retry_after=1, headers={"x-ratelimit-remaining-requests": "999"}))
+    status, headers, body = raw_answer(stack, secret, {"model": "legal_summary", "messages": MESSAGES, "max_tokens": 20})
+    assert status == 503 and json.loads(body)["error"]["code"] == "upstream_unavailable"  # fail_closed on a provider's 429
+    assert "x-tollgate-answer" not in headers and headers.get("x-ratelimit-remaining-requests") != "999"
+
+
+def test_an_answer_without_usage_never_shows_the_internal_header(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer)
+    stack.fakes["p3"].script(Reply(usage=False, headers={"x-tollgate-answer": "process"}))
+    status, headers, _ = raw_answer(stack, secret, {"model": "legal_summary", "messages": MESSAGES, "max_tokens": 20})
+    assert status == 200 and "x-tollgate-answer" not in headers
+
+
+def test_a_provider_header_cannot_skip_the_answer_processor_of_a_stream(stack: Stack, customer: str) -> None:
+    """A stream is metered by the answer processor: a provider's `x-tollgate-answer: skip` (or
+    any value) must not leave it unbilled."""
+    _, secret = stack.create_key(customer)
+    stack.fakes["p3"].default = Reply(headers={"x-tollgate-answer": "skip"}, completion_tokens=12)
+    before = answer_streams(stack)
+    events = stack.client(secret).chat.completions.create(model="legal_summary", messages=[{"role": "user", "content": "hi"}],
+                                                          stream=True, max_tokens=50)
+    assert sum(1 for _ in events) > 0
+    assert answer_streams(stack) == before + 1
+    assert int(record_of_any(stack, customer)["completion_tokens"]) == 12
+
+
+def record_of_any(stack: Stack, customer: str, timeout: float = 10) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while not (recs := records_of(stack, customer)):
+        assert time.monotonic() < deadline, "no record"
+        time.sleep(0.02)
+    return recs[0]
