@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from extproc.fakeprovider import Reply
+from extproc.quota import Account
 from tests.conftest import Stack
-from tests.test_money_suite import Answer, records_of, send
+from tests.test_money_suite import Answer, forwarded, records_of, send
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 ANSWER_STREAMS = "http.tollgate.ext_proc.answer.streams_started"
@@ -201,3 +204,71 @@ def record_of_any(stack: Stack, customer: str, timeout: float = 10) -> dict[str,
         assert time.monotonic() < deadline, "no record"
         time.sleep(0.02)
     return recs[0]
+
+
+# --- a prepaid customer at its limit, back to back: settled money is what counts ---------------
+
+SEQ_BODY = json.dumps({"model": "legal_summary", "messages": MESSAGES, "max_tokens": 50}, separators=(",", ":")).encode()
+# The reservation: 2 micro-USD per body byte (the input bound) + 8 x 50 (the cap).
+SEQ_RESERVATION = 2 * len(SEQ_BODY) + 400
+SEQ_COST = 2 * 5 + 8 * 10  # each answer: 5 prompt and 10 completion tokens
+SEQ_N = 10
+
+
+def at_the_limit(stack: Stack, customer: str) -> str:
+    """A prepaid customer whose balance covers SEQ_N answers' costs but, for the last of them,
+    the full reservation only once every earlier answer has settled."""
+    _, secret = stack.create_key(customer, plan="prepaid")
+    stack.redis_sync().incrby(Account(customer, "", "").k("balance"), SEQ_RESERVATION + (SEQ_N - 1) * SEQ_COST)
+    stack.fakes["p3"].default = Reply(prompt_tokens=5, completion_tokens=10)
+    return secret
+
+
+def test_back_to_back_requests_at_the_limit_all_get_their_full_cap(stack: Stack, customer: str) -> None:
+    secret = at_the_limit(stack, customer)
+    took = []
+    for i in range(SEQ_N):
+        t0 = time.monotonic()
+        answer = send(stack, secret, "/chat/completions", SEQ_BODY, f"seq-{i}-{customer}")
+        took.append(round((time.monotonic() - t0) * 1000, 1))
+        assert answer.status == 200, (i, answer.raw)
+        assert [b["max_tokens"] for b in forwarded(stack, f"seq-{i}-{customer}")] == [50], (i, took)
+    print("back-to-back latencies (ms):", took)
+
+
+def test_the_first_request_the_settled_money_cannot_cover_is_cut_to_it(stack: Stack, customer: str) -> None:
+    """After SEQ_N answers, SEQ_RESERVATION - SEQ_COST is left: (400 - 90) // 8 = 38 output tokens."""
+    secret = at_the_limit(stack, customer)
+    for i in range(SEQ_N):
+        assert send(stack, secret, "/chat/completions", SEQ_BODY, f"seq-{i}-{customer}").status == 200
+    assert send(stack, secret, "/chat/completions", SEQ_BODY, f"last-{customer}").status == 200
+    assert [b["max_tokens"] for b in forwarded(stack, f"last-{customer}")] == [38]
+
+
+def test_fifty_concurrent_requests_against_money_for_five_never_overdraw(stack: Stack, customer: str) -> None:
+    """The balance covers five full reservations: however the 50 race (refused as 'settling',
+    asked again, cut or refused), the spend never exceeds the balance and nothing stays reserved."""
+    _, secret = stack.create_key(customer, plan="prepaid")
+    paid = 5 * SEQ_RESERVATION
+    stack.redis_sync().incrby(Account(customer, "", "").k("balance"), paid)
+    stack.fakes["p3"].default = Reply(completion_tokens=None, prompt_per_byte=True, delay_s=0.05)  # all the cap allows
+    start = threading.Barrier(50)
+
+    def one(i: int) -> int:
+        start.wait()
+        return send(stack, secret, "/chat/completions", SEQ_BODY, f"race-{i}-{customer}").status
+
+    with ThreadPoolExecutor(50) as pool:
+        statuses = list(pool.map(one, range(50)))
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 5, statuses
+    served = statuses.count(200)
+    deadline = time.monotonic() + 10
+    while len(records_of(stack, customer)) < served:  # a refusal leaves no record
+        assert time.monotonic() < deadline, "records missing"
+        time.sleep(0.05)
+    r = stack.redis_sync()
+    acct = Account(customer, "", "")
+    balance, reserved = int(r.get(acct.k("balance")) or 0), int(r.get(acct.k("reserved")) or 0)
+    billed = sum(int(x["cost_micro_usd"]) for x in records_of(stack, customer))
+    assert len(records_of(stack, customer)) == served
+    assert (reserved, balance) == (0, paid - billed) and balance >= 0, (served, billed)
