@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
-from extproc.fakeprovider import Reply
+from extproc.devstack import Processor
+from extproc.fakeprovider import FakeProvider, Reply
 from extproc.quota import Account
-from tests.conftest import Stack
+from tests.conftest import Stack, running_stack
 from tests.test_money_suite import Answer, forwarded, records_of, send
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -272,3 +277,108 @@ def test_fifty_concurrent_requests_against_money_for_five_never_overdraw(stack: 
     billed = sum(int(x["cost_micro_usd"]) for x in records_of(stack, customer))
     assert len(records_of(stack, customer)) == served
     assert (reserved, balance) == (0, paid - billed) and balance >= 0, (served, billed)
+
+
+# --- faults: the processor dies or freezes between the answer and its settlement ------------------
+
+REAPED_ENV = {"TOLLGATE_RESERVATION_GRACE_S": "1", "TOLLGATE_REAPER_INTERVAL_S": "0.3"}
+
+
+@pytest.fixture(scope="module")
+def kstack(fakes: dict[str, FakeProvider], policy_dir: Path) -> Iterator[Stack]:
+    """One processor worker (SIGSTOP / SIGKILL reach the process that holds the access log)."""
+    with running_stack(fakes, policy_dir, workers=1, env=REAPED_ENV, name="one-message-faults") as s:
+        yield s
+
+
+def resv_deadline_ms(stack: Stack, customer: str, rid: str) -> int:
+    return int(stack.redis_sync().hget(Account(customer, "", "").k(f"resv:{rid}"), "deadline") or 0)
+
+
+def redis_now_ms(stack: Stack) -> int:
+    sec, usec = stack.redis_sync().time()
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+def served_while_frozen(stack: Stack, customer: str, secret: str, rid: str) -> tuple[Answer, int]:
+    """A request the processor reserved, then froze (SIGSTOP) before the answer came back: Envoy
+    alone answers it, and its access-log entry waits in the frozen processor's socket. Returns the
+    client's answer and the reservation's deadline."""
+    stack.fakes["p3"].script(Reply(delay_s=0.6, prompt_tokens=5, completion_tokens=10))
+    out: list[Answer] = []
+    t = threading.Thread(target=lambda: out.append(
+        send(stack, secret, "/chat/completions", {"model": "legal_summary", "messages": MESSAGES, "max_tokens": 50}, rid)))
+    t.start()
+    deadline = time.monotonic() + 5
+    while not (due := resv_deadline_ms(stack, customer, rid)):
+        assert time.monotonic() < deadline, "never reserved"
+        time.sleep(0.01)
+    assert stack.processor.proc is not None
+    os.kill(stack.processor.proc.pid, signal.SIGSTOP)
+    t.join(timeout=20)
+    time.sleep(0.2)  # Envoy's access log flushes its entry (every few ms) into the frozen processor's socket
+    return out[0], due
+
+
+def wait_past(stack: Stack, due_ms: int) -> None:
+    while redis_now_ms(stack) <= due_ms + 100:
+        time.sleep(0.1)
+
+
+def replace_processor(stack: Stack) -> None:
+    old = stack.processor
+    stack.processor = Processor(old.policy, old.redis_url, port=old.port, metrics_port=old.metrics_port, env=old.env,
+                                log_path=old.log_path).start()
+
+
+def test_an_answer_whose_entry_dies_with_the_processor_is_reaped_once_as_unsettled(kstack: Stack, customer: str) -> None:
+    """The client got its 200 from Envoy alone; the processor then died (SIGKILL) with the entry
+    unread. The next processor's reaper turns the reservation into one 'unsettled' record and
+    releases its money; nothing is billed twice and nothing stays reserved."""
+    _, secret = kstack.create_key(customer)
+    assert send(kstack, secret, "/chat/completions", {"model": "legal_summary", "messages": MESSAGES}).status == 200
+    rid = f"killed-{uuid.uuid4().hex}"
+    answer, due = served_while_frozen(kstack, customer, secret, rid)
+    assert answer.status == 200 and micro(answer.headers["x-tollgate-cost-usd"]) == 90  # 2 x 5 + 8 x 10
+    old = kstack.processor.proc
+    assert old is not None
+    os.kill(old.pid, signal.SIGKILL)
+    old.wait()
+    wait_past(kstack, due)
+    replace_processor(kstack)
+    rec = record_of(kstack, customer, rid, timeout=20)
+    assert (rec["status"], rec["cost_micro_usd"]) == ("unsettled", "0")
+    time.sleep(1.0)  # Envoy resends nothing to the new processor: still one record
+    assert [r["status"] for r in records_of(kstack, customer) if r["request_id"] == rid] == ["unsettled"]
+    assert int(kstack.redis_sync().get(Account(customer, "", "").k("reserved")) or 0) == 0
+
+
+def test_an_entry_settled_after_another_processor_reaped_it_bills_once(kstack: Stack, fakes: dict[str, FakeProvider],
+                                                                       customer: str) -> None:
+    """The processor froze with the entry unread until the reservation was overdue, and another
+    processor (sharing Redis) reaped it as 'unsettled'; then the frozen one wakes and settles the
+    entry. The money is exact: the balance moves by the answer's cost once, nothing stays
+    reserved, and both records name one record_id."""
+    _, secret = kstack.create_key(customer, plan="prepaid")
+    acct = Account(customer, "", "")
+    kstack.redis_sync().incrby(acct.k("balance"), 100_000)
+    rid = f"late-{uuid.uuid4().hex}"
+    answer, due = served_while_frozen(kstack, customer, secret, rid)
+    frozen = kstack.processor.proc
+    assert frozen is not None and answer.status == 200
+    wait_past(kstack, due)
+    other = Processor(kstack.processor.policy, kstack.redis.url, env=REAPED_ENV).start()
+    try:
+        assert record_of(kstack, customer, rid, timeout=20)["status"] == "unsettled"
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+        other.stop()
+    deadline = time.monotonic() + 10
+    while len(recs := [r for r in records_of(kstack, customer) if r["request_id"] == rid]) < 2:
+        assert time.monotonic() < deadline, recs
+        time.sleep(0.05)
+    # One record_id for both: the ledger keeps the settled one (README, usage records).
+    assert sorted((r["status"], r["cost_micro_usd"]) for r in recs) == [("200", "90"), ("unsettled", "0")]
+    assert recs[0]["record_id"] == recs[1]["record_id"]
+    r = kstack.redis_sync()
+    assert (int(r.get(acct.k("balance")) or 0), int(r.get(acct.k("reserved")) or 0)) == (100_000 - 90, 0)
