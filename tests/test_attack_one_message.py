@@ -382,3 +382,43 @@ def test_an_entry_settled_after_another_processor_reaped_it_bills_once(kstack: S
     assert recs[0]["record_id"] == recs[1]["record_id"]
     r = kstack.redis_sync()
     assert (int(r.get(acct.k("balance")) or 0), int(r.get(acct.k("reserved")) or 0)) == (100_000 - 90, 0)
+
+
+# --- a client that leaves -------------------------------------------------------------------------
+
+def leave_early(stack: Stack, secret: str, rid: str, after_s: float) -> None:
+    """Send a plain request and hang up after `after_s`, before any answer came."""
+    conn = http.client.HTTPConnection("127.0.0.1", stack.envoy.port, timeout=after_s)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({"model": "legal_summary", "messages": MESSAGES, "max_tokens": 50}),
+                 headers={"authorization": f"Bearer {secret}", "content-type": "application/json", "x-request-id": rid})
+    with pytest.raises(OSError):
+        conn.getresponse()
+    conn.close()
+
+
+def test_a_client_gone_before_the_answer_is_released_at_once_not_by_the_reaper(stack: Stack, customer: str) -> None:
+    """The provider answers after the client left: nothing reached the client, so the record says
+    499 at 0 and the money is released within moments (the shared stack's reaper grace is 60 s)."""
+    _, secret = stack.create_key(customer)
+    stack.fakes["p3"].script(Reply(delay_s=0.8))
+    rid = f"gone-{uuid.uuid4().hex}"
+    leave_early(stack, secret, rid, 0.3)
+    rec = record_of(stack, customer, rid, timeout=5)
+    assert (rec["status"], rec["cost_micro_usd"]) == ("499", "0")
+    assert int(stack.redis_sync().get(Account(customer, "", "").k("reserved")) or 0) == 0
+
+
+def test_a_client_gone_while_a_json_answer_arrives_is_billed_like_a_lost_answer(stack: Stack, customer: str) -> None:
+    """The provider answered 200 and was sending its JSON body (slowly, chunked) when the client
+    left. The provider did the work: like any 2xx answer whose body never got through
+    (`Exchange.close`), it is billed at its reservation, 2 x body bytes + 8 x 50, never at 0."""
+    _, secret = stack.create_key(customer)
+    usage = '"usage":{"prompt_tokens":7,"completion_tokens":9}'
+    stack.fakes["p3"].script(Reply(raw_body=body_with(usage), chunked=True, chunk_delay_s=0.4))
+    rid = f"mid-{uuid.uuid4().hex}"
+    leave_early(stack, secret, rid, 0.6)  # after the headers and first chunk, before the last
+    rec = record_of(stack, customer, rid, timeout=5)
+    body = json.dumps({"model": "legal_summary", "messages": MESSAGES, "max_tokens": 50})
+    (fwd,) = forwarded(stack, rid)
+    assert fwd["max_tokens"] == 50
+    assert int(rec["cost_micro_usd"]) == int(rec["reserved_micro_usd"]) > 0, (rec["status"], rec["cost_micro_usd"], len(body))
