@@ -50,7 +50,10 @@ async def settle_entry(gw: Gateway, entry: LogEntry) -> None:
         ex.started = time.monotonic() - entry.duration_us / 1e6
     usage = usage_from_metadata(entry.metadata.get(NS_USAGE, {}), ex.generates())
     if FAST_COST not in fast and not (entry.response_code == 200 and usage is not None):
-        await ex.close()  # the client left before the answer's headers
+        # The client left before the answer's headers. If the provider had answered 2xx (its
+        # body was on its way), it did the work: `close` bills it as a lost answer.
+        ex.upstream_status = entry.response_code
+        await ex.close()
         return
     if FAST_COST not in fast:  # a 200 with usage the Lua did not price (it failed?): billed all the same
         log.error("request %s: a 200 answer with usage was not priced by Envoy's Lua; settled from its usage", entry.request_id)
