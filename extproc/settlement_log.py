@@ -13,8 +13,9 @@ Who settles what, so nothing is settled twice and nothing is lost:
   - PRICE_LUA priced it (FAST_COST): here, from the entry;
   - PRICE_LUA handed it to the answer processor (FAST_HANDED): that processor; not here;
   - neither (the client left before the answer's headers): here, as the processor's `close`
-    would (nothing served is billed 0; the reservation is released); but a 200 whose usage
-    Envoy read is billed from it even so (the Lua failing must not make an answer free);
+    would (nothing served is billed 0; a provider's 2xx whose body never got through, at its
+    reservation); but a 200 whose usage Envoy read is billed from it even so (the Lua failing
+    must not make an answer free);
   - no entry at all (Envoy died, the processor was down when the batch came): the reaper
     records the reservation as `unsettled`, as for any request whose processor died.
 A settlement is applied once even if its entry came twice: the reservation's marker and the
