@@ -10,6 +10,7 @@ amount is the one computed here by hand.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -22,11 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 
 from extproc.devstack import Processor
 from extproc.fakeprovider import FakeProvider, Reply
 from extproc.quota import Account
-from tests.conftest import Stack, running_stack
+from tests.conftest import Stack, running_stack, write_policy
 from tests.test_money_suite import Answer, forwarded, records_of, send
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -407,3 +409,65 @@ def test_a_client_gone_before_the_answer_is_released_at_once_not_by_the_reaper(s
     assert (rec["status"], rec["cost_micro_usd"]) == ("499", "0")
     assert int(stack.redis_sync().get(Account(customer, "", "").k("reserved")) or 0) == 0
 
+
+
+# --- a policy reload while a request is in flight: it is billed at the price it was admitted at ---
+
+@pytest.fixture(scope="module")
+def rstack(fakes: dict[str, FakeProvider]) -> Iterator[Stack]:
+    """Its own policy directory, which the tests rewrite (the processor reloads on SIGHUP)."""
+    with running_stack(fakes, write_policy(fakes), workers=1, name="one-message-reload") as s:
+        yield s
+
+
+@contextlib.contextmanager
+def repriced(stack: Stack, model: str, input_usd: float, output_usd: float) -> Iterator[None]:
+    path = stack.policy_dir / "00-catalog.yaml"
+    original = path.read_text()
+    doc = yaml.safe_load(original)
+    doc["models"][model]["price"] = {"input_per_mtok_usd": input_usd, "output_per_mtok_usd": output_usd}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    try:
+        yield
+    finally:
+        path.write_text(original)
+        reload_policy(stack)
+
+
+def reload_policy(stack: Stack) -> None:
+    assert stack.processor.proc is not None
+    os.kill(stack.processor.proc.pid, signal.SIGHUP)
+    time.sleep(0.3)
+
+
+def admitted_then_repriced(stack: Stack, customer: str, body: dict[str, object]) -> tuple[Answer, dict[str, str]]:
+    """A request to legal_summary admitted at $2 / $8 per Mtok; while the provider works, the
+    operator doubles the model's prices and the processor reloads. The answer: 10 and 10 tokens."""
+    _, secret = stack.create_key(customer)
+    rid = uuid.uuid4().hex
+    stack.fakes["p3"].script(Reply(delay_s=1.5, prompt_tokens=10, completion_tokens=10))
+    out: list[Answer] = []
+    t = threading.Thread(target=lambda: out.append(send(stack, secret, "/chat/completions", body, rid)))
+    t.start()
+    deadline = time.monotonic() + 5
+    while not stack.redis_sync().exists(Account(customer, "", "").k(f"resv:{rid}")):
+        assert time.monotonic() < deadline, "never reserved"
+        time.sleep(0.01)
+    with repriced(stack, "strong_reasoning", 4.0, 16.0):
+        reload_policy(stack)
+        t.join(timeout=20)
+        assert out and out[0].status == 200, out
+        return out[0], record_of(stack, customer, rid)
+
+
+def test_a_plain_answer_admitted_before_a_price_change_is_billed_at_its_admitted_price(rstack: Stack, customer: str) -> None:
+    """2 x 10 + 8 x 10 = 100 micro-USD in the header (Envoy's Lua) and in the record."""
+    answer, rec = admitted_then_repriced(rstack, customer, {"model": "legal_summary", "messages": MESSAGES, "max_tokens": 50})
+    assert (micro(answer.headers["x-tollgate-cost-usd"]), int(rec["cost_micro_usd"])) == (100, 100)
+
+
+def test_a_stream_admitted_before_a_price_change_is_billed_at_its_admitted_price(rstack: Stack, customer: str) -> None:
+    """The answer processor rebuilds the request when the answer's headers come: still 100."""
+    _, rec = admitted_then_repriced(rstack, customer, {"model": "legal_summary", "messages": MESSAGES, "max_tokens": 50,
+                                                       "stream": True})
+    assert int(rec["cost_micro_usd"]) == 100
