@@ -29,6 +29,7 @@ calls them, and translates results into Envoy's protocol.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -93,7 +94,7 @@ from extproc.payload import (
 )
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.phases import PassThrough
-from extproc.policy.model import Route
+from extproc.policy.model import Price, Route
 from extproc.protocol import attribute, immediate, metadata, namespace
 from extproc.protocol import header as _opt
 from extproc.protocol import headers_of as _headers_of
@@ -287,6 +288,7 @@ class Exchange(PassThrough):
         return {"path": self.path, "rid": self.request_id, "t0": self.started_ms, "rec": self.record_id,
                 "key": [key.key_id, key.customer, key.workspace, key.plan],
                 "c": [c.route.name, c.plan.name, c.primary.name, c.target.name],
+                "px": [c.target.price.input_micro_per_mtok, c.target.price.output_micro_per_mtok],
                 "res": [res.month, res.prepaid, res.amount, res.cap],
                 "b": [b.input_tokens, b.rate_tokens, b.output_tokens, b.min_output_tokens, b.choices, b.input_price, b.output_price],
                 "ttl": self.reservation_ttl_ms, "rate": self.rate_headers, "rule": self.rule, "fr": self.fallback_reason,
@@ -309,6 +311,8 @@ class Exchange(PassThrough):
         key_id, customer, workspace, key_plan = snap["key"]
         ex.key = KeyInfo(key_id, customer, workspace, key_plan)
         ex.route = route
+        if "px" in snap:  # billed at the price it was admitted (and reserved, and Envoy priced) at, even after a reload
+            target = dataclasses.replace(target, price=Price(int(snap["px"][0]), int(snap["px"][1])))
         ex.choice = RouteChoice(route, plan, primary, target, p.providers[target.provider])
         month, prepaid, amount, cap = snap["res"]
         ex.reservation = Reservation(Account(customer, workspace, key_id), ex.request_id, month, bool(prepaid), int(amount), int(cap))
