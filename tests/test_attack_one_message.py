@@ -18,9 +18,10 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -421,11 +422,11 @@ def rstack(fakes: dict[str, FakeProvider]) -> Iterator[Stack]:
 
 
 @contextlib.contextmanager
-def repriced(stack: Stack, model: str, input_usd: float, output_usd: float) -> Iterator[None]:
+def edited_catalog(stack: Stack, edit: Callable[[dict[str, Any]], None]) -> Iterator[None]:
     path = stack.policy_dir / "00-catalog.yaml"
     original = path.read_text()
     doc = yaml.safe_load(original)
-    doc["models"][model]["price"] = {"input_per_mtok_usd": input_usd, "output_per_mtok_usd": output_usd}
+    edit(doc)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     try:
         yield
@@ -440,9 +441,19 @@ def reload_policy(stack: Stack) -> None:
     time.sleep(0.3)
 
 
-def admitted_then_repriced(stack: Stack, customer: str, body: dict[str, object]) -> tuple[Answer, dict[str, str]]:
+def double_the_price(doc: dict[str, Any]) -> None:
+    doc["models"]["strong_reasoning"]["price"] = {"input_per_mtok_usd": 4.0, "output_per_mtok_usd": 16.0}
+
+
+def remove_the_route(doc: dict[str, Any]) -> None:
+    doc["routes"] = [r for r in doc["routes"] if r["route"] != "legal_summary"]
+
+
+def admitted_then_repriced(stack: Stack, customer: str, body: dict[str, object],
+                           edit: Callable[[dict[str, Any]], None] = double_the_price) -> tuple[Answer, dict[str, str]]:
     """A request to legal_summary admitted at $2 / $8 per Mtok; while the provider works, the
-    operator doubles the model's prices and the processor reloads. The answer: 10 and 10 tokens."""
+    operator edits the policy (by default doubles the model's prices) and the processor reloads.
+    The answer: 10 and 10 tokens."""
     _, secret = stack.create_key(customer)
     rid = uuid.uuid4().hex
     stack.fakes["p3"].script(Reply(delay_s=1.5, prompt_tokens=10, completion_tokens=10))
@@ -453,7 +464,7 @@ def admitted_then_repriced(stack: Stack, customer: str, body: dict[str, object])
     while not stack.redis_sync().exists(Account(customer, "", "").k(f"resv:{rid}")):
         assert time.monotonic() < deadline, "never reserved"
         time.sleep(0.01)
-    with repriced(stack, "strong_reasoning", 4.0, 16.0):
+    with edited_catalog(stack, edit):
         reload_policy(stack)
         t.join(timeout=20)
         assert out and out[0].status == 200, out
@@ -471,3 +482,12 @@ def test_a_stream_admitted_before_a_price_change_is_billed_at_its_admitted_price
     _, rec = admitted_then_repriced(rstack, customer, {"model": "legal_summary", "messages": MESSAGES, "max_tokens": 50,
                                                        "stream": True})
     assert int(rec["cost_micro_usd"]) == 100
+
+
+def test_a_plain_answer_admitted_before_its_route_was_removed_is_billed_its_usage(rstack: Stack, customer: str) -> None:
+    """The operator retires the route while its last request is in flight: that request was
+    admitted and served, so it is settled from its usage (100 micro-USD, status 200) at once,
+    not left to the reaper as 'unsettled' and billed 0."""
+    answer, rec = admitted_then_repriced(rstack, customer, {"model": "legal_summary", "messages": MESSAGES, "max_tokens": 50},
+                                         remove_the_route)
+    assert (micro(answer.headers["x-tollgate-cost-usd"]), rec["status"], int(rec["cost_micro_usd"])) == (100, "200", 100)
