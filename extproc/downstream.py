@@ -297,15 +297,19 @@ class Exchange(PassThrough):
 
     @classmethod
     def resume(cls, gw: Gateway, snap: dict[str, Any]) -> Exchange | None:
-        """The Exchange `snapshot` described, ready for its response phase; None when the
-        policy no longer has its route or models (the reaper then records it as unsettled)."""
+        """The Exchange `snapshot` described, ready for its response phase, under the newest
+        policy (in force, or retired by a reload meanwhile) that has its route and models; None
+        when none has (the reaper then records it as unsettled)."""
         ex = cls(gw)
-        p = ex.policy
         route_name, plan_name, primary_name, target_name = snap["c"]
-        route, plan = p.routes.get(route_name), p.plans.get(plan_name)
-        primary, target = p.models.get(primary_name), p.models.get(target_name)
-        if route is None or plan is None or primary is None or target is None or target.provider not in p.providers:
+        for p in (gw.policy, *gw.retired):
+            route, plan = p.routes.get(route_name), p.plans.get(plan_name)
+            primary, target = p.models.get(primary_name), p.models.get(target_name)
+            if route is not None and plan is not None and primary is not None and target is not None and target.provider in p.providers:
+                break
+        else:
             return None
+        ex.policy = p
         ex.path, ex.request_id, ex.started_ms, ex.record_id = snap["path"], snap["rid"], int(snap["t0"]), snap["rec"]
         ex.started = time.monotonic() - max(0, now_ms() - ex.started_ms) / 1000
         key_id, customer, workspace, key_plan = snap["key"]
