@@ -7,6 +7,7 @@ values and hands every batch to a callback; what to do with them is the caller's
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -110,20 +111,37 @@ def entries(msg: Any) -> list[LogEntry]:
     return [to_entry(e) for e in msg.http_logs.log_entry if is_final(e)]
 
 
-def add_access_log_service(server: grpc.aio.Server, on_entries: Callable[[list[LogEntry]], None]) -> None:
+def add_access_log_service(server: grpc.aio.Server, on_entries: Callable[[list[LogEntry]], None]) -> asyncio.Event:
     """Serve StreamAccessLogs on `server`: every message's entries go to `on_entries` (synchronous:
     the caller schedules any async work). Envoy keeps one stream open and never expects a reply
-    before it closes the stream, so the response is sent only at EOF."""
+    before it closes the stream, so the response is sent only at EOF, or once the returned event
+    is set: Envoy never ends its streams, so a stopping server ends them (else its graceful stop
+    would wait out its whole grace period); Envoy sends later entries on a new stream."""
+    stopping = asyncio.Event()
 
     async def stream_access_logs(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-        async for msg in requests:
-            batch = entries(msg)
-            if not batch:
-                continue
-            try:
-                on_entries(batch)
-            except Exception:  # one bad batch must not close the stream Envoy sends everything on
-                log.exception("access-log callback failed on %d entries", len(batch))
+        it = aiter(requests)
+        stop = asyncio.ensure_future(stopping.wait())
+        try:
+            while True:
+                nxt = asyncio.ensure_future(anext(it))
+                await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    break
+                try:
+                    msg = nxt.result()
+                except StopAsyncIteration:
+                    break
+                batch = entries(msg)
+                if not batch:
+                    continue
+                try:
+                    on_entries(batch)
+                except Exception:  # one bad batch must not close the stream Envoy sends everything on
+                    log.exception("access-log callback failed on %d entries", len(batch))
+        finally:
+            stop.cancel()
         return pb.StreamAccessLogsResponse()
 
     handler = grpc.stream_unary_rpc_method_handler(
@@ -132,3 +150,4 @@ def add_access_log_service(server: grpc.aio.Server, on_entries: Callable[[list[L
         response_serializer=pb.StreamAccessLogsResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler})])
+    return stopping
