@@ -491,3 +491,21 @@ def test_a_plain_answer_admitted_before_its_route_was_removed_is_billed_its_usag
     answer, rec = admitted_then_repriced(rstack, customer, {"model": "legal_summary", "messages": MESSAGES, "max_tokens": 50},
                                          remove_the_route)
     assert (micro(answer.headers["x-tollgate-cost-usd"]), rec["status"], int(rec["cost_micro_usd"])) == (100, "200", 100)
+
+
+# --- a graceful stop ---------------------------------------------------------------------------------
+
+def test_a_graceful_stop_with_the_access_log_open_ends_well_before_its_grace(fakes: dict[str, FakeProvider], policy_dir: Path,
+                                                                              customer: str) -> None:
+    """Envoy keeps its access-log stream open for ever: a stopping processor with nothing left
+    to settle ends it, rather than wait out its 20 s grace for it."""
+    with running_stack(fakes, policy_dir, workers=1, name="one-message-stop") as s:
+        _, secret = s.create_key(customer)
+        rid = uuid.uuid4().hex
+        assert send(s, secret, "/chat/completions", {"model": "legal_summary", "messages": MESSAGES}, rid).status == 200
+        record_of(s, customer, rid)  # settled from the access log: its stream is open
+        assert s.processor.proc is not None
+        t0 = time.monotonic()
+        s.processor.proc.send_signal(signal.SIGTERM)
+        assert s.processor.proc.wait(timeout=30) == 0
+        assert time.monotonic() - t0 < 10
