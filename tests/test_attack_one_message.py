@@ -509,3 +509,4 @@ def test_a_graceful_stop_with_the_access_log_open_ends_well_before_its_grace(fak
         s.processor.proc.send_signal(signal.SIGTERM)
         assert s.processor.proc.wait(timeout=30) == 0
         assert time.monotonic() - t0 < 10
+
