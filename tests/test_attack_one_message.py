@@ -510,3 +510,21 @@ def test_a_graceful_stop_with_the_access_log_open_ends_well_before_its_grace(fak
         assert s.processor.proc.wait(timeout=30) == 0
         assert time.monotonic() - t0 < 10
 
+
+
+def test_a_tokens_per_minute_refusal_with_nothing_in_flight_is_not_delayed(stack: Stack, customer: str) -> None:
+    """The customer's tokens-per-minute bucket is empty and none of its requests is in flight:
+    no settlement can refill it, so the 429 comes at once, not after the 50 ms settling wait
+    and a second reserve call (the median of five, so one slow moment does not decide)."""
+    _, secret = stack.create_key(customer)
+    r = stack.redis_sync()
+    acct = Account(customer, "", "")
+    r.hset(acct.k("limits"), "tpm", 1500)
+    took = []
+    for _ in range(5):
+        r.hset(acct.k("tpm"), mapping={"tokens": "0", "ts": str(redis_now_ms(stack))})
+        t0 = time.monotonic()
+        answer = send(stack, secret, "/chat/completions", {"model": "legal_summary", "messages": MESSAGES, "max_tokens": 50})
+        took.append(time.monotonic() - t0)
+        assert answer.status == 429 and answer.json()["error"]["code"] == "rate_limit_exceeded", answer.raw
+    assert sorted(took)[2] < 0.04, took
