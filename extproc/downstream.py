@@ -106,10 +106,10 @@ from extproc.timeouts import PER_TRY_TIMEOUT_HEADER, attempt_budget_ms, size_exp
 
 log = logging.getLogger("tollgate.downstream")
 
-# Refusals a reservation still waiting for its settlement can cause: money in flight
-# ("settling": reserve.lua would cut the cap or refuse) and tokens held at the cap; requests
-# per minute count requests, which settlement does not change.
-SETTLED_LATER = ("settling", "tpm")
+# Refusals a reservation still waiting for its settlement can cause: reserve.lua answers
+# "settling" where money or tokens a request in flight holds would cut the cap or refuse;
+# requests per minute count requests, which settlement does not change.
+SETTLED_LATER = ("settling",)
 
 
 
