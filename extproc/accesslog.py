@@ -7,7 +7,6 @@ values and hands every batch to a callback; what to do with them is the caller's
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -111,37 +110,20 @@ def entries(msg: Any) -> list[LogEntry]:
     return [to_entry(e) for e in msg.http_logs.log_entry if is_final(e)]
 
 
-def add_access_log_service(server: grpc.aio.Server, on_entries: Callable[[list[LogEntry]], None]) -> asyncio.Event:
+def add_access_log_service(server: grpc.aio.Server, on_entries: Callable[[list[LogEntry]], None]) -> None:
     """Serve StreamAccessLogs on `server`: every message's entries go to `on_entries` (synchronous:
     the caller schedules any async work). Envoy keeps one stream open and never expects a reply
-    before it closes the stream, so the response is sent only at EOF, or once the returned event
-    is set: Envoy never ends its streams, so a stopping server ends them (else its graceful stop
-    would wait out its whole grace period); Envoy sends later entries on a new stream."""
-    stopping = asyncio.Event()
+    before it closes the stream, so the response is sent only at EOF."""
 
     async def stream_access_logs(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-        it = aiter(requests)
-        stop = asyncio.ensure_future(stopping.wait())
-        try:
-            while True:
-                nxt = asyncio.ensure_future(anext(it))
-                await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if not nxt.done():
-                    nxt.cancel()
-                    break
-                try:
-                    msg = nxt.result()
-                except StopAsyncIteration:
-                    break
-                batch = entries(msg)
-                if not batch:
-                    continue
-                try:
-                    on_entries(batch)
-                except Exception:  # one bad batch must not close the stream Envoy sends everything on
-                    log.exception("access-log callback failed on %d entries", len(batch))
-        finally:
-            stop.cancel()
+        async for msg in requests:
+            batch = entries(msg)
+            if not batch:
+                continue
+            try:
+                on_entries(batch)
+            except Exception:  # one bad batch must not close the stream Envoy sends everything on
+                log.exception("access-log callback failed on %d entries", len(batch))
         return pb.StreamAccessLogsResponse()
 
     handler = grpc.stream_unary_rpc_method_handler(
@@ -150,4 +132,3 @@ def add_access_log_service(server: grpc.aio.Server, on_entries: Callable[[list[L
         response_serializer=pb.StreamAccessLogsResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler})])
-    return stopping

@@ -48,8 +48,6 @@ SETTLE_WAIT_S = 0.05
 # Policies replaced by a reload that a processor keeps, newest first: a request admitted under
 # one is still settled under it (downstream.Exchange.resume) when its answer comes after a reload.
 RETIRED_POLICIES_KEPT = 8
-# A stopping processor checks this often whether the requests it handed over are settled.
-DRAIN_POLL_S = 0.1
 
 # --- Redis (store.py) -------------------------------------------------------------------------
 # One deadline per round trip on the request path: a Redis that does not answer within it

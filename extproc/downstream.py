@@ -275,16 +275,10 @@ class Exchange(PassThrough):
         # From here on this stream has nothing more to do: the answer is priced by Envoy's Lua
         # and settled from its access log, or taken by the answer processor (a new stream).
         self.handed_over = self.finished = True
-        self.gw.handed[self.resv_key()] = time.monotonic() + self.reservation_ttl_ms / 1000
         return pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=body))),
             dynamic_metadata=metadata(notes),
         )
-
-    def resv_key(self) -> str:
-        """The reservation's Redis key: gone once the request is settled (or reaped)."""
-        assert self.reservation is not None
-        return self.reservation.account.k(f"resv:{self.request_id}")
 
     def snapshot(self) -> dict[str, Any]:
         """This request's accounting state after the reservation: what the answer processor
@@ -705,8 +699,6 @@ class Exchange(PassThrough):
         if self.finished or self.choice is None:
             return 0
         self.finished = True
-        if self.reservation is not None:
-            self.gw.handed.pop(self.resv_key(), None)
         c = self.choice
         final_status = status or self.client_status()
         served = usage is not None or charge is not None

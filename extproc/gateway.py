@@ -29,10 +29,6 @@ class Gateway:
     # Policies a reload replaced, newest first (at most config.RETIRED_POLICIES_KEPT): requests
     # admitted under them are settled under them (downstream.Exchange.resume).
     retired: list[Policy] = field(default_factory=list)
-    # Reservations this process handed to Envoy's Lua and access log (or the answer processor)
-    # by Redis key, with the monotonic time after which the reaper owns them: a stopping
-    # processor serves on until they are settled, by it or by another (server.drain_handed).
-    handed: dict[str, float] = field(default_factory=dict)
 
     def replace_policy(self, policy: Policy) -> None:
         """A reload: `policy` is in force; the one it replaces is kept for requests in flight."""

@@ -242,35 +242,6 @@ class Processor:
             except (RedisError, TimeoutError):
                 metrics.REDIS_ERRORS.labels("reaper").inc()
 
-    async def forget_settled(self) -> None:
-        """Drop from `gateway.handed` what is settled (its reservation key is gone from Redis,
-        whichever process settled it) or overdue (the reaper's now)."""
-        handed, now = self.gateway.handed, time.monotonic()
-        for k in [k for k, due in handed.items() if due < now]:
-            del handed[k]
-        keys = list(handed)
-        if not keys:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for k in keys:
-            pipe.exists(k)
-        for k, there in zip(keys, await pipe.execute(), strict=True):
-            if not there:
-                handed.pop(k, None)
-
-    async def drain_handed(self, grace_s: float) -> None:
-        """Stopping: serve on (above all Envoy's access log) until every request this process
-        handed over is settled, at most `grace_s`. Its answer comes back through Envoy alone, and
-        an access-log entry with no processor to take it is lost: the request would be reaped
-        as 'unsettled' and billed 0."""
-        deadline = time.monotonic() + grace_s
-        while self.gateway.handed and time.monotonic() < deadline:
-            await asyncio.sleep(config.DRAIN_POLL_S)
-            try:
-                await self.forget_settled()
-            except RedisError:
-                metrics.REDIS_ERRORS.labels("drain").inc()
-
     async def reap_once(self) -> None:
         # Queued clean-ups first: a cancel that waited out a Redis outage must undo its call
         # before the call's reservation, overdue by then, is expired into an 'unsettled' record.
@@ -280,7 +251,6 @@ class Processor:
             await self.gateway.quota.flush_all_chores()
         except RedisError:
             return
-        await self.forget_settled()
         n = await self.gateway.quota.expire_overdue()
         if n:
             log.warning("expired %d overdue reservation(s) into unsettled usage records", n)
@@ -314,7 +284,7 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
         [grpc.method_handlers_generic_handler("envoy.service.ext_proc.v3.ExternalProcessor", {"Process": handler})]
     )
     # Envoy's access log: the settlement of the answers Envoy priced alone (settlement_log).
-    access_log_stopping = add_access_log_service(server, processor.settle_entries)
+    add_access_log_service(server, processor.settle_entries)
     # The standard gRPC health service: Kubernetes' grpc probes and `grpc_health_probe` use it.
     health_service = grpc_health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
@@ -338,8 +308,6 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
     await stop.wait()
     log.info("worker %d stopping: finishing streams in flight (up to %.0fs)", os.getpid(), grace_s)
     await health_service.enter_graceful_shutdown()  # probes see NOT_SERVING from now on
-    await processor.drain_handed(grace_s)
-    access_log_stopping.set()  # what this process handed over is settled: Envoy sends the rest elsewhere
     await server.stop(grace_s)
     if processor.gateway.background:
         await asyncio.wait(processor.gateway.background, timeout=grace_s)
