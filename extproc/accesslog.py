@@ -7,6 +7,7 @@ values and hands every batch to a callback; what to do with them is the caller's
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -110,12 +111,34 @@ def entries(msg: Any) -> list[LogEntry]:
     return [to_entry(e) for e in msg.http_logs.log_entry if is_final(e)]
 
 
-def add_access_log_service(server: grpc.aio.Server, on_entries: Callable[[list[LogEntry]], None]) -> None:
+class Streams:
+    """The access-log streams being served: Envoy never ends one, so a stopping server ends them
+    (`close`: each handler returns its response, which ends the RPC; cancelling a handler's task
+    does not, measured: grpc.aio then waits out the server's whole grace)."""
+
+    def __init__(self) -> None:
+        self.closing = asyncio.Event()
+
+    def close(self) -> None:
+        self.closing.set()
+
+
+def add_access_log_service(server: grpc.aio.Server, on_entries: Callable[[list[LogEntry]], None]) -> Streams:
     """Serve StreamAccessLogs on `server`: every message's entries go to `on_entries` (synchronous:
     the caller schedules any async work). Envoy keeps one stream open and never expects a reply
-    before it closes the stream, so the response is sent only at EOF."""
+    before it closes the stream, so the response is sent only at EOF (or when the returned
+    `Streams` is closed)."""
+    streams = Streams()
 
     async def stream_access_logs(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        reader = asyncio.ensure_future(_serve(requests))
+        closing = asyncio.ensure_future(streams.closing.wait())
+        await asyncio.wait({reader, closing}, return_when=asyncio.FIRST_COMPLETED)
+        reader.cancel()
+        closing.cancel()
+        return pb.StreamAccessLogsResponse()
+
+    async def _serve(requests: AsyncIterator[Any]) -> None:
         async for msg in requests:
             batch = entries(msg)
             if not batch:
@@ -124,7 +147,6 @@ def add_access_log_service(server: grpc.aio.Server, on_entries: Callable[[list[L
                 on_entries(batch)
             except Exception:  # one bad batch must not close the stream Envoy sends everything on
                 log.exception("access-log callback failed on %d entries", len(batch))
-        return pb.StreamAccessLogsResponse()
 
     handler = grpc.stream_unary_rpc_method_handler(
         stream_access_logs,
@@ -132,3 +154,4 @@ def add_access_log_service(server: grpc.aio.Server, on_entries: Callable[[list[L
         response_serializer=pb.StreamAccessLogsResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler})])
+    return streams

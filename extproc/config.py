@@ -48,6 +48,8 @@ SETTLE_WAIT_S = 0.05
 # Policies replaced by a reload that a processor keeps, newest first: a request admitted under
 # one is still settled under it (downstream.Exchange.resume) when its answer comes after a reload.
 RETIRED_POLICIES_KEPT = 8
+# How often (in hand-overs) a process forgets handed-over requests whose reservation expired.
+HANDED_SWEEP_EVERY = 1000
 
 # --- Redis (store.py) -------------------------------------------------------------------------
 # One deadline per round trip on the request path: a Redis that does not answer within it

@@ -275,6 +275,7 @@ class Exchange(PassThrough):
         # From here on this stream has nothing more to do: the answer is priced by Envoy's Lua
         # and settled from its access log, or taken by the answer processor (a new stream).
         self.handed_over = self.finished = True
+        self.gw.hand_over(self.reservation.marker_key, self.reservation_ttl_ms / 1000)
         return pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=body))),
             dynamic_metadata=metadata(notes),
@@ -725,6 +726,7 @@ class Exchange(PassThrough):
             record = self.record_final(usage, cost, kind, final_status)
             tokens = usage.prompt_tokens + usage.completion_tokens if usage else 0
             await settle(self.gw, self.reservation, cost, tokens, served, record.fields())
+            self.gw.handed.pop(self.reservation.marker_key, None)
         return cost
 
     def record_base(self) -> UsageRecord:

@@ -4,6 +4,7 @@ stores (keys, quota, health), provider secrets, and the background tasks it keep
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,21 @@ class Gateway:
         """A reload: `policy` is in force; the one it replaces is kept for requests in flight."""
         self.retired = [self.policy, *self.retired][:config.RETIRED_POLICIES_KEPT]
         self.policy = policy
+
+    # Requests this process reserved for and handed to Envoy's response side (their marker key
+    # -> when their reservation expires, monotonic): a stopping worker waits for their
+    # settlements (`server.Processor.settle_handed`). Removed when settled here; entries another
+    # process settled stay until they expire (swept every HANDED_SWEEP_EVERY insertions).
+    handed: dict[str, float] = field(default_factory=dict)
+    _handed_added: int = 0
+
+    def hand_over(self, marker_key: str, ttl_s: float) -> None:
+        self.handed[marker_key] = time.monotonic() + ttl_s
+        self._handed_added += 1
+        if self._handed_added % config.HANDED_SWEEP_EVERY == 0:
+            now = time.monotonic()
+            for k in [k for k, until in self.handed.items() if until < now]:
+                del self.handed[k]
 
     def credential(self, provider: str) -> str:
         """The `authorization` value a provider is sent (its key from the environment or a

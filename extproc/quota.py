@@ -103,6 +103,11 @@ class Reservation:
     def member(self) -> str:
         return json.dumps([self.account.customer, self.account.workspace, self.request_id])
 
+    @property
+    def marker_key(self) -> str:
+        """The request id's marker (`inflight:<call>` while reserved, then `settled`)."""
+        return self.account.reserve_keys(self.request_id, self.month).marker
+
 
 @dataclass(frozen=True)
 class RateInfo:

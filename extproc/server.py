@@ -174,6 +174,31 @@ class Processor:
                 # Envoy's reset cancels this handler: the accounting runs to its end anyway.
                 await asyncio.shield(self.gateway.spawn(ex.close()))
 
+    async def settle_handed(self, timeout_s: float) -> None:
+        """Before stopping: wait (at most `timeout_s`) until every request this process handed
+        to Envoy's response side is settled (by its access-log entry, here or in another
+        process, or by the answer processor). The server keeps serving meanwhile, so entries
+        still arrive. One that never comes is left to the reaper."""
+        deadline = time.monotonic() + timeout_s
+        handed = self.gateway.handed
+        while handed and time.monotonic() < deadline:
+            now = time.monotonic()
+            keys = [k for k, until in handed.items() if until >= now]
+            markers: list[Any] = []
+            try:
+                pipe = self.request_redis.pipeline(transaction=False)
+                for k in keys:
+                    pipe.get(k)
+                markers = await pipe.execute() if keys else []
+            except RedisError:
+                markers = ["inflight:"] * len(keys)
+            done = {k for k, m in zip(keys, markers, strict=True)
+                    if not (m.decode() if isinstance(m, bytes) else str(m or "")).startswith("inflight:")}
+            for k in [k for k in handed if k in done or handed[k] < now]:
+                del handed[k]
+            if handed:
+                await asyncio.sleep(0.05)
+
     def settle_entries(self, batch: list[LogEntry]) -> None:
         """A batch of Envoy's access-log entries: each finished request is settled at once,
         concurrently, so the batch's settlements share Redis round trips."""
@@ -284,7 +309,7 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
         [grpc.method_handlers_generic_handler("envoy.service.ext_proc.v3.ExternalProcessor", {"Process": handler})]
     )
     # Envoy's access log: the settlement of the answers Envoy priced alone (settlement_log).
-    add_access_log_service(server, processor.settle_entries)
+    access_logs = add_access_log_service(server, processor.settle_entries)
     # The standard gRPC health service: Kubernetes' grpc probes and `grpc_health_probe` use it.
     health_service = grpc_health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
@@ -308,7 +333,12 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
     await stop.wait()
     log.info("worker %d stopping: finishing streams in flight (up to %.0fs)", os.getpid(), grace_s)
     await health_service.enter_graceful_shutdown()  # probes see NOT_SERVING from now on
-    await server.stop(grace_s)
+    started = time.monotonic()
+    await processor.settle_handed(grace_s)  # answers still on their way settle from the access log
+    stopping = asyncio.create_task(server.stop(max(0.0, grace_s - (time.monotonic() - started))))
+    await asyncio.sleep(0.05)  # no new streams from here on
+    access_logs.close()  # Envoy never ends its access-log streams itself
+    await stopping
     if processor.gateway.background:
         await asyncio.wait(processor.gateway.background, timeout=grace_s)
     for t in tasks:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -142,6 +143,16 @@ class Stack:
 
     def client(self, secret: str, **kw: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=secret, max_retries=0, timeout=30, **kw)
+
+    def settled(self, customer: str, timeout_s: float = 5.0) -> None:
+        """Wait until nothing of `customer` is reserved: a plain answer is settled from Envoy's
+        access log a few milliseconds after the client has it (its money, spend and record land
+        then), so a test that reads them right after an answer waits for that first."""
+        r = self.redis_sync()
+        deadline = time.monotonic() + timeout_s
+        while int(r.get(f"tollgate:{{c:{customer}}}:reserved") or 0) != 0:
+            assert time.monotonic() < deadline, f"{customer}: money still reserved {timeout_s:g} s after the answers"
+            time.sleep(0.01)
 
 
 def post_raw(url: str, body: bytes, secret: str, headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, Any]:

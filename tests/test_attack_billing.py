@@ -26,7 +26,10 @@ def chat_answer(usage: str, text: str = "hello there") -> str:
             f'"message":{{"role":"assistant","content":{json.dumps(text)}}},"finish_reason":"stop"}}],"usage":{usage}}}')
 
 
-def records_of(stack: Stack, customer: str) -> list[dict[str, str]]:
+def records_of(stack: Stack, customer: str, settle: bool = True) -> list[dict[str, str]]:
+    """The customer's usage records once its answers have settled (`settle=False`: as now)."""
+    if settle:
+        stack.settled(customer)
     out = []
     for _, fields in stack.redis_sync().xrange("tollgate:usage"):
         rec = {k.decode(): v.decode() for k, v in fields.items()}

@@ -160,6 +160,11 @@ def wait_until(cond: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def settled(stack: Stack, customer: str) -> None:
+    """Plain answers are settled from Envoy's access log moments after the client has them."""
+    wait_until(lambda: reserved(stack, customer) == 0, 5, "an answer was never settled")
+
+
 def lose_the_reserve_reply(stack: Stack, customer: str, rid: str) -> None:
     stack.redis.proxy.arm(RESERVE_SHA, lambda: marker(stack, customer, rid) is not None)
 
@@ -169,7 +174,7 @@ def test_cluster_resend_of_a_reserve_whose_reply_was_lost_is_served_once(cluster
     who = owned_customer(stack, customer)
     _, secret = stack.create_key(who)
     assert chat(stack, secret, uuid.uuid4().hex)[0] == 200  # the key is cached: only the reservation crosses now
-    wait_until(lambda: reserved(stack, who) == 0, 5, "the first answer was never settled")  # from Envoy's access log
+    settled(stack, who)
     proxy.watch(RESERVE_SHA)
     calls, sent, dropped = stack.fakes["p3"].calls(), proxy.forwarded[RESERVE_SHA], proxy.dropped
     spent = spend(stack, who)
@@ -199,6 +204,7 @@ def test_single_redis_lost_reserve_reply_fails_closed_and_frees_the_id_at_once(s
     stack, proxy = single_proxied, single_proxied.redis.proxy
     _, secret = stack.create_key(customer)
     assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
+    settled(stack, customer)
     proxy.watch(RESERVE_SHA)
     calls, sent, dropped = stack.fakes["p3"].calls(), proxy.forwarded[RESERVE_SHA], proxy.dropped
     rid = f"lost-{uuid.uuid4().hex}"
@@ -233,6 +239,7 @@ def test_single_redis_retry_at_once_is_served_whichever_worker_takes_it(single_p
     stack, proxy = single_proxied, single_proxied.redis.proxy
     _, secret = stack.create_key(customer)
     assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
+    settled(stack, customer)
     spent, rids = spend(stack, customer), []
     for _ in range(6):
         rid = f"again-{uuid.uuid4().hex}"
@@ -244,6 +251,7 @@ def test_single_redis_retry_at_once_is_served_whichever_worker_takes_it(single_p
 
         assert status == 200, answer
         rids.append(rid)
+    settled(stack, customer)
     recs = [r for r in records_of(stack, customer) if r["request_id"] in rids]
     assert sorted(r["request_id"] for r in recs) == sorted(rids) and {r["status"] for r in recs} == {"200"}
     assert spend(stack, customer) - spent == sum(int(r["cost_micro_usd"]) for r in recs) > 0
@@ -258,6 +266,7 @@ def test_cluster_resend_delayed_past_the_cancel_does_not_reserve_again(cluster_p
     who = owned_customer(stack, customer)
     _, secret = stack.create_key(who)
     assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
+    settled(stack, who)
     calls, held = stack.fakes["p3"].calls(), proxy.held
     rid = f"late-{uuid.uuid4().hex}"
 
@@ -276,6 +285,7 @@ def test_cluster_resend_delayed_past_the_cancel_does_not_reserve_again(cluster_p
     assert stack.fakes["p3"].calls() == calls
     status, answer = chat(stack, secret, rid)  # the client's retry, same id
     assert status == 200, answer
+    settled(stack, who)
     assert [r["status"] for r in records_of(stack, who) if r["request_id"] == rid] == ["200"]
 
 
@@ -286,6 +296,7 @@ def test_a_lost_reply_whose_cancel_died_with_the_processor_is_reaped(reaped_prox
     stack, proxy = reaped_proxied, reaped_proxied.redis.proxy
     _, secret = stack.create_key(customer)
     assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
+    settled(stack, customer)
     rid = f"orphan-{uuid.uuid4().hex}"
     proxy.refused.add(CANCEL_SHA)  # every attempt to send the cancel breaks its connection
     lose_the_reserve_reply(stack, customer, rid)
@@ -313,6 +324,7 @@ def test_a_client_gone_while_its_reserve_waits_leaves_nothing_reserved(single_pr
     stack, proxy = single_proxied, single_proxied.redis.proxy
     _, secret = stack.create_key(customer)
     assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
+    settled(stack, customer)
     calls, held = stack.fakes["p3"].calls(), proxy.held
     rid = f"gone-{uuid.uuid4().hex}"
     release_at = time.monotonic() + 1.2  # after the client left, before the 2 s Redis deadline
@@ -337,6 +349,7 @@ def test_a_cancel_held_up_by_an_outage_still_wins_over_the_reaper(reaped_proxied
     stack, proxy = reaped_proxied, reaped_proxied.redis.proxy
     _, secret = stack.create_key(customer)
     assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
+    settled(stack, customer)
     rid = f"outage-{uuid.uuid4().hex}"
     proxy.refused.add(CANCEL_SHA)
     lose_the_reserve_reply(stack, customer, rid)
@@ -386,6 +399,7 @@ def test_a_reserve_answered_after_the_deadline_is_released_and_never_forwarded(s
     stack, proxy = single_proxied, single_proxied.redis.proxy
     _, secret = stack.create_key(customer)
     assert chat(stack, secret, uuid.uuid4().hex)[0] == 200
+    settled(stack, customer)
     calls, spent = stack.fakes["p3"].calls(), spend(stack, customer)
     rid = f"slow-{uuid.uuid4().hex}"
     proxy.slow_reply(RESERVE_SHA, 3.0)
@@ -397,6 +411,7 @@ def test_a_reserve_answered_after_the_deadline_is_released_and_never_forwarded(s
     assert reserved(stack, customer) == 0 and (marker(stack, customer, rid) or b"").startswith(b"cancelled:")
     assert stack.fakes["p3"].calls() == calls and spend(stack, customer) == spent
     assert chat(stack, secret, rid)[0] == 200
+    settled(stack, customer)
     recs = [r for r in records_of(stack, customer) if r["request_id"] == rid]
     assert [r["status"] for r in recs] == ["200"]
     assert spend(stack, customer) - spent == int(recs[0]["cost_micro_usd"]) > 0

@@ -192,6 +192,7 @@ def test_stopped_exporter_loses_nothing_and_catches_up(bstack: Stack, customer: 
     assert proc.wait(15) == 0
     for _ in range(25):
         assert chat(s, secret, "support_draft")[0] == 200
+    s.settled(customer)
     r = s.redis_sync()
     assert r.xlen(USAGE_STREAM) >= 25  # kept in Redis while nobody exports
     assert exported() == 10

@@ -38,6 +38,7 @@ def _serve_one(stack: Stack, customer: str) -> tuple[str, str, int, int]:
     raw = stack.client(secret).chat.completions.with_raw_response.create(model="support_draft", messages=MESSAGES)
     assert raw.http_response.status_code == 200
     request_id = raw.headers["x-request-id"]
+    stack.settled(customer)
     r = stack.redis_sync()
     return request_id, secret, r.ttl(f"tollgate:{{c:{customer}}}:req:{request_id}"), r.ttl(f"{{tollgate:usage}}:requests:{request_id}")
 

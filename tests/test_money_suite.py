@@ -81,7 +81,10 @@ def generous(stack: Stack, reply: Reply | None = None) -> None:
         f.default = reply or Reply(completion_tokens=None, prompt_per_byte=True)
 
 
-def money(stack: Stack, customer: str) -> dict[str, int]:
+def money(stack: Stack, customer: str, settle: bool = True) -> dict[str, int]:
+    """The customer's money once its answers have settled (`settle=False`: as it is now)."""
+    if settle:
+        stack.settled(customer)
     r = stack.redis_sync()
     a = Account(customer, f"{customer}-ws", "")
     month = month_of(time.time())
@@ -89,7 +92,10 @@ def money(stack: Stack, customer: str) -> dict[str, int]:
     return {n: int(v or 0) for n, v in zip(("balance", "reserved", "spend", "ws_reserved"), vals, strict=True)}
 
 
-def records_of(stack: Stack, customer: str) -> list[dict[str, str]]:
+def records_of(stack: Stack, customer: str, settle: bool = True) -> list[dict[str, str]]:
+    """The customer's usage records once its answers have settled (`settle=False`: as now)."""
+    if settle:
+        stack.settled(customer)
     out = []
     for _, fields in stack.redis_sync().xrange("tollgate:usage"):
         rec = {k.decode(): v.decode() for k, v in fields.items()}

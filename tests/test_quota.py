@@ -31,7 +31,10 @@ def tollgate(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-def money(stack: Stack, customer: str, workspace: str | None = None) -> dict[str, int]:
+def money(stack: Stack, customer: str, workspace: str | None = None, settle: bool = True) -> dict[str, int]:
+    """The customer's money once its answers have settled (`settle=False`: as it is now)."""
+    if settle:
+        stack.settled(customer)
     r = stack.redis_sync()
     a = Account(customer, workspace or f"{customer}-ws", "")
     month = month_of(time.time())
@@ -40,7 +43,10 @@ def money(stack: Stack, customer: str, workspace: str | None = None) -> dict[str
     return {n: int(v or 0) for n, v in zip(names, vals, strict=True)}
 
 
-def records_of(stack: Stack, customer: str) -> list[dict[str, Any]]:
+def records_of(stack: Stack, customer: str, settle: bool = True) -> list[dict[str, Any]]:
+    """The customer's usage records once its answers have settled (`settle=False`: as now)."""
+    if settle:
+        stack.settled(customer)
     out = []
     for _, fields in stack.redis_sync().xrange("tollgate:usage"):
         rec = {k.decode(): v.decode() for k, v in fields.items()}
@@ -131,6 +137,7 @@ def test_usage_record_has_every_field_of_the_spec(stack: Stack, customer: str) -
     key_id, secret = stack.create_key(customer, plan="starter")
     raw = stack.client(secret).chat.completions.with_raw_response.create(model="support_draft", messages=MESSAGES)
     rid = raw.headers["x-request-id"]
+    stack.settled(customer)
     (rec,) = records_of(stack, customer)
     for f in ("request_id", "ts", "route", "customer_id", "workspace_id", "api_key_id", "plan", "primary_model", "final_model",
               "provider", "attempts", "fallback_reason", "status", "prompt_tokens", "completion_tokens", "cost_micro_usd",
@@ -353,7 +360,7 @@ def test_processor_killed_mid_request_leaves_an_unsettled_record(fakes: dict[str
         s.processor = Processor(s.processor.policy, s.redis.url, port=s.processor.port, metrics_port=s.processor.metrics_port,
                                 env={**env}).start()
         deadline = time.monotonic() + 20
-        while not records_of(s, customer):
+        while not records_of(s, customer, settle=False):
             assert time.monotonic() < deadline, "no unsettled record"
             time.sleep(0.2)
         (rec,) = records_of(s, customer)

@@ -1,8 +1,10 @@
-"""What one request costs the processor (issue 12): two ext_proc messages on the normal path,
-one Redis round trip of its own, and settlements that share round trips under load.
+"""What one request costs the processor (issue 12): one ext_proc message on the normal path,
+one Redis round trip of its own, and settlements (from Envoy's access log) that share round
+trips under load.
 
 Counted where they happen: Envoy's own ext_proc statistics (messages it sent to the
-processor) and the processor's `tollgate_redis_round_trips_total`."""
+processor: the request-side filter's and the answer processor's) and the processor's
+`tollgate_redis_round_trips_total`."""
 
 from __future__ import annotations
 
@@ -32,7 +34,13 @@ def processor_counter(stack: Stack, name: str) -> float:
 
 
 MESSAGES_SENT = "http.tollgate.ext_proc.stream_msgs_sent"
+ANSWER_MESSAGES_SENT = "http.tollgate.ext_proc.answer.stream_msgs_sent"
 ROUND_TRIPS = "tollgate_redis_round_trips_total"
+
+
+def messages(stack: Stack) -> int:
+    """Every message Envoy sent a processor: the request side's and the answer processor's."""
+    return envoy_counter(stack, MESSAGES_SENT) + envoy_counter(stack, ANSWER_MESSAGES_SENT)
 
 
 def chat(stack: Stack, secret: str, route: str = "support_draft", **extra: object) -> tuple[int, object]:
@@ -40,30 +48,32 @@ def chat(stack: Stack, secret: str, route: str = "support_draft", **extra: objec
     return post_raw(f"{stack.base_url}/chat/completions", body, secret)
 
 
-def test_a_served_request_costs_two_processor_messages(stack: Stack, customer: str) -> None:
+def test_a_served_request_costs_one_processor_message(stack: Stack, customer: str) -> None:
     _, secret = stack.create_key(customer)
     chat(stack, secret)  # the key is now cached
-    before = envoy_counter(stack, MESSAGES_SENT)
+    before = messages(stack)
     status, _ = chat(stack, secret)
     assert status == 200
-    # request body (with the headers as attributes) + response headers (with the usage)
-    assert envoy_counter(stack, MESSAGES_SENT) - before == 2
+    # the request body (with the headers as attributes); Envoy prices the answer itself
+    assert messages(stack) - before == 1
 
 
 def test_a_refused_request_costs_one_processor_message(stack: Stack, customer: str) -> None:
     _, secret = stack.create_key(customer, plan="embeddings_only")
-    before = envoy_counter(stack, MESSAGES_SENT)
+    before = messages(stack)
     status, _ = chat(stack, secret, route="legal_summary")
     assert status == 403
-    assert envoy_counter(stack, MESSAGES_SENT) - before == 1
+    assert messages(stack) - before == 1
 
 
 def test_a_served_request_costs_at_most_two_redis_round_trips_alone(stack: Stack, customer: str) -> None:
     """Reserve, then settle: one each when nothing else is in flight (the key is cached)."""
     _, secret = stack.create_key(customer)
     chat(stack, secret)
+    stack.settled(customer)
     before = processor_counter(stack, ROUND_TRIPS)
     assert chat(stack, secret)[0] == 200
+    stack.settled(customer)
     assert processor_counter(stack, ROUND_TRIPS) - before <= 2
 
 
@@ -83,6 +93,7 @@ def test_concurrent_requests_cost_at_most_two_redis_round_trips_each(stack: Stac
         start.wait()
         statuses.append(chat(stack, secret)[0])
 
+    stack.settled(customer)
     before = processor_counter(stack, ROUND_TRIPS)
     threads = [threading.Thread(target=one) for _ in range(40)]
     for t in threads:
@@ -90,33 +101,35 @@ def test_concurrent_requests_cost_at_most_two_redis_round_trips_each(stack: Stac
     for t in threads:
         t.join()
     assert statuses == [200] * 40
+    stack.settled(customer)
     assert processor_counter(stack, ROUND_TRIPS) - before <= 2 * 40 + 6
 
 
-def test_a_json_answer_with_a_charset_is_billed_from_its_usage_in_two_messages(stack: Stack, customer: str) -> None:
+def test_a_json_answer_with_a_charset_is_billed_from_its_usage_in_one_message(stack: Stack, customer: str) -> None:
     """Many providers send `application/json; charset=utf-8`: Envoy still reads the usage."""
     from extproc.fakeprovider import Reply
 
     _, secret = stack.create_key(customer)
     chat(stack, secret)
     stack.fakes["p1"].default = Reply(completion_tokens=7, prompt_tokens=11, content_type="application/json; charset=utf-8")
-    before = envoy_counter(stack, MESSAGES_SENT)
+    before = messages(stack)
     status, answer = chat(stack, secret)
     assert status == 200 and isinstance(answer, dict) and answer["usage"]["completion_tokens"] == 7
-    assert envoy_counter(stack, MESSAGES_SENT) - before == 2
+    assert messages(stack) - before == 1
 
 
-def test_an_answer_without_usage_costs_a_third_message_to_read_its_text(stack: Stack, customer: str) -> None:
-    """No usage for Envoy to read: the processor asks for the body and estimates from it."""
+def test_an_answer_without_usage_costs_two_answer_processor_messages_to_read_its_text(stack: Stack, customer: str) -> None:
+    """No usage for Envoy to read: the answer processor gets the headers, asks for the body and
+    estimates from it."""
     from extproc.fakeprovider import Reply
 
     _, secret = stack.create_key(customer)
     chat(stack, secret)
     stack.fakes["p1"].default = Reply(completion_tokens=4, usage=False)
-    before = envoy_counter(stack, MESSAGES_SENT)
+    before = messages(stack)
     status, _ = chat(stack, secret)
     assert status == 200
-    assert envoy_counter(stack, MESSAGES_SENT) - before == 3
+    assert messages(stack) - before == 3
 
 
 def test_an_answer_that_might_not_fit_the_buffer_keeps_its_content_type_and_is_billed_from_its_usage(
@@ -131,7 +144,7 @@ def test_an_answer_that_might_not_fit_the_buffer_keeps_its_content_type_and_is_b
     body = json.dumps({"model": "support_draft", "messages": MESSAGES, "max_tokens": 40_000}).encode()
     req = urllib.request.Request(f"{stack.base_url}/chat/completions", data=body, method="POST",
                                  headers={"authorization": f"Bearer {secret}", "content-type": "application/json"})
-    before = envoy_counter(stack, MESSAGES_SENT)
+    before = messages(stack)
     with urllib.request.urlopen(req, timeout=30) as r:
         headers = {k.lower(): v for k, v in r.headers.items()}
         answer = json.loads(r.read())
@@ -139,7 +152,7 @@ def test_an_answer_that_might_not_fit_the_buffer_keeps_its_content_type_and_is_b
     assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
     # (5 x 150,000 + 9 x 600,000) / 1e6 = 6.15 -> 7 micro-USD
     assert headers["x-tollgate-cost-usd"] == "0.000007"
-    assert envoy_counter(stack, MESSAGES_SENT) - before == 3  # the body is read by the processor
+    assert messages(stack) - before == 3  # request body; the answer processor's headers and body
 
 
 def test_a_post_without_a_body_is_refused_400_in_openai_shape_and_reaches_no_provider(stack: Stack, customer: str) -> None:

@@ -58,9 +58,9 @@ def res(rid: str = "r1", prepaid: bool = True, workspace: str = "w") -> Reservat
 
 
 def reserve(server: RedisServer, limits: Limits, rid: str = "r1", bound: CostBound = BOUND, workspace: str = "w",
-            ttl_ms: int = 60_000) -> ReserveResult:
+            ttl_ms: int = 60_000, settling: bool = False) -> ReserveResult:
     record = {"request_id": rid, "workspace_id": workspace, "record_id": f"u-{rid}"}
-    return run(server, lambda q: q.reserve(res(rid, limits.prepaid, workspace), bound, limits, ttl_ms, record))
+    return run(server, lambda q: q.reserve(res(rid, limits.prepaid, workspace), bound, limits, ttl_ms, record, settling=settling))
 
 
 def finish(server: RedisServer, rid: str, amount: int, cost: int, tokens: int, prepaid: bool = True) -> None:
@@ -110,6 +110,38 @@ def test_money_in_flight_counts_against_the_balance(server: RedisServer, sync: r
     assert reserve(server, PREPAID, "a").amount == 2100
     r = reserve(server, PREPAID, "b")
     assert (r.cap, r.amount) == (400, 900)  # 3000 - 2100 left: 100 + 2 * 400
+
+
+def test_asked_to_wait_for_settlements_it_refuses_to_cut_a_cap_while_money_is_in_flight(server: RedisServer,
+                                                                                        sync: redis.Redis) -> None:
+    sync.set("tollgate:{c:c}:balance", 3000)
+    assert reserve(server, PREPAID, "a").amount == 2100
+    r = reserve(server, PREPAID, "b", settling=True)
+    assert (r.status, r.reason) == ("refused", "settling")
+    assert num(sync, "tollgate:{c:c}:reserved") == 2100  # nothing charged
+    assert sync.get("tollgate:{c:c}:req:b") is None  # the id stays free for the second ask
+
+
+def test_asked_to_wait_for_settlements_it_refuses_to_refuse_while_money_is_in_flight(server: RedisServer,
+                                                                                      sync: redis.Redis) -> None:
+    sync.set("tollgate:{c:c}:balance", 2200)
+    assert reserve(server, PREPAID, "a").amount == 2100
+    assert reserve(server, PREPAID, "b", settling=True).reason == "settling"  # 100 left < 132: would be "balance"
+    assert reserve(server, PREPAID, "b").reason == "balance"
+
+
+def test_asked_to_wait_for_settlements_with_nothing_in_flight_it_cuts_the_cap_at_once(server: RedisServer,
+                                                                                       sync: redis.Redis) -> None:
+    sync.set("tollgate:{c:c}:balance", 1000)
+    r = reserve(server, PREPAID, settling=True)
+    assert (r.status, r.cap, r.amount) == ("ok", 450, 1000)
+
+
+def test_asked_to_wait_for_settlements_an_affordable_cap_is_reserved_at_once(server: RedisServer, sync: redis.Redis) -> None:
+    sync.set("tollgate:{c:c}:balance", 5000)
+    assert reserve(server, PREPAID, "a").amount == 2100
+    r = reserve(server, PREPAID, "b", settling=True)
+    assert (r.status, r.cap, r.amount) == ("ok", 1000, 2100)
 
 
 def test_choices_multiply_the_output_price(server: RedisServer, sync: redis.Redis) -> None:
