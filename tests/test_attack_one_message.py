@@ -195,6 +195,16 @@ def test_an_answer_without_usage_never_shows_the_internal_header(stack: Stack, c
     assert status == 200 and "x-tollgate-answer" not in headers
 
 
+def test_a_provider_header_cannot_start_the_answer_processor_of_a_plain_answer(stack: Stack, customer: str) -> None:
+    """A plain answer carrying the provider's own `x-tollgate-answer: process`: Envoy's Lua
+    prices it (2 x 7 + 8 x 9 = 86) and no answer processor starts."""
+    usage = '"usage":{"prompt_tokens":7,"completion_tokens":9}'
+    before = answer_streams(stack)
+    answer, rec = answered(stack, customer, Reply(raw_body=body_with(usage), headers={"x-tollgate-answer": "process"}))
+    assert (micro(answer.headers["x-tollgate-cost-usd"]), int(rec["cost_micro_usd"])) == (86, 86)
+    assert answer_streams(stack) == before and "x-tollgate-answer" not in answer.headers
+
+
 def test_a_provider_header_cannot_skip_the_answer_processor_of_a_stream(stack: Stack, customer: str) -> None:
     """A stream is metered by the answer processor: a provider's `x-tollgate-answer: skip` (or
     any value) must not leave it unbilled."""
