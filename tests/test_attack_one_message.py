@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import struct
+import tempfile
 import threading
 import time
 import uuid
@@ -28,10 +29,11 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.devstack import Processor
+from extproc import envoy_config
+from extproc.devstack import Envoy, Processor, RedisServer
 from extproc.fakeprovider import FakeProvider, Reply
 from extproc.quota import Account
-from tests.conftest import Stack, running_stack, write_policy
+from tests.conftest import PROVIDER_SECRETS, Stack, running_stack, write_policy
 from tests.test_money_suite import Answer, forwarded, records_of, send
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -581,3 +583,72 @@ def test_a_client_gone_before_envoy_took_the_processors_reply_leaves_nothing_res
         assert time.monotonic() < deadline, "the abandoned request's money is still reserved 5 s later"
         time.sleep(0.05)
     assert stack.fakes["p3"].calls() == calls
+
+
+# --- secrets: the access log carries every request's final metadata to the processor -----------
+
+class MetadataLoggingEnvoy(Envoy):
+    """Tollgate's Envoy plus one file access log printing the metadata namespaces that once held
+    provider credentials (tollgate.apply, tollgate.plan): what the settlement's gRPC access log
+    also ships, since it sends every entry's whole dynamic metadata."""
+
+    md_log = ""
+
+    def render(self) -> str:
+        path = super().render()
+        doc = yaml.safe_load(Path(path).read_text())
+        fd, self.md_log = tempfile.mkstemp(prefix="tollgate-md-", suffix=".log")
+        os.close(fd)
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                logs = node.get("access_log")
+                if isinstance(logs, list) and any(isinstance(x, dict) and "http_grpc" in x.get("name", "") for x in logs):
+                    logs.append({"name": "envoy.access_loggers.file", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                        "path": self.md_log,
+                        "log_format": {"text_format_source": {
+                            "inline_string": "%DYNAMIC_METADATA(tollgate.apply)% %DYNAMIC_METADATA(tollgate.plan)%\n"}}}})
+                for v in node.values():
+                    walk(v)
+            elif isinstance(node, list):
+                for v in node:
+                    walk(v)
+
+        walk(doc)
+        Path(path).write_text(envoy_config.dump(doc))
+        return path
+
+
+@pytest.fixture(scope="module")
+def mstack(fakes: dict[str, FakeProvider], policy_dir: Path) -> Iterator[tuple[Stack, MetadataLoggingEnvoy]]:
+    r = RedisServer().start()
+    proc = Processor([str(policy_dir)], r.url, env=dict(PROVIDER_SECRETS)).start()
+    envoy = MetadataLoggingEnvoy([str(policy_dir)], proc.endpoints)
+    try:
+        envoy.start()
+        yield Stack(r, fakes, proc, envoy, policy_dir), envoy
+    finally:
+        for part in (envoy, proc, r):
+            part.stop()
+
+
+def final_metadata_after(stack: Stack, envoy: MetadataLoggingEnvoy, customer: str, route: str) -> str:
+    _, secret = stack.create_key(customer)
+    before = Path(envoy.md_log).read_text()
+    assert send(stack, secret, "/chat/completions", {"model": route, "messages": MESSAGES}).status == 200
+    deadline = time.monotonic() + 5
+    while (text := Path(envoy.md_log).read_text()) == before:
+        assert time.monotonic() < deadline, "no access-log line"
+        time.sleep(0.05)
+    return text[len(before):]
+
+
+@pytest.mark.parametrize("route", ["legal_summary", "switch_all"])
+def test_no_provider_credential_is_left_in_a_requests_final_metadata(mstack: tuple[Stack, MetadataLoggingEnvoy], customer: str,
+                                                                      route: str) -> None:
+    """contract.PlanNote: provider credentials in metadata are never sent to a processor or a
+    log; the gRPC access log sends the final metadata of every request to the processor."""
+    stack, envoy = mstack
+    line = final_metadata_after(stack, envoy, customer, route)
+    assert not any(s in line for s in PROVIDER_SECRETS.values()), line
