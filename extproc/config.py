@@ -45,6 +45,9 @@ SETTLE_LOG_BUFFER_BYTES = 16384
 # A request refused for money or tokens is reserved once more after this wait, so that the
 # client's previous answers, settled from the access log, have landed (downstream.reserve).
 SETTLE_WAIT_S = 0.05
+# Policies replaced by a reload that a processor keeps, newest first: a request admitted under
+# one is still settled under it (downstream.Exchange.resume) when its answer comes after a reload.
+RETIRED_POLICIES_KEPT = 8
 # How often (in hand-overs) a process forgets handed-over requests whose reservation expired.
 HANDED_SWEEP_EVERY = 1000
 

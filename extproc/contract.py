@@ -104,7 +104,8 @@ local NO_BODY = %(no_body)s
 function envoy_on_request(h)
   local body = h:body()
   local hd = h:headers()
-  local m = h:streamInfo():dynamicMetadata():get("%(ns_apply)s")
+  local md = h:streamInfo():dynamicMetadata()
+  local m = md:get("%(ns_apply)s")
   if m == nil then
     if body == nil or body:length() == 0 then
       h:respond({[":status"] = "400", ["content-type"] = "application/json"}, NO_BODY)
@@ -113,6 +114,10 @@ function envoy_on_request(h)
   end
   for k, v in pairs(m) do
     if v == "" then hd:remove(k) else hd:replace(k, v) end
+  end
+  -- Applied: the provider's credential leaves the metadata, which Envoy's access log ships whole.
+  for _, k in ipairs({"authorization", "api-key"}) do
+    if m[k] ~= nil and m[k] ~= "" then md:set("%(ns_apply)s", k, "") end
   end
   hd:replace("content-length", tostring(body:length()))
   h:clearRouteCache()
@@ -177,7 +182,7 @@ local MAX = %(max_count)d
 
 local function count(v)
   if type(v) ~= "number" or v < 0 or v > MAX or v ~= math.floor(v) then return nil end
-  return v
+  return v + 0  -- a JSON -0 counts 0: -0 would make the cost header "-0.000000"
 end
 
 local function first(u, a, b)
@@ -186,10 +191,25 @@ local function first(u, a, b)
   return v
 end
 
+-- Attempt 2's credentials (NS_PLAN) are of no use once an answer comes: out of the metadata,
+-- which Envoy's access log ships whole.
+local function forget_credentials(md)
+  local plan = md:get("%(ns_plan)s")
+  if plan == nil then return end
+  for k, v in pairs(plan) do
+    if type(v) == "table" and v["auth"] ~= nil then
+      local step = {}
+      for f, x in pairs(v) do if f ~= "auth" then step[f] = x end end
+      md:set("%(ns_plan)s", k, step)
+    end
+  end
+end
+
 function envoy_on_response(h)
   local hd = h:headers()
   hd:remove("%(answer)s")
   local md = h:streamInfo():dynamicMetadata()
+  forget_credentials(md)
   if md:get("%(ns_exchange)s") == nil then return end
   local fast = md:get("%(ns_fast)s")
   local u = md:get("%(ns_usage)s")
@@ -355,7 +375,10 @@ class PlannedStep:
 @dataclass(frozen=True)
 class PlanNote:
     """NS_PLAN: attempt 1 (for its note) and attempt 2 per failure kind, for PLANNED_LUA. It
-    holds provider credentials, like NS_APPLY: no processor or log is ever sent it."""
+    holds provider credentials, like NS_APPLY: no processor or log may be sent them, and Envoy's
+    gRPC access log sends the final metadata whole, so APPLY_LUA clears NS_APPLY's once applied
+    and PRICE_LUA clears these when an answer comes (a request ended before any answer keeps
+    them: tests/test_attack_one_message.py)."""
 
     first_model: str
     first_provider: str

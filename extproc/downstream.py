@@ -29,6 +29,7 @@ calls them, and translates results into Envoy's protocol.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -93,7 +94,7 @@ from extproc.payload import (
 )
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.phases import PassThrough
-from extproc.policy.model import Route
+from extproc.policy.model import Price, Route
 from extproc.protocol import attribute, immediate, metadata, namespace
 from extproc.protocol import header as _opt
 from extproc.protocol import headers_of as _headers_of
@@ -105,10 +106,10 @@ from extproc.timeouts import PER_TRY_TIMEOUT_HEADER, attempt_budget_ms, size_exp
 
 log = logging.getLogger("tollgate.downstream")
 
-# Refusals a reservation still waiting for its settlement can cause: money in flight
-# ("settling": reserve.lua would cut the cap or refuse) and tokens held at the cap; requests
-# per minute count requests, which settlement does not change.
-SETTLED_LATER = ("settling", "tpm")
+# Refusals a reservation still waiting for its settlement can cause: reserve.lua answers
+# "settling" where money or tokens a request in flight holds would cut the cap or refuse;
+# requests per minute count requests, which settlement does not change.
+SETTLED_LATER = ("settling",)
 
 
 
@@ -288,6 +289,7 @@ class Exchange(PassThrough):
         return {"path": self.path, "rid": self.request_id, "t0": self.started_ms, "rec": self.record_id,
                 "key": [key.key_id, key.customer, key.workspace, key.plan],
                 "c": [c.route.name, c.plan.name, c.primary.name, c.target.name],
+                "px": [c.target.price.input_micro_per_mtok, c.target.price.output_micro_per_mtok],
                 "res": [res.month, res.prepaid, res.amount, res.cap],
                 "b": [b.input_tokens, b.rate_tokens, b.output_tokens, b.min_output_tokens, b.choices, b.input_price, b.output_price],
                 "ttl": self.reservation_ttl_ms, "rate": self.rate_headers, "rule": self.rule, "fr": self.fallback_reason,
@@ -296,20 +298,26 @@ class Exchange(PassThrough):
 
     @classmethod
     def resume(cls, gw: Gateway, snap: dict[str, Any]) -> Exchange | None:
-        """The Exchange `snapshot` described, ready for its response phase; None when the
-        policy no longer has its route or models (the reaper then records it as unsettled)."""
+        """The Exchange `snapshot` described, ready for its response phase, under the newest
+        policy (in force, or retired by a reload meanwhile) that has its route and models; None
+        when none has (the reaper then records it as unsettled)."""
         ex = cls(gw)
-        p = ex.policy
         route_name, plan_name, primary_name, target_name = snap["c"]
-        route, plan = p.routes.get(route_name), p.plans.get(plan_name)
-        primary, target = p.models.get(primary_name), p.models.get(target_name)
-        if route is None or plan is None or primary is None or target is None or target.provider not in p.providers:
+        for p in (gw.policy, *gw.retired):
+            route, plan = p.routes.get(route_name), p.plans.get(plan_name)
+            primary, target = p.models.get(primary_name), p.models.get(target_name)
+            if route is not None and plan is not None and primary is not None and target is not None and target.provider in p.providers:
+                break
+        else:
             return None
+        ex.policy = p
         ex.path, ex.request_id, ex.started_ms, ex.record_id = snap["path"], snap["rid"], int(snap["t0"]), snap["rec"]
         ex.started = time.monotonic() - max(0, now_ms() - ex.started_ms) / 1000
         key_id, customer, workspace, key_plan = snap["key"]
         ex.key = KeyInfo(key_id, customer, workspace, key_plan)
         ex.route = route
+        if "px" in snap:  # billed at the price it was admitted (and reserved, and Envoy priced) at, even after a reload
+            target = dataclasses.replace(target, price=Price(int(snap["px"][0]), int(snap["px"][1])))
         ex.choice = RouteChoice(route, plan, primary, target, p.providers[target.provider])
         month, prepaid, amount, cap = snap["res"]
         ex.reservation = Reservation(Account(customer, workspace, key_id), ex.request_id, month, bool(prepaid), int(amount), int(cap))

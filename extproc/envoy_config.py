@@ -401,7 +401,7 @@ def price_lua() -> str:
     """contract.PRICE_LUA with the names filled in."""
     return PRICE_LUA % {"provider_only": ", ".join(json.dumps(p) for p in PROVIDER_ONLY), "max_count": FAST_MAX_COUNT,
                         "answer": ANSWER_HEADER, "ns_exchange": NS_EXCHANGE, "ns_fast": NS_FAST, "ns_usage": NS_USAGE,
-                        "ns_attempts": NS_ATTEMPTS, "handed": FAST_HANDED, "cost": FAST_COST}
+                        "ns_attempts": NS_ATTEMPTS, "handed": FAST_HANDED, "cost": FAST_COST, "ns_plan": NS_PLAN}
 
 
 def settlement_log() -> dict[str, Any]:

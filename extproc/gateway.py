@@ -27,6 +27,15 @@ class Gateway:
     background: set[asyncio.Task[None]] = field(default_factory=set)
     reservation_grace_s: float = config.RESERVATION_GRACE_S
     max_body_bytes: int = config.MAX_BODY_BYTES  # Envoy buffers bodies up to this (envoy_config)
+    # Policies a reload replaced, newest first (at most config.RETIRED_POLICIES_KEPT): requests
+    # admitted under them are settled under them (downstream.Exchange.resume).
+    retired: list[Policy] = field(default_factory=list)
+
+    def replace_policy(self, policy: Policy) -> None:
+        """A reload: `policy` is in force; the one it replaces is kept for requests in flight."""
+        self.retired = [self.policy, *self.retired][:config.RETIRED_POLICIES_KEPT]
+        self.policy = policy
+
     # Requests this process reserved for and handed to Envoy's response side (their marker key
     # -> when their reservation expires, monotonic): a stopping worker waits for their
     # settlements (`server.Processor.settle_handed`). Removed when settled here; entries another

@@ -233,7 +233,7 @@ class Processor:
             metrics.POLICY_RELOADS.labels("invalid").inc()
             log.error("policy reload rejected, keeping the last good policy: %s", exc)
             return False
-        self.gateway.policy = policy
+        self.gateway.replace_policy(policy)
         self.gateway.health.policy = policy
         self.gateway.provider_secrets = provider_secrets(policy)
         self.gateway.quota.idempotency_window_s = idempotency_window(policy)

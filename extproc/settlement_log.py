@@ -13,8 +13,9 @@ Who settles what, so nothing is settled twice and nothing is lost:
   - PRICE_LUA priced it (FAST_COST): here, from the entry;
   - PRICE_LUA handed it to the answer processor (FAST_HANDED): that processor; not here;
   - neither (the client left before the answer's headers): here, as the processor's `close`
-    would (nothing served is billed 0; the reservation is released); but a 200 whose usage
-    Envoy read is billed from it even so (the Lua failing must not make an answer free);
+    would (nothing served is billed 0; a provider's 2xx whose body never got through, at its
+    reservation); but a 200 whose usage Envoy read is billed from it even so (the Lua failing
+    must not make an answer free);
   - no entry at all (Envoy died, the processor was down when the batch came): the reaper
     records the reservation as `unsettled`, as for any request whose processor died.
 A settlement is applied once even if its entry came twice: the reservation's marker and the
@@ -50,7 +51,10 @@ async def settle_entry(gw: Gateway, entry: LogEntry) -> None:
         ex.started = time.monotonic() - entry.duration_us / 1e6
     usage = usage_from_metadata(entry.metadata.get(NS_USAGE, {}), ex.generates())
     if FAST_COST not in fast and not (entry.response_code == 200 and usage is not None):
-        await ex.close()  # the client left before the answer's headers
+        # The client left before the answer's headers. If the provider had answered 2xx (its
+        # body was on its way), it did the work: `close` bills it as a lost answer.
+        ex.upstream_status = entry.response_code
+        await ex.close()
         return
     if FAST_COST not in fast:  # a 200 with usage the Lua did not price (it failed?): billed all the same
         log.error("request %s: a 200 answer with usage was not priced by Envoy's Lua; settled from its usage", entry.request_id)

@@ -225,9 +225,6 @@ def test_answer_whose_body_outlasts_the_time_budget_is_not_served_free(stack: St
         assert int(rec["cost_micro_usd"]) > 0, rec
 
 
-@pytest.mark.xfail(strict=True, reason="json_to_metadata holds the provider's 200 headers until the body is complete, so the "
-                   "processor never learns the provider answered when the client leaves meanwhile: billed 0 as a 499, "
-                   "where Exchange.close bills a provider's 2xx at its reservation")
 def test_client_leaving_after_the_provider_answered_is_billed_at_the_reservation(stack: Stack, customer: str) -> None:
     _, secret = stack.create_key(customer)
     stack.fakes["p3"].script(Reply(chunked=True, chunk_delay_s=1.0))

@@ -139,7 +139,8 @@ if available ~= nil and amount > available then
   -- An answer Envoy priced alone is settled from its access log a few milliseconds after its
   -- client got it, so a client's next request may find the last one's cap still in flight.
   -- Asked to (req.settling), refuse as 'settling' rather than cut the cap or refuse while money
-  -- is in flight: the processor asks again (without it) once such settlements have landed.
+  -- (or, below, tokens per minute) is in flight: the processor asks again (without it) once
+  -- such settlements have landed.
   if req.settling == 1 and cust_reserved > 0 then return refuse('settling', 0) end
   if cost(req.min) > available then return refuse(tightest, 0, cost(req.min), math.max(0, available)) end
   -- The largest cap the money covers: input + cap * token_nano <= available * 1e6.
@@ -151,7 +152,11 @@ local est_tokens = req.rate_tokens + cap * req.choices
 for _, b in pairs(tpm_buckets) do
   if b then
     local need = math.min(est_tokens, b.capacity)
-    if b.tokens < need then return refuse('tpm', wait_ms(b, need)) end
+    if b.tokens < need then
+      -- Tokens a request in flight holds come back (what it did not use) when it settles.
+      if req.settling == 1 and redis.call('ZCARD', K.index) > 0 then return refuse('settling', 0) end
+      return refuse('tpm', wait_ms(b, need))
+    end
   end
 end
 
