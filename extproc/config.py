@@ -40,7 +40,7 @@ EXTEND_WHEN_LEFT = 0.5
 # Envoy's gRPC access log, which carries plain answers to their settlement (envoy_config.
 # settlement_log): how long an entry may wait in Envoy before it is sent, and the batch size
 # that sends it at once. Until its entry arrives, a request's reservation holds its money.
-SETTLE_LOG_FLUSH_S = 0.005
+SETTLE_LOG_FLUSH_S = 0.01
 SETTLE_LOG_BUFFER_BYTES = 16384
 # A request refused for money or tokens is reserved once more after this wait, so that the
 # client's previous answers, settled from the access log, have landed (downstream.reserve).

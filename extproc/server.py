@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import multiprocess as _multiprocess
 from redis.exceptions import RedisError
 
-from extproc import config, metrics, phases, published
+from extproc import config, metrics, phases, published, settlement_log
 from extproc.accesslog import LogEntry, add_access_log_service
 from extproc.contract import UPSTREAM_ATTEMPT_ATTRIBUTE
 from extproc.downstream import Exchange, answer_exchange
@@ -309,7 +309,7 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
         [grpc.method_handlers_generic_handler("envoy.service.ext_proc.v3.ExternalProcessor", {"Process": handler})]
     )
     # Envoy's access log: the settlement of the answers Envoy priced alone (settlement_log).
-    access_logs = add_access_log_service(server, processor.settle_entries)
+    access_logs = add_access_log_service(server, processor.settle_entries, settlement_log.NAMESPACES)
     # The standard gRPC health service: Kubernetes' grpc probes and `grpc_health_probe` use it.
     health_service = grpc_health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)

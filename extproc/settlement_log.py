@@ -36,6 +36,9 @@ from extproc.payload import usage_from_metadata
 
 log = logging.getLogger("tollgate.settlement_log")
 
+# The metadata a settlement reads (the entry carries every namespace; only these are converted).
+NAMESPACES = frozenset({NS_EXCHANGE, NS_FAST, NS_USAGE})
+
 
 async def settle_entry(gw: Gateway, entry: LogEntry) -> None:
     """Finish the request one access-log entry describes, if it is this service's to finish."""
