@@ -158,7 +158,7 @@ function envoy_on_request(h)
   if p["auth"] == "" then hd:remove("authorization") else hd:replace("authorization", p["auth"]) end
   hd:replace("%(planned)s", "1")
   md:set("%(ns_attempts)s", "1", {m = plan["m1"], p = plan["p1"], t = plan["t1"], o = outcome, s = status, hp = 1})
-  md:set("%(ns_attempts)s", "2", {m = p["m"], p = p["p"], t = os.time() * 1000, rule = p["rule"], reason = p["reason"]})
+  md:set("%(ns_attempts)s", "2", {m = p["m"], p = p["p"], t = os.time() * 1000, rule = p["rule"], reason = p["reason"], k = key})
   md:set("%(ns_last)s", "status", "")
   md:set("%(ns_last)s", "flags", "")
   md:set("%(ns_rewrite)s", "old", plan["old"])
@@ -168,7 +168,7 @@ end
 
 
 # The response side of a plain answer, served by Envoy alone: a 200 JSON answer of attempt 1
-# whose usage json_to_metadata read (numbers it can price exactly) is priced here, from the
+# (or of an attempt 2 PLANNED_LUA set up, from its plan step's "fast") whose usage json_to_metadata read (numbers it can price exactly) is priced here, from the
 # target's prices the downstream processor put in NS_FAST, with Price.cost_micro's rounding
 # (prices split into whole millions and the rest, so every product stays an exact integer in a
 # double). The attribution headers come from NS_FAST too; the provider's own copies go. The
@@ -212,10 +212,18 @@ function envoy_on_response(h)
   forget_credentials(md)
   if md:get("%(ns_exchange)s") == nil then return end
   local fast = md:get("%(ns_fast)s")
+  local attempts = md:get("%(ns_attempts)s")
+  if fast ~= nil and attempts ~= nil then
+    -- A later attempt: priced here only if it is attempt 2 as PLANNED_LUA set it up (its note
+    -- names the plan step, whose "fast" has its prices and headers); any other goes on.
+    local a2, plan = attempts["2"], md:get("%(ns_plan)s")
+    local step = nil
+    if a2 ~= nil and attempts["3"] == nil and a2["k"] ~= nil and plan ~= nil then step = plan[a2["k"]] end
+    fast = step and step["fast"] or nil
+  end
   local u = md:get("%(ns_usage)s")
   local p, c
-  if fast ~= nil and u ~= nil and hd:get(":status") == "200" and hd:get("x-envoy-upstream-service-time") ~= nil
-      and md:get("%(ns_attempts)s") == nil then
+  if fast ~= nil and u ~= nil and hd:get(":status") == "200" and hd:get("x-envoy-upstream-service-time") ~= nil then
     p = count(first(u, "prompt_tokens", "input_tokens"))
     local cv = first(u, "completion_tokens", "output_tokens")
     if cv == nil and fast["gen"] ~= 1 then cv = 0 end
@@ -366,10 +374,14 @@ class PlannedStep:
     head: str  # the body's new head, `{"model":"<upstream model>"`
     rule: str
     reason: str
+    fast: dict[str, Any] = field(default_factory=dict)  # NS_FAST's content should this attempt serve ({}: none)
 
     def to_struct(self) -> dict[str, Any]:
-        return {"target": self.target, "budget": str(self.budget_ms), "auth": self.credential, "m": self.model,
-                "p": self.provider, "new": self.head, "rule": self.rule, "reason": self.reason}
+        out: dict[str, Any] = {"target": self.target, "budget": str(self.budget_ms), "auth": self.credential, "m": self.model,
+               "p": self.provider, "new": self.head, "rule": self.rule, "reason": self.reason}
+        if self.fast:
+            out["fast"] = self.fast
+        return out
 
 
 @dataclass(frozen=True)

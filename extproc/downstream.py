@@ -338,15 +338,28 @@ class Exchange(PassThrough):
         """NS_FAST: what Envoy's PRICE_LUA needs to answer a plain 200 JSON answer of attempt 1
         alone (prices, attribution headers); None when the answer processor must see it (a
         stream, or an answer that may not fit Envoy's buffer)."""
-        c, parsed = self.choice, self.parsed
-        assert c is not None and parsed is not None
-        price = c.target.price
+        c = self.choice
+        assert c is not None
+        return self.priced_alone(c.target.price, self.attribution_headers(cost_micro=None))
+
+    def priced_alone(self, price: Price, headers: dict[str, str]) -> dict[str, Any] | None:
+        """PRICE_LUA's note for an answer at `price` with `headers`, or None when Envoy must not
+        price it: a stream, a big answer, or prices beyond its exact arithmetic."""
+        parsed = self.parsed
+        assert parsed is not None
         if parsed.stream or self.big or max(price.input_micro_per_mtok, price.output_micro_per_mtok) >= FAST_MAX_PRICE:
             return None
-        headers = self.attribution_headers(cost_micro=None)
         return {"pi_h": price.input_micro_per_mtok // 1_000_000, "pi_l": price.input_micro_per_mtok % 1_000_000,
                 "po_h": price.output_micro_per_mtok // 1_000_000, "po_l": price.output_micro_per_mtok % 1_000_000,
                 "gen": 1 if self.generates() else 0, "h": headers}
+
+    def planned_headers(self, model_name: str, provider_name: str, outcome: str) -> dict[str, str]:
+        """The attribution of a planned attempt 2's answer, as `learn_attempts` will tell it."""
+        h = self.attribution_headers(cost_micro=None)
+        h.update({"x-tollgate-attempts": "2", "x-tollgate-provider": provider_name, "x-tollgate-final-model": model_name})
+        if self.skipped is None:
+            h["x-tollgate-fallback-reason"] = outcome
+        return h
 
     def plan_second(self, choice: RouteChoice, skipped: list[Tried], unhealthy: frozenset[str], started: int, cap: int,
                     stream: bool) -> PlanNote:
@@ -358,9 +371,10 @@ class Exchange(PassThrough):
         for key, step in steps.items():
             model = policy.models[step.model]
             provider = policy.providers[model.provider]
+            fast = self.priced_alone(model.price, self.planned_headers(model.name, provider.name, PLANNED_OUTCOMES[key]))
             planned[key] = PlannedStep(stream_target(provider.name, stream), attempt_budget_ms(provider, cap, stream),
                                        self.gw.credential(provider.name), model.name, provider.name,
-                                       model_head(model.upstream_model), step.rule, step.reason)
+                                       model_head(model.upstream_model), step.rule, step.reason, fast or {})
         return PlanNote(first.name, first.provider, started, model_head(first.upstream_model), planned)
 
     async def reserve(self, parsed: ParsedRequest, choice: RouteChoice, key: KeyInfo) -> ApiError | None:

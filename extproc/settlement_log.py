@@ -29,7 +29,7 @@ import logging
 import time
 
 from extproc.accesslog import LogEntry
-from extproc.contract import FAST_COST, FAST_HANDED, NS_EXCHANGE, NS_FAST, NS_USAGE, SNAPSHOT_KEY, AttemptsNote
+from extproc.contract import FAST_COST, FAST_HANDED, NS_ATTEMPTS, NS_EXCHANGE, NS_FAST, NS_USAGE, SNAPSHOT_KEY, AttemptsNote
 from extproc.downstream import Exchange
 from extproc.gateway import Gateway
 from extproc.payload import usage_from_metadata
@@ -37,7 +37,7 @@ from extproc.payload import usage_from_metadata
 log = logging.getLogger("tollgate.settlement_log")
 
 # The metadata a settlement reads (the entry carries every namespace; only these are converted).
-NAMESPACES = frozenset({NS_EXCHANGE, NS_FAST, NS_USAGE})
+NAMESPACES = frozenset({NS_EXCHANGE, NS_FAST, NS_USAGE, NS_ATTEMPTS})
 
 
 async def settle_entry(gw: Gateway, entry: LogEntry) -> None:
@@ -62,7 +62,8 @@ async def settle_entry(gw: Gateway, entry: LogEntry) -> None:
     if FAST_COST not in fast:  # a 200 with usage the Lua did not price (it failed?): billed all the same
         log.error("request %s: a 200 answer with usage was not priced by Envoy's Lua; settled from its usage", entry.request_id)
     ex.upstream_status = 200
-    ex.learn_attempts(AttemptsNote(), None)
+    # Attempt 1, or an attempt 2 PLANNED_LUA set up: its notes say which model served.
+    ex.learn_attempts(AttemptsNote.from_struct(entry.metadata.get(NS_ATTEMPTS, {})) if ex.chained else AttemptsNote(), None)
     cost = await ex.finish(usage)
     lua_cost = fast.get(FAST_COST)
     if lua_cost is not None and int(lua_cost) != cost:  # PRICE_LUA and Price.cost_micro must agree to the micro-dollar

@@ -60,6 +60,39 @@ def test_a_plain_answer_on_a_fallback_chain_costs_one_message_too(stack: Stack, 
     assert delta(before, counts(stack)) == (3, 3, 0)
 
 
+def test_a_planned_switch_after_a_500_is_priced_and_attributed_by_envoy_alone(stack: Stack, customer: str) -> None:
+    """switch_all: low_cost_chat (p1) answers 500, attempt 2 (planned in advance) goes to
+    low_cost_chat_backup (p2, $0.20 / $0.60 per Mtok) and serves 1,000 + 50 tokens:
+    1000 x 0.20 + 50 x 0.60 = 200 + 30 = 230 micro-USD. No answer processor, and the record is
+    the one the processor would write (both attempts, reason provider_5xx, kind fallback)."""
+    _, secret = stack.create_key(customer)
+    stack.fakes["p1"].script(Reply(status=500))
+    stack.fakes["p2"].script(Reply(prompt_tokens=1000, completion_tokens=50))
+    before = counts(stack)
+    rid = uuid.uuid4().hex
+    answer = send(stack, secret, "/chat/completions", {"model": "switch_all", "messages": MESSAGES, "max_tokens": 100}, rid)
+    assert answer.status == 200
+    assert delta(before, counts(stack)) == (1, 1, 0)
+    h = answer.headers
+    assert (h["x-tollgate-cost-usd"], h["x-tollgate-attempts"], h["x-tollgate-fallback-reason"]) == ("0.000230", "2", "provider_5xx")
+    assert (h["x-tollgate-final-model"], h["x-tollgate-provider"], h["x-tollgate-primary-model"]) == ("low_cost_chat_backup", "p2", "low_cost_chat")
+    (rec,) = [r for r in records_of(stack, customer) if r["request_id"] == rid]
+    assert (rec["cost_micro_usd"], rec["final_model"], rec["provider"], rec["attempts"]) == ("230", "low_cost_chat_backup", "p2", "2")
+    assert (rec["fallback_reason"], rec["kind"], rec["status"]) == ("provider_5xx", "fallback", "200")
+    assert [(a["model"], a["status"], a["reason"]) for a in json.loads(rec["attempt_list"])] == [
+        ("low_cost_chat", 500, "provider_5xx"), ("low_cost_chat_backup", 200, "ok")]
+
+
+def test_an_attempt_the_upstream_processor_set_up_starts_the_answer_processor(stack: Stack, customer: str) -> None:
+    """retry_twice retries the same provider (a back-off only the processor waits): not planned."""
+    _, secret = stack.create_key(customer)
+    stack.fakes["p1"].script(Reply(status=500))
+    before = counts(stack)
+    answer = send(stack, secret, "/chat/completions", {"model": "retry_twice", "messages": MESSAGES, "max_tokens": 20})
+    assert answer.status == 200 and answer.headers["x-tollgate-attempts"] == "2"
+    assert delta(before, counts(stack))[2] == 1
+
+
 def test_a_stream_starts_the_answer_processor(stack: Stack, customer: str) -> None:
     _, secret = stack.create_key(customer)
     before = counts(stack)
