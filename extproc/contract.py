@@ -51,6 +51,7 @@ NS_REWRITE = "tollgate.rewrite"  # a later attempt's body head: old -> new (upst
 NS_APPLY = "tollgate.apply"  # headers to set ("" = remove) once the body is decided (-> APPLY_LUA)
 NS_USAGE = "tollgate.usage"  # a JSON answer's usage, read by Envoy's json_to_metadata
 NS_PLAN = "tollgate.plan"  # attempt 2 decided in advance per failure status (downstream -> PLANNED_LUA)
+NS_PLAN_AUTH = "tollgate.plan_auth"  # attempt 2's provider credential per failure status (cleared by PRICE_LUA)
 NS_EXCHANGE = "tollgate.exchange"  # the request's accounting state (SNAPSHOT_KEY): downstream -> answer processor, settlement
 SNAPSHOT_KEY = "s"
 NS_FAST = "tollgate.fast"  # what PRICE_LUA needs to answer alone; it writes back FAST_COST or FAST_HANDED
@@ -155,7 +156,8 @@ function envoy_on_request(h)
   if p == nil then return end
   hd:replace("%(target)s", p["target"])
   hd:replace("%(per_try)s", p["budget"])
-  if p["auth"] == "" then hd:remove("authorization") else hd:replace("authorization", p["auth"]) end
+  local auth = (md:get("%(ns_plan_auth)s") or {})[key] or ""
+  if auth == "" then hd:remove("authorization") else hd:replace("authorization", auth) end
   hd:replace("%(planned)s", "1")
   md:set("%(ns_attempts)s", "1", {m = plan["m1"], p = plan["p1"], t = plan["t1"], o = outcome, s = status, hp = 1})
   md:set("%(ns_attempts)s", "2", {m = p["m"], p = p["p"], t = os.time() * 1000, rule = p["rule"], reason = p["reason"], k = key})
@@ -191,17 +193,13 @@ local function first(u, a, b)
   return v
 end
 
--- Attempt 2's credentials (NS_PLAN) are of no use once an answer comes: out of the metadata,
--- which Envoy's access log ships whole.
+-- Attempt 2's credentials (NS_PLAN_AUTH) are of no use once an answer comes: out of the
+-- metadata, which Envoy's access log ships whole.
 local function forget_credentials(md)
-  local plan = md:get("%(ns_plan)s")
-  if plan == nil then return end
-  for k, v in pairs(plan) do
-    if type(v) == "table" and v["auth"] ~= nil then
-      local step = {}
-      for f, x in pairs(v) do if f ~= "auth" then step[f] = x end end
-      md:set("%(ns_plan)s", k, step)
-    end
+  local auth = md:get("%(ns_plan_auth)s")
+  if auth == nil then return end
+  for k, v in pairs(auth) do
+    if v ~= "" then md:set("%(ns_plan_auth)s", k, "") end
   end
 end
 
@@ -210,34 +208,37 @@ function envoy_on_response(h)
   hd:remove("%(answer)s")
   local md = h:streamInfo():dynamicMetadata()
   forget_credentials(md)
-  if md:get("%(ns_exchange)s") == nil then return end
   local fast = md:get("%(ns_fast)s")
-  local attempts = md:get("%(ns_attempts)s")
-  if fast ~= nil and attempts ~= nil then
+  local price, changed = fast, nil
+  local attempts = fast and md:get("%(ns_attempts)s")
+  if attempts ~= nil then
     -- A later attempt: priced here only if it is attempt 2 as PLANNED_LUA set it up (its note
-    -- names the plan step, whose "fast" has its prices and headers); any other goes on.
+    -- names the plan step, whose "fast" has its prices and the headers that change); any
+    -- other goes on.
     local a2, plan = attempts["2"], md:get("%(ns_plan)s")
     local step = nil
     if a2 ~= nil and attempts["3"] == nil and a2["k"] ~= nil and plan ~= nil then step = plan[a2["k"]] end
-    fast = step and step["fast"] or nil
+    price = step and step["fast"] or nil
+    changed = price and price["h"] or nil
   end
-  local u = md:get("%(ns_usage)s")
+  local u = price and md:get("%(ns_usage)s")
   local p, c
-  if fast ~= nil and u ~= nil and hd:get(":status") == "200" and hd:get("x-envoy-upstream-service-time") ~= nil then
+  if u ~= nil and hd:get(":status") == "200" and hd:get("x-envoy-upstream-service-time") ~= nil then
     p = count(first(u, "prompt_tokens", "input_tokens"))
     local cv = first(u, "completion_tokens", "output_tokens")
     if cv == nil and fast["gen"] ~= 1 then cv = 0 end
     c = count(cv)
   end
   if p == nil or c == nil then
+    if fast == nil and md:get("%(ns_exchange)s") == nil then return end  -- not a request the gateway reserved for
     hd:add("%(answer)s", "process")
     md:set("%(ns_fast)s", "%(handed)s", 1)
     return
   end
-  local x = p * fast["pi_l"] + c * fast["po_l"]
+  local x = p * price["pi_l"] + c * price["po_l"]
   local q = math.floor(x / 1000000)
   if q * 1000000 < x then q = q + 1 end
-  local cost = p * fast["pi_h"] + c * fast["po_h"] + q
+  local cost = p * price["pi_h"] + c * price["po_h"] + q
   local drop = {}
   for k, _ in pairs(hd) do
     for _, pre in ipairs(PROVIDER_ONLY) do
@@ -246,6 +247,7 @@ function envoy_on_response(h)
   end
   for _, k in ipairs(drop) do hd:remove(k) end
   for k, v in pairs(fast["h"]) do hd:replace(k, v) end
+  if changed ~= nil then for k, v in pairs(changed) do hd:replace(k, v) end end
   hd:replace("x-tollgate-cost-usd", string.format("%%.0f.%%06.0f", math.floor(cost / 1000000), cost %% 1000000))
   md:set("%(ns_fast)s", "%(cost)s", cost)
 end
@@ -377,8 +379,8 @@ class PlannedStep:
     fast: dict[str, Any] = field(default_factory=dict)  # NS_FAST's content should this attempt serve ({}: none)
 
     def to_struct(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"target": self.target, "budget": str(self.budget_ms), "auth": self.credential, "m": self.model,
-               "p": self.provider, "new": self.head, "rule": self.rule, "reason": self.reason}
+        out: dict[str, Any] = {"target": self.target, "budget": str(self.budget_ms), "m": self.model,
+                               "p": self.provider, "new": self.head, "rule": self.rule, "reason": self.reason}
         if self.fast:
             out["fast"] = self.fast
         return out
@@ -386,11 +388,11 @@ class PlannedStep:
 
 @dataclass(frozen=True)
 class PlanNote:
-    """NS_PLAN: attempt 1 (for its note) and attempt 2 per failure kind, for PLANNED_LUA. It
-    holds provider credentials, like NS_APPLY: no processor or log may be sent them, and Envoy's
-    gRPC access log sends the final metadata whole, so APPLY_LUA clears NS_APPLY's once applied
-    and PRICE_LUA clears these when an answer comes (a request ended before any answer keeps
-    them: tests/test_attack_one_message.py)."""
+    """NS_PLAN: attempt 1 (for its note) and attempt 2 per failure kind, for PLANNED_LUA. Its
+    provider credentials go apart (NS_PLAN_AUTH, `credentials`), like NS_APPLY's: no processor
+    or log may be sent them, and Envoy's gRPC access log sends the final metadata whole, so
+    APPLY_LUA clears NS_APPLY's once applied and PRICE_LUA clears NS_PLAN_AUTH when an answer
+    comes (a request ended before any answer keeps them: tests/test_attack_one_message.py)."""
 
     first_model: str
     first_provider: str
@@ -402,3 +404,7 @@ class PlanNote:
         out: dict[str, Any] = {"m1": self.first_model, "p1": self.first_provider, "t1": self.first_at_ms, "old": self.first_head}
         out.update({k: s.to_struct() for k, s in self.steps.items()})
         return out
+
+    def credentials(self) -> dict[str, str]:
+        """NS_PLAN_AUTH: each step's credential ("" = none: removed), apart from the plan."""
+        return {k: s.credential for k, s in self.steps.items()}

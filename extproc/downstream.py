@@ -61,6 +61,7 @@ from extproc.contract import (
     NS_EXCHANGE,
     NS_FAST,
     NS_PLAN,
+    NS_PLAN_AUTH,
     NS_REQUEST,
     NS_USAGE,
     ORIGINAL_CONTENT_TYPE_HEADER,
@@ -267,7 +268,8 @@ class Exchange(PassThrough):
                 route.name, plan.name, target.name, choice.provider.name, started, key.customer, cap, parsed.stream,
                 unhealthy, skip.model if skip else "", skip.provider if skip else "",
                 skip.opened_by if skip else "").to_struct()
-            notes[NS_PLAN] = self.plan_second(choice, skipped, unhealthy, started, cap, parsed.stream).to_struct()
+            second = self.plan_second(choice, skipped, unhealthy, started, cap, parsed.stream)
+            notes[NS_PLAN], notes[NS_PLAN_AUTH] = second.to_struct(), second.credentials()
         notes[NS_EXCHANGE] = {SNAPSHOT_KEY: json.dumps(self.snapshot(), separators=(",", ":"))}
         fast = self.fast_note()
         if fast is not None:
@@ -354,9 +356,9 @@ class Exchange(PassThrough):
                 "gen": 1 if self.generates() else 0, "h": headers}
 
     def planned_headers(self, model_name: str, provider_name: str, outcome: str) -> dict[str, str]:
-        """The attribution of a planned attempt 2's answer, as `learn_attempts` will tell it."""
-        h = self.attribution_headers(cost_micro=None)
-        h.update({"x-tollgate-attempts": "2", "x-tollgate-provider": provider_name, "x-tollgate-final-model": model_name})
+        """How the attribution of a planned attempt 2's answer differs from attempt 1's (PRICE_LUA
+        sets NS_FAST's, then these), as `learn_attempts` will tell it."""
+        h = {"x-tollgate-attempts": "2", "x-tollgate-provider": provider_name, "x-tollgate-final-model": model_name}
         if self.skipped is None:
             h["x-tollgate-fallback-reason"] = outcome
         return h

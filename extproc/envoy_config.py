@@ -35,6 +35,7 @@ from extproc.contract import (
     NS_FAST,
     NS_LAST,
     NS_PLAN,
+    NS_PLAN_AUTH,
     NS_REQUEST,
     NS_REWRITE,
     NS_USAGE,
@@ -357,7 +358,7 @@ def _downstream_filters(message_timeout_s: float) -> list[dict[str, Any]]:
             {"request_header_mode": "SKIP", "request_body_mode": "BUFFERED", "response_header_mode": "SKIP",
              "response_body_mode": "NONE"},
             forwarding=[],
-            receiving=[NS_REQUEST, NS_APPLY, NS_PLAN, NS_EXCHANGE, NS_FAST],
+            receiving=[NS_REQUEST, NS_APPLY, NS_PLAN, NS_PLAN_AUTH, NS_EXCHANGE, NS_FAST],
             request_attributes=list(REQUEST_ATTRIBUTES),
         ),
         {"name": APPLY_FILTER, "typed_config": {"@type": _T + "extensions.filters.http.lua.v3.Lua",
@@ -401,7 +402,8 @@ def price_lua() -> str:
     """contract.PRICE_LUA with the names filled in."""
     return PRICE_LUA % {"provider_only": ", ".join(json.dumps(p) for p in PROVIDER_ONLY), "max_count": FAST_MAX_COUNT,
                         "answer": ANSWER_HEADER, "ns_exchange": NS_EXCHANGE, "ns_fast": NS_FAST, "ns_usage": NS_USAGE,
-                        "ns_attempts": NS_ATTEMPTS, "handed": FAST_HANDED, "cost": FAST_COST, "ns_plan": NS_PLAN}
+                        "ns_attempts": NS_ATTEMPTS, "handed": FAST_HANDED, "cost": FAST_COST, "ns_plan": NS_PLAN,
+                        "ns_plan_auth": NS_PLAN_AUTH}
 
 
 def settlement_log() -> dict[str, Any]:
@@ -479,7 +481,8 @@ def _entry_routes(no_route: ApiError) -> list[dict[str, Any]]:
 
 def planned_lua() -> str:
     """contract.PLANNED_LUA with the names filled in."""
-    return PLANNED_LUA % {"planned": PLANNED_HEADER, "ns_plan": NS_PLAN, "ns_last": NS_LAST, "ns_attempts": NS_ATTEMPTS,
+    return PLANNED_LUA % {"planned": PLANNED_HEADER, "ns_plan": NS_PLAN, "ns_plan_auth": NS_PLAN_AUTH, "ns_last": NS_LAST,
+                          "ns_attempts": NS_ATTEMPTS,
                           "ns_rewrite": NS_REWRITE, "target": TARGET_HEADER, "per_try": PER_TRY_TIMEOUT_HEADER}
 
 

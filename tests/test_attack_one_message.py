@@ -588,8 +588,8 @@ def test_a_client_gone_before_envoy_took_the_processors_reply_leaves_nothing_res
 # --- secrets: the access log carries every request's final metadata to the processor -----------
 
 class MetadataLoggingEnvoy(Envoy):
-    """Tollgate's Envoy plus one file access log printing the metadata namespaces that once held
-    provider credentials (tollgate.apply, tollgate.plan): what the settlement's gRPC access log
+    """Tollgate's Envoy plus one file access log printing the metadata namespaces that hold or held
+    provider credentials (tollgate.apply, tollgate.plan, tollgate.plan_auth): what the settlement's gRPC access log
     also ships, since it sends every entry's whole dynamic metadata."""
 
     md_log = ""
@@ -608,7 +608,8 @@ class MetadataLoggingEnvoy(Envoy):
                         "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
                         "path": self.md_log,
                         "log_format": {"text_format_source": {
-                            "inline_string": "%DYNAMIC_METADATA(tollgate.apply)% %DYNAMIC_METADATA(tollgate.plan)%\n"}}}})
+                            "inline_string": "%DYNAMIC_METADATA(tollgate.apply)% %DYNAMIC_METADATA(tollgate.plan)% "
+                                             "%DYNAMIC_METADATA(tollgate.plan_auth)%\n"}}}})
                 for v in node.values():
                     walk(v)
             elif isinstance(node, list):
@@ -654,8 +655,8 @@ def test_no_provider_credential_is_left_in_a_requests_final_metadata(mstack: tup
     assert not any(s in line for s in PROVIDER_SECRETS.values()), line
 
 
-@pytest.mark.xfail(strict=True, reason="no Envoy filter runs when a request ends without any answer: tollgate.plan keeps attempt "
-                   "2's credentials, and the access log ships them to the processor")
+@pytest.mark.xfail(strict=True, reason="no Envoy filter runs when a request ends without any answer: tollgate.plan_auth keeps "
+                   "attempt 2's credentials, and the access log ships them to the processor")
 def test_no_provider_credential_is_left_when_the_client_leaves_before_any_answer(mstack: tuple[Stack, MetadataLoggingEnvoy],
                                                                                  customer: str) -> None:
     stack, envoy = mstack

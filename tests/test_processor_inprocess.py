@@ -168,12 +168,20 @@ def test_chained_route_plans_the_switch_after_a_429_with_the_backup_providers_ke
     async def scenario(rig: Rig) -> pb.ProcessingResponse:
         return (await admitted(rig, {"model": "support_draft", "messages": MESSAGES, "max_tokens": 30}, plan="starter", fund=0))[3]
 
-    plan = dynamic_metadata(run(redis_url, policy, scenario))["tollgate.plan"]
+    md = dynamic_metadata(run(redis_url, policy, scenario))
+    plan = md["tollgate.plan"]
     assert set(plan) == {"m1", "p1", "t1", "old", "429"}
     assert (plan["m1"], plan["p1"], plan["old"]) == ("low_cost_chat", "p1", '{"model":"gpt-4o-mini"')
-    assert plan["429"] == {"target": "p2", "budget": "2003", "auth": "Bearer sk-provider-two", "m": "low_cost_chat_backup",
-                           "p": "p2", "new": '{"model":"small-chat-v2"', "rule": "on_rate_limit: switch_same_price_tier",
-                           "reason": "rate_limit"}
+    step = dict(plan["429"])
+    fast = step.pop("fast")
+    assert step == {"target": "p2", "budget": "2003", "m": "low_cost_chat_backup", "p": "p2", "new": '{"model":"small-chat-v2"',
+                    "rule": "on_rate_limit: switch_same_price_tier", "reason": "rate_limit"}
+    # The credential goes apart (PRICE_LUA clears it once an answer comes).
+    assert md["tollgate.plan_auth"] == {"429": "Bearer sk-provider-two"}
+    # Should attempt 2 serve, Envoy prices it at $0.20 / $0.60 per Mtok, with these headers changed.
+    assert (fast["pi_h"], fast["pi_l"], fast["po_h"], fast["po_l"]) == (0.0, 200_000.0, 0.0, 600_000.0)
+    assert fast["h"] == {"x-tollgate-attempts": "2", "x-tollgate-provider": "p2", "x-tollgate-final-model": "low_cost_chat_backup",
+                         "x-tollgate-fallback-reason": "rate_limit"}
 
 
 def test_providers_with_an_open_circuit_are_noted_for_later_attempts(redis_url: str, policy: Policy) -> None:
