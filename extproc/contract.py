@@ -181,6 +181,13 @@ end
 PRICE_LUA = """
 local PROVIDER_ONLY = {%(provider_only)s}
 local MAX = %(max_count)d
+-- The prefixes by their first byte: most response headers need one table lookup, no compare.
+local BY_FIRST = {}
+for _, pre in ipairs(PROVIDER_ONLY) do
+  local b = string.byte(pre, 1)
+  BY_FIRST[b] = BY_FIRST[b] or {}
+  table.insert(BY_FIRST[b], pre)
+end
 
 local function count(v)
   if type(v) ~= "number" or v < 0 or v > MAX or v ~= math.floor(v) then return nil end
@@ -241,14 +248,25 @@ function envoy_on_response(h)
   local cost = p * price["pi_h"] + c * price["po_h"] + q
   local drop = {}
   for k, _ in pairs(hd) do
-    for _, pre in ipairs(PROVIDER_ONLY) do
-      if string.sub(k, 1, #pre) == pre then drop[#drop + 1] = k; break end
+    local candidates = BY_FIRST[string.byte(k, 1)]
+    if candidates ~= nil then
+      for _, pre in ipairs(candidates) do
+        if string.sub(k, 1, #pre) == pre then drop[#drop + 1] = k; break end
+      end
     end
   end
   for _, k in ipairs(drop) do hd:remove(k) end
-  for k, v in pairs(fast["h"]) do hd:replace(k, v) end
-  if changed ~= nil then for k, v in pairs(changed) do hd:replace(k, v) end end
-  hd:replace("x-tollgate-cost-usd", string.format("%%.0f.%%06.0f", math.floor(cost / 1000000), cost %% 1000000))
+  -- Every header set here but x-request-id is one the loop above removed: added, not replaced.
+  local final = fast["h"]
+  if changed ~= nil then
+    final = {}
+    for k, v in pairs(fast["h"]) do final[k] = v end
+    for k, v in pairs(changed) do final[k] = v end
+  end
+  for k, v in pairs(final) do
+    if k == "x-request-id" then hd:replace(k, v) else hd:add(k, v) end
+  end
+  hd:add("x-tollgate-cost-usd", string.format("%%.0f.%%06.0f", math.floor(cost / 1000000), cost %% 1000000))
   md:set("%(ns_fast)s", "%(cost)s", cost)
 end
 """
