@@ -130,6 +130,13 @@ def test_asked_to_wait_for_settlements_it_refuses_to_refuse_while_money_is_in_fl
     assert reserve(server, PREPAID, "b").reason == "balance"
 
 
+def test_asked_to_wait_for_settlements_one_micro_dollar_in_flight_is_enough_to_wait(server: RedisServer, sync: redis.Redis) -> None:
+    sync.set("tollgate:{c:c}:balance", 1000)
+    tiny = CostBound(input_tokens=1, rate_tokens=1, output_tokens=1, min_output_tokens=1, choices=1, input_price=1, output_price=1)
+    assert reserve(server, PREPAID, "a", bound=tiny).amount == 1  # ceil((1 + 1) / 1e6)
+    assert reserve(server, PREPAID, "b", settling=True).reason == "settling"  # 2100 > 999 left
+
+
 def test_asked_to_wait_for_settlements_with_nothing_in_flight_it_cuts_the_cap_at_once(server: RedisServer,
                                                                                        sync: redis.Redis) -> None:
     sync.set("tollgate:{c:c}:balance", 1000)
