@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from extproc.pb import als_pb2 as pb
+from extproc.protocol import struct_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -39,31 +40,6 @@ class LogEntry:
     start_time_us: int  # Unix time in microseconds
     duration_us: int
     metadata: dict[str, dict[str, Any]]  # dynamic metadata: namespace -> plain Python values
-
-
-Value = Any  # what a google.protobuf.Value becomes: None, float, str, bool, dict or list
-
-
-def _value(v: Any) -> Value:
-    """One google.protobuf.Value as plain Python (numbers are floats, as in JSON)."""
-    kind = v.WhichOneof("kind")
-    if kind == "string_value":
-        return v.string_value
-    if kind == "number_value":
-        return v.number_value
-    if kind == "bool_value":
-        return v.bool_value
-    if kind == "struct_value":
-        return struct_to_dict(v.struct_value)
-    if kind == "list_value":
-        return [_value(item) for item in v.list_value.values]
-    return None
-
-
-def struct_to_dict(struct: Any) -> dict[str, Value]:
-    """A google.protobuf.Struct as a dict. Hand-written because json_format.MessageToDict costs
-    about 1.6x as much per entry, and this runs once per finished request."""
-    return {key: _value(v) for key, v in struct.fields.items()}
 
 
 def _flags(f: Any) -> frozenset[str]:

@@ -42,9 +42,13 @@ class Account:
     def w(self, suffix: str) -> str:
         return self.k(f"ws:{self.workspace}:{suffix}")
 
+    def marker(self, request_id: str) -> str:
+        """A request id's marker (`inflight:<call>` while reserved, then `settled`, ...)."""
+        return self.k(f"req:{request_id}")
+
     def reserve_keys(self, request_id: str, month: str) -> ReserveKeys:
         return ReserveKeys(
-            marker=self.k(f"req:{request_id}"), reservation=self.k(f"resv:{request_id}"), index=self.k("resv-index"),
+            marker=self.marker(request_id), reservation=self.k(f"resv:{request_id}"), index=self.k("resv-index"),
             balance=self.k("balance"), reserved=self.k("reserved"), spend=self.k(f"spend:{month}"), limits=self.k("limits"),
             ws_reserved=self.w("reserved"), ws_spend=self.w(f"spend:{month}"), ws_limits=self.w("limits"),
             key_rpm=self.k(f"key:{self.key_id}:rpm"), key_tpm=self.k(f"key:{self.key_id}:tpm"),
@@ -52,20 +56,20 @@ class Account:
 
     def finish_keys(self, request_id: str, month: str) -> FinishKeys:
         return FinishKeys(
-            marker=self.k(f"req:{request_id}"), reservation=self.k(f"resv:{request_id}"), index=self.k("resv-index"),
+            marker=self.marker(request_id), reservation=self.k(f"resv:{request_id}"), index=self.k("resv-index"),
             balance=self.k("balance"), reserved=self.k("reserved"), spend=self.k(f"spend:{month}"),
             ws_reserved=self.w("reserved"), ws_spend=self.w(f"spend:{month}"), key_tpm=self.k(f"key:{self.key_id}:tpm"),
             ws_tpm=self.w("tpm"), outbox=self.k("outbox"), tpm=self.k("tpm"))
 
     def cancel_keys(self, request_id: str) -> CancelKeys:
         return CancelKeys(
-            marker=self.k(f"req:{request_id}"), reservation=self.k(f"resv:{request_id}"), index=self.k("resv-index"),
+            marker=self.marker(request_id), reservation=self.k(f"resv:{request_id}"), index=self.k("resv-index"),
             reserved=self.k("reserved"), ws_reserved=self.w("reserved"), key_tpm=self.k(f"key:{self.key_id}:tpm"),
             ws_tpm=self.w("tpm"), tpm=self.k("tpm"))
 
     def expire_keys(self, request_id: str) -> ExpireKeys:
         return ExpireKeys(
-            marker=self.k(f"req:{request_id}"), reservation=self.k(f"resv:{request_id}"), index=self.k("resv-index"),
+            marker=self.marker(request_id), reservation=self.k(f"resv:{request_id}"), index=self.k("resv-index"),
             reserved=self.k("reserved"), ws_reserved=self.w("reserved"), outbox=self.k("outbox"))
 
 

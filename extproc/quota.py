@@ -106,7 +106,7 @@ class Reservation:
     @property
     def marker_key(self) -> str:
         """The request id's marker (`inflight:<call>` while reserved, then `settled`)."""
-        return self.account.reserve_keys(self.request_id, self.month).marker
+        return self.account.marker(self.request_id)
 
 
 @dataclass(frozen=True)

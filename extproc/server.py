@@ -181,21 +181,23 @@ class Processor:
         still arrive. One that never comes is left to the reaper."""
         deadline = time.monotonic() + timeout_s
         handed = self.gateway.handed
-        while handed and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             now = time.monotonic()
-            keys = [k for k, until in handed.items() if until >= now]
-            markers: list[Any] = []
+            for k in [k for k, until in handed.items() if until < now]:
+                del handed[k]  # expired: the reaper's now
+            if not handed:
+                return
+            keys = list(handed)
             try:
                 pipe = self.request_redis.pipeline(transaction=False)
                 for k in keys:
                     pipe.get(k)
-                markers = await pipe.execute() if keys else []
+                markers: list[Any] = await pipe.execute()
             except RedisError:
                 markers = ["inflight:"] * len(keys)
-            done = {k for k, m in zip(keys, markers, strict=True)
-                    if not (m.decode() if isinstance(m, bytes) else str(m or "")).startswith("inflight:")}
-            for k in [k for k in handed if k in done or handed[k] < now]:
-                del handed[k]
+            for k, m in zip(keys, markers, strict=True):
+                if not (m.decode() if isinstance(m, bytes) else str(m or "")).startswith("inflight:"):
+                    handed.pop(k, None)
             if handed:
                 await asyncio.sleep(0.05)
 

@@ -27,6 +27,7 @@ import yaml
 from extproc.devstack import Envoy, Processor, RedisServer
 from extproc.fakeprovider import FakeProvider
 from extproc.keys import KeyStore
+from extproc.keyspace import Account
 from extproc.store import redis_client
 
 PROVIDER_SECRETS = {"TG_TEST_P1_KEY": "sk-provider-one", "TG_TEST_P2_KEY": "sk-provider-two", "TG_TEST_P3_KEY": "sk-provider-three",
@@ -148,9 +149,9 @@ class Stack:
         """Wait until nothing of `customer` is reserved: a plain answer is settled from Envoy's
         access log a few milliseconds after the client has it (its money, spend and record land
         then), so a test that reads them right after an answer waits for that first."""
-        r = self.redis_sync()
+        r, reserved = self.redis_sync(), Account(customer, "", "").k("reserved")
         deadline = time.monotonic() + timeout_s
-        while int(r.get(f"tollgate:{{c:{customer}}}:reserved") or 0) != 0:
+        while int(r.get(reserved) or 0) != 0:
             assert time.monotonic() < deadline, f"{customer}: money still reserved {timeout_s:g} s after the answers"
             time.sleep(0.01)
 

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
-from extproc import accesslog
+from extproc import accesslog, protocol
 from extproc.accesslog import LogEntry
 from extproc.devstack import envoy_binary, free_port, wait_for_port
 from extproc.pb import als_pb2 as pb
@@ -117,7 +117,7 @@ def test_nested_structs_lists_numbers_bools_strings_and_nulls_convert_to_plain_p
     items.values.add().string_value = "a"
     items.values.add().number_value = 7
     items.values.add().struct_value.fields["z"].bool_value = True
-    assert accesslog.struct_to_dict(s) == {
+    assert protocol.struct_to_dict(s) == {
         "name": "acme", "micro": 1234567.0, "half": 0.5, "ok": True, "off": False, "nothing": None,
         "price": {"in": 2.0, "deep": {"k": "v"}}, "tags": ["a", 7.0, {"z": True}],
     }
@@ -128,7 +128,7 @@ def test_converted_types_are_exact() -> None:
     s = pb.Metadata().filter_metadata["ns"]
     s.fields["n"].number_value = 3
     s.fields["b"].bool_value = True
-    got = accesslog.struct_to_dict(s)
+    got = protocol.struct_to_dict(s)
     assert (type(got["n"]), type(got["b"])) == (float, bool)
 
 

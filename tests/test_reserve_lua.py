@@ -151,6 +151,31 @@ def test_asked_to_wait_for_settlements_an_affordable_cap_is_reserved_at_once(ser
     assert (r.status, r.cap, r.amount) == ("ok", 1000, 2100)
 
 
+def test_a_settling_refusal_spends_no_request_per_minute(server: RedisServer, sync: redis.Redis) -> None:
+    limits = Limits(prepaid=True, monthly_budget_micro=None, rpm=2, tpm=None)
+    sync.set("tollgate:{c:c}:balance", 2200)
+    assert reserve(server, limits, "r1").status == "ok"
+    assert reserve(server, limits, "r2", settling=True).reason == "settling"
+    assert int(float(sync.hget("tollgate:{c:c}:rpm", "tokens") or 0)) == 1
+
+
+def test_tokens_in_flight_turn_a_tokens_per_minute_refusal_into_a_settling_one(server: RedisServer, sync: redis.Redis) -> None:
+    """tpm 1,500: r1 holds 25 + 1,000 tokens, so r2's 1,025 do not fit until r1 settles."""
+    limits = Limits(prepaid=False, monthly_budget_micro=None, rpm=None, tpm=1500)
+    assert reserve(server, limits, "r1").status == "ok"
+    r2 = reserve(server, limits, "r2", settling=True)
+    assert (r2.status, r2.reason) == ("refused", "settling")
+
+
+def test_without_anything_in_flight_a_tokens_per_minute_refusal_is_final(server: RedisServer, sync: redis.Redis) -> None:
+    """The bucket is empty and no request holds tokens: waiting for a settlement would only add
+    a 50 ms sleep and a second reserve call to every refusal."""
+    limits = Limits(prepaid=False, monthly_budget_micro=None, rpm=None, tpm=1500)
+    sync.hset("tollgate:{c:c}:tpm", mapping={"tokens": "0", "ts": str(int(time.time() * 1000))})
+    r1 = reserve(server, limits, "r1", settling=True)
+    assert (r1.status, r1.reason) == ("refused", "tpm")
+
+
 def test_choices_multiply_the_output_price(server: RedisServer, sync: redis.Redis) -> None:
     three = CostBound(100, 25, 100, 16, 3, 1_000_000, 2_000_000)
     assert reserve(server, POSTPAID, bound=three).amount == 700  # 100 + 3 * 100 * 2
