@@ -31,6 +31,7 @@ from extproc.keys import KeyStore
 from extproc.money import usd_to_micro
 from extproc.quota import Quota, valid_id
 from extproc.store import RedisLike, redis_client
+from extproc.store import close as close_client
 
 TOKEN_ENV = "TOLLGATE_ADMIN_TOKEN"
 Handler = Callable[[Request], Awaitable[Response]]
@@ -212,7 +213,7 @@ class AdminApi:
             try:
                 yield
             finally:
-                await self.redis.aclose()
+                await close_client(self.redis)
 
         routes = [
             Route("/healthz", self.healthz, methods=["GET"]),

@@ -28,6 +28,7 @@ def _redis_url(args: argparse.Namespace) -> str:
 def _with_redis(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int]]) -> int:
     from redis.exceptions import RedisError
 
+    from extproc.store import close as close_client
     from extproc.store import redis_client
 
     async def run() -> int:
@@ -35,7 +36,7 @@ def _with_redis(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int]]) -
         try:
             return await fn(client)
         finally:
-            await client.aclose()
+            await close_client(client)
 
     try:
         return asyncio.run(run())

@@ -25,6 +25,7 @@ DEMO_SECRETS = {"OPENAI_API_KEY": "sk-demo-primary-provider", "BACKUP_API_KEY": 
 
 
 async def _create_key(redis_url: str) -> tuple[str, str]:
+    from extproc.store import close as close_client
     from extproc.store import redis_client
 
     client = redis_client(redis_url)
@@ -32,7 +33,7 @@ async def _create_key(redis_url: str) -> tuple[str, str]:
         created = await KeyStore(client).create("demo-customer", "demo-workspace", "premium", "support_draft")
         return created.info.key_id, created.secret
     finally:
-        await client.aclose()
+        await close_client(client)
 
 
 def tollgate_command() -> str:

@@ -41,6 +41,7 @@ from extproc.policy.load import expand_sources
 from extproc.protocol import attribute, immediate
 from extproc.quota import Quota
 from extproc.settlement_log import settle_entry
+from extproc.store import close as close_client
 from extproc.store import redis_client
 from extproc.upstream import AttemptExchange
 
@@ -345,8 +346,8 @@ async def run_worker(policy_paths: list[str], redis_url: str, endpoint: GrpcEndp
         await asyncio.wait(processor.gateway.background, timeout=grace_s)
     for t in tasks:
         t.cancel()
-    await processor.redis.aclose()
-    await processor.request_redis.aclose()
+    await close_client(processor.redis)
+    await close_client(processor.request_redis)
 
 
 def run_loop(coro: Any) -> None:

@@ -23,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 
 from extproc import config, metrics
 from extproc.keyspace import SCRIPT_KEYS, lua_prelude
+from extproc.resp import Commands, RespConnection
 
 RedisLike: TypeAlias = "aioredis.Redis | RedisCluster"
 CLUSTER_SCHEME = "redis+cluster://"
@@ -87,6 +88,11 @@ class GroupCommit:
     queue: list[_Group] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None  # the task sending round trips, while there are batches
     batches: int = 0  # round trips made (observability and tests)
+    wire: RespConnection | None = None  # its own connection for the request path's commands (resp.py)
+
+    def __post_init__(self) -> None:
+        if self.wire is None:
+            self.wire = RespConnection.for_client(self.redis)
 
     async def submit(self, commands: tuple[Command, ...], tolerate: int) -> list[Any]:
         group = _Group(commands, tolerate, asyncio.get_running_loop().create_future())
@@ -114,8 +120,9 @@ class GroupCommit:
                     await scripts.load()
                 for g, r in zip(retry, await self._execute(retry), strict=True):
                     results[groups.index(g)] = r
-        except (RedisError, OSError, TimeoutError) as exc:
-            err = exc if isinstance(exc, RedisError) else _deadline_passed()
+        except Exception as exc:  # every caller gets the error; none waits for ever
+            err = exc if isinstance(exc, RedisError) else _deadline_passed() if isinstance(exc, TimeoutError) else RedisError(
+                f"Redis round trip failed: {exc!r}")
             for g in groups:
                 if not g.reply.done():
                     g.reply.set_exception(err)
@@ -130,22 +137,46 @@ class GroupCommit:
                 g.reply.set_result(r)
 
     async def _execute(self, groups: list[_Group]) -> list[list[Any]]:
+        if self.wire is not None:
+            recorded = Commands()
+            try:
+                for g in groups:
+                    for command in g.commands:
+                        command(recorded)
+            except (AttributeError, TypeError):  # a command resp.Commands does not write: redis-py sends this batch
+                pass
+            else:
+                async with asyncio.timeout(config.REDIS_DEADLINE_S):
+                    flat = await self.wire.run(recorded.args)
+                return _per_group(groups, flat)
         pipe = self.redis.pipeline(transaction=False)
         for g in groups:
             for command in g.commands:
                 command(pipe)
         async with asyncio.timeout(config.REDIS_DEADLINE_S):
             flat = list(await pipe.execute(raise_on_error=False))
-        out, i = [], 0
-        for g in groups:
-            out.append(flat[i:i + len(g.commands)])
-            i += len(g.commands)
-        return out
+        return _per_group(groups, flat)
+
+
+def _per_group(groups: list[_Group], flat: list[Any]) -> list[list[Any]]:
+    out, i = [], 0
+    for g in groups:
+        out.append(flat[i:i + len(g.commands)])
+        i += len(g.commands)
+    return out
 
 
 # One GroupCommit per client: every module's batches on that client (quota, health) share
 # round trips, e.g. a failed attempt's health note rides with its request's settlement.
 _GROUPS: weakref.WeakKeyDictionary[Any, GroupCommit] = weakref.WeakKeyDictionary()
+
+
+async def close(redis: RedisLike) -> None:
+    """Close a client and the request path's own connection beside it (resp.py)."""
+    group = _GROUPS.pop(redis, None)
+    if group is not None and group.wire is not None:
+        group.wire.close()
+    await redis.aclose()
 
 
 def group_commit(redis: RedisLike) -> GroupCommit:

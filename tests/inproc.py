@@ -29,7 +29,7 @@ from extproc.keys import KeyStore
 from extproc.pb import ext_proc_pb2 as pb
 from extproc.policy import Policy, load_policy
 from extproc.quota import Quota
-from extproc.store import redis_client
+from extproc.store import close, redis_client
 from tests.conftest import SEED, catalog
 
 # The key under which Envoy's ext_proc filter groups the attributes it sends.
@@ -112,8 +112,8 @@ def run(redis_url: str, policy: Policy, scenario: Callable[[Rig], Awaitable[T]])
         finally:
             if gw.background:
                 await asyncio.wait(gw.background, timeout=10)
-            await plain.aclose()
-            await deadline.aclose()
+            await close(plain)
+            await close(deadline)
 
     return asyncio.run(main())
 
