@@ -146,9 +146,7 @@ class GroupCommit:
             except (AttributeError, TypeError):  # a command resp.Commands does not write: redis-py sends this batch
                 pass
             else:
-                async with asyncio.timeout(config.REDIS_DEADLINE_S):
-                    flat = await self.wire.run(recorded.args)
-                return _per_group(groups, flat)
+                return _per_group(groups, await self.wire.run(recorded.args, config.REDIS_DEADLINE_S))
         pipe = self.redis.pipeline(transaction=False)
         for g in groups:
             for command in g.commands:

@@ -187,3 +187,20 @@ def test_the_request_paths_batches_go_over_this_connection_and_others_over_redis
 def test_a_tls_or_unix_socket_client_keeps_redis_py() -> None:
     assert RespConnection.for_client(redis_client("rediss://127.0.0.1:6390/0", deadline_only=True)) is None
     assert RespConnection.for_client(redis_client("unix:///tmp/nowhere.sock", deadline_only=True)) is None
+
+
+def test_a_batch_past_its_deadline_raises_timeout_and_the_next_batch_gets_its_own_reply(redis_url: str) -> None:
+    async def run() -> tuple[float, list[Any]]:
+        conn = wire(redis_url)
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await conn.run([("EVAL", "local t = redis.call('TIME') while true do local n = redis.call('TIME') "
+                                 "if (n[1] - t[1]) * 1000000 + n[2] - t[2] > 300000 then return 'late' end end", 0)], deadline_s=0.05)
+            waited = time.monotonic() - started
+            return waited, await conn.run([("ECHO", "mine")], deadline_s=2)
+        finally:
+            conn.close()
+
+    waited, replies = asyncio.run(run())
+    assert waited < 0.25 and replies == [b"mine"]
