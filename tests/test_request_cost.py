@@ -67,14 +67,19 @@ def test_a_refused_request_costs_one_processor_message(stack: Stack, customer: s
 
 
 def test_a_served_request_costs_at_most_two_redis_round_trips_alone(stack: Stack, customer: str) -> None:
-    """Reserve, then settle: one each when nothing else is in flight (the key is cached)."""
+    """Reserve, then settle: one each when nothing else is in flight (the key is cached). The
+    counter is the process's: a reaper pass (every 2 s) that falls in the window adds its own
+    round trip, so the fewest of three tries counts."""
     _, secret = stack.create_key(customer)
     chat(stack, secret)
     stack.settled(customer)
-    before = processor_counter(stack, ROUND_TRIPS)
-    assert chat(stack, secret)[0] == 200
-    stack.settled(customer)
-    assert processor_counter(stack, ROUND_TRIPS) - before <= 2
+    counts = []
+    for _ in range(3):
+        before = processor_counter(stack, ROUND_TRIPS)
+        assert chat(stack, secret)[0] == 200
+        stack.settled(customer)
+        counts.append(processor_counter(stack, ROUND_TRIPS) - before)
+    assert min(counts) <= 2, counts
 
 
 def test_concurrent_requests_cost_at_most_two_redis_round_trips_each(stack: Stack, customer: str) -> None:
