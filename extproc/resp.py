@@ -127,7 +127,7 @@ class _Protocol(asyncio.Protocol):
 
     def close(self) -> None:
         self.lost = True
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
 
