@@ -108,6 +108,12 @@ class GroupCommit:
                 self.batches += 1
                 metrics.REDIS_ROUND_TRIPS.inc()
                 await self._send(groups)
+        except BaseException:  # cancelled: the batches queued meanwhile would wait for a flusher that never comes
+            queued, self.queue = self.queue, []
+            for g in queued:
+                if not g.reply.done():
+                    g.reply.set_exception(RedisError("Redis round trips stopped"))
+            raise
         finally:
             self.flusher = None
 
@@ -116,16 +122,20 @@ class GroupCommit:
             results = await self._execute(groups)
             retry = [g for g, r in zip(groups, results, strict=True) if any(isinstance(x, NoScriptError) for x in r)]
             if retry:  # Redis lost its scripts (a restart): load them once, run those batches again
-                for scripts in self.scripts:
-                    await scripts.load()
+                # Within a deadline: the request path's redis-py client has no socket timeout.
+                async with asyncio.timeout(config.REDIS_DEADLINE_S):
+                    for scripts in self.scripts:
+                        await scripts.load()
                 for g, r in zip(retry, await self._execute(retry), strict=True):
                     results[groups.index(g)] = r
-        except Exception as exc:  # every caller gets the error; none waits for ever
+        except BaseException as exc:  # every caller gets the error (the flusher cancelled too); none waits for ever
             err = exc if isinstance(exc, RedisError) else _deadline_passed() if isinstance(exc, TimeoutError) else RedisError(
                 f"Redis round trip failed: {exc!r}")
             for g in groups:
                 if not g.reply.done():
                     g.reply.set_exception(err)
+            if not isinstance(exc, Exception):
+                raise
             return
         for g, r in zip(groups, results, strict=True):
             if g.reply.done():
