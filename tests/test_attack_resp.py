@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import hiredis
@@ -26,9 +28,13 @@ from redis.exceptions import ConnectionError, RedisError, ResponseError
 
 from extproc import config
 from extproc.devstack import RedisServer
+from extproc.fakeprovider import FakeProvider
+from extproc.quota import Account, month_of
 from extproc.resp import RespConnection, _Protocol, pack
 from extproc.store import Scripts, close, redis_client
+from tests.conftest import Stack, post_raw, running_stack
 from tests.dropproxy import DropProxy
+from tests.test_attack_billing import records_of
 
 # A script that keeps Redis busy for `ms` milliseconds, then answers 'late'.
 BUSY = ("local t = redis.call('TIME') while true do local n = redis.call('TIME') "
@@ -560,3 +566,80 @@ class FakeServer:
                 conn.sendall(self.answer(n))
         except OSError:
             pass
+
+
+# --- end to end: the real stack under load while Redis stalls and restarts ----------------
+
+def test_stalls_and_a_restart_under_load_answer_200_or_503_and_leave_the_money_exact(
+        fakes: dict[str, FakeProvider], policy_dir: Path, customer: str) -> None:
+    """Four clients send requests without pause while Redis is stopped (SIGSTOP) for 5 s (past
+    the 2 s deadline), resumed, and then restarted (durable: it keeps what it acknowledged).
+    Two clients are a customer with money, two one whose budget is spent: a reply read as
+    another batch's would serve the broke one or refuse the other. Every answer is the
+    customer's own (200, or 429 insufficient_quota for the broke one) or a 503
+    quota_unavailable; afterwards nothing stays reserved, every 200 has exactly one served
+    record, and the month's spend is the sum of the records."""
+    server = RedisServer(durable=True).start()
+    env = {"TOLLGATE_RESERVATION_GRACE_S": "1", "TOLLGATE_REAPER_INTERVAL_S": "0.3"}
+    broke = f"{customer}-broke"
+    with running_stack(fakes, policy_dir, workers=1, redis_server=server, env=env, name="resp-load") as s:
+        secrets = {customer: s.create_key(customer)[1], broke: s.create_key(broke, plan="tiny_budget")[1]}
+        assert chat_once(s, secrets[customer], f"warm-{customer}")[0] == 200
+        assert chat_once(s, secrets[broke], f"warm-{broke}") == (429, "insufficient_quota")
+        answers: dict[str, list[tuple[str, int, str, float]]] = {customer: [], broke: []}
+        stop = threading.Event()
+
+        def client(who: str, n: int) -> None:
+            i = 0
+            while not stop.is_set():
+                rid = f"load-{who}-{n}-{i}"
+                started = time.monotonic()
+                status, code = chat_once(s, secrets[who], rid)
+                answers[who].append((rid, status, code, time.monotonic() - started))
+                i += 1
+
+        threads = [threading.Thread(target=client, args=(who, n)) for n, who in enumerate([customer, broke] * 2)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1.0)
+            os.kill(pid_of(server), signal.SIGSTOP)
+            time.sleep(5.0)
+            os.kill(pid_of(server), signal.SIGCONT)
+            time.sleep(1.0)
+            server.stop()
+            time.sleep(0.3)
+            server.start()
+            time.sleep(2.0)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        mine = {(status, code) for _, status, code, _ in answers[customer]}
+        theirs = {(status, code) for _, status, code, _ in answers[broke]}
+        assert mine <= {(200, ""), (503, "quota_unavailable")} and (503, "quota_unavailable") in mine, mine
+        assert theirs <= {(429, "insufficient_quota"), (503, "quota_unavailable")}, theirs
+        every = answers[customer] + answers[broke]
+        assert max(took for *_, took in every) < 2 * config.REDIS_DEADLINE_S + 1.5  # the batch in flight, then its own
+        assert [a for a in answers[customer][-4:] if a[1] != 200] == [], "still failing 2 s after Redis came back"
+        r = s.redis_sync()
+        for who in (customer, broke):
+            reserved_key = Account(who, f"{who}-ws", "").k("reserved")
+            deadline = time.monotonic() + 20
+            while int(r.get(reserved_key) or 0) != 0:
+                assert time.monotonic() < deadline, f"{who}: money still reserved after the stall and the restart"
+                time.sleep(0.1)
+        records = records_of(s, customer)
+        served = [rec for rec in records if rec["status"] == "200"]
+        assert sorted(rec["request_id"] for rec in served) == sorted(
+            [rid for rid, status, _, _ in answers[customer] if status == 200] + [f"warm-{customer}"])
+        spend = int(r.get(Account(customer, f"{customer}-ws", "").k(f"spend:{month_of(time.time())}")) or 0)
+        assert spend == sum(int(rec["cost_micro_usd"]) for rec in records) > 0
+        assert [rec for rec in records_of(s, broke) if rec["status"] == "200"] == []
+
+
+def chat_once(stack: Stack, secret: str, rid: str) -> tuple[int, str]:
+    body = json.dumps({"model": "legal_summary", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    status, answer = post_raw(f"{stack.base_url}/chat/completions", body, secret, {"x-request-id": rid}, timeout=20)
+    code = answer["error"]["code"] if status != 200 and isinstance(answer, dict) else ""
+    return status, code
