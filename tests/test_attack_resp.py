@@ -398,6 +398,43 @@ def test_stalled_redis_fails_every_caller_within_the_deadline_and_after_it_each_
     assert after == [[3, 1]] * 6  # each its own reply, none a stale one of the stall
 
 
+def test_a_batch_queued_behind_a_stalled_one_fails_within_its_own_deadline(own_redis: RedisServer,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller whose batch waits for the one in flight: its deadline counts from when it
+    asked, not from when its batch could be sent (it would wait for the stalled batch's
+    deadline and then its own)."""
+    monkeypatch.setattr(config, "REDIS_DEADLINE_S", 0.5)
+    pid = pid_of(own_redis)
+
+    async def timed(scripts: Scripts, key: str) -> tuple[str, float]:
+        started = time.monotonic()
+        try:
+            await scripts.batch(lambda c: c.hdel(key, "f"))
+            return "answered", time.monotonic() - started
+        except RedisError as exc:
+            return type(exc).__name__, time.monotonic() - started
+
+    async def run() -> list[tuple[str, float]]:
+        client = redis_client(own_redis.url, deadline_only=True)
+        scripts = Scripts(client)
+        try:
+            await scripts.batch(lambda c: c.hdel("att:h", "warm"))
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                first = asyncio.create_task(timed(scripts, "att:first"))
+                await asyncio.sleep(0.3)
+                queued = asyncio.create_task(timed(scripts, "att:queued"))
+                return [await first, await queued]
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        finally:
+            await close(client)
+
+    (first, first_took), (queued, queued_took) = asyncio.run(run())
+    assert first == queued == "TimeoutError"
+    assert first_took < 0.5 + 0.15 and queued_took < 0.5 + 0.15, (first_took, queued_took)
+
+
 def test_scripts_reloaded_after_a_restart_are_bounded_by_the_deadline_too(own_redis: RedisServer,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Redis answers NOSCRIPT (restarted), then does not answer the SCRIPT LOAD: the callers
