@@ -95,11 +95,23 @@ class GroupCommit:
             self.wire = RespConnection.for_client(self.redis)
 
     async def submit(self, commands: tuple[Command, ...], tolerate: int) -> list[Any]:
-        group = _Group(commands, tolerate, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        group = _Group(commands, tolerate, loop.create_future())
         self.queue.append(group)
         if self.flusher is None:  # the running flusher takes this batch with its next round trip
-            self.flusher = asyncio.get_running_loop().create_task(self._flush())
-        return await group.reply
+            self.flusher = loop.create_task(self._flush())
+        # The caller's own deadline, from now: queued behind a stalled round trip, it would
+        # otherwise wait for that one's deadline and then for its own.
+        timer = loop.call_later(config.REDIS_DEADLINE_S, self._expire, group)
+        try:
+            return await group.reply
+        finally:
+            timer.cancel()
+
+    def _expire(self, group: _Group) -> None:
+        if not group.reply.done():
+            group.reply.set_exception(_deadline_passed())
+        self.queue = [g for g in self.queue if g is not group]  # not sent yet: then never
 
     async def _flush(self) -> None:
         try:
