@@ -435,6 +435,47 @@ def test_a_batch_queued_behind_a_stalled_one_fails_within_its_own_deadline(own_r
     assert first_took < 0.5 + 0.15 and queued_took < 0.5 + 0.15, (first_took, queued_took)
 
 
+def test_a_queued_batch_past_its_deadline_is_never_sent(own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The round trip in flight runs long (a slow script, then NOSCRIPT and a script reload
+    that Redis does not answer): a batch queued meanwhile fails at its deadline and is taken
+    out of the queue, so it never reaches Redis after its caller was told it failed."""
+    monkeypatch.setattr(config, "REDIS_DEADLINE_S", 0.5)
+    direct = redis.Redis(port=own_redis.port)
+    direct.script_flush()
+    busy = direct.script_load(BUSY)
+    proxy = DropProxy(own_redis.port).start()
+    proxy.watch(b"att:never")
+    proxy.hold(b"SCRIPT", until=lambda: False)
+
+    async def run() -> tuple[str, float]:
+        client = redis_client(f"redis://127.0.0.1:{proxy.port}/0", deadline_only=True)
+        scripts = Scripts(client, "hint_done")
+        try:
+            slow = asyncio.create_task(scripts.batch(lambda c: c.evalsha(busy, 0, 400),
+                                                     lambda c: scripts.call(c, "hint_done", ["att:z"], ["m", 1])))
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            try:
+                await scripts.batch(lambda c: c.hdel("att:never", "f"))
+                outcome = "answered"
+            except RedisError as exc:
+                outcome = type(exc).__name__
+            took = time.monotonic() - started
+            with contextlib.suppress(RedisError):
+                await slow
+            await asyncio.sleep(0.5)  # the flusher is done: anything still queued would be sent now
+            return outcome, took
+        finally:
+            await close(client)
+
+    try:
+        outcome, took = asyncio.run(run())
+    finally:
+        proxy.stop()
+    assert outcome == "TimeoutError" and took < 0.5 + 0.15, (outcome, took)
+    assert proxy.forwarded[b"att:never"] == 0
+
+
 def test_scripts_reloaded_after_a_restart_are_bounded_by_the_deadline_too(own_redis: RedisServer,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Redis answers NOSCRIPT (restarted), then does not answer the SCRIPT LOAD: the callers
