@@ -205,10 +205,16 @@ class RespConnection:
         exception (as a pipeline with raise_on_error=False); TimeoutError past `deadline_s`
         (connecting included). A batch whose connection is lost once sent is not sent again:
         it may have run, and its caller undoes it (quota.py)."""
+        if not commands:  # no reply would ever come: nothing to wait for
+            return []
         proto = self.proto
         if proto is None or proto.lost:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             async with asyncio.timeout(deadline_s):
                 proto = await self._connect()
+            if deadline_s is not None:  # one deadline for connecting and the round trip together
+                deadline_s = max(deadline_s - (loop.time() - started), 0.0)
         try:
             return await self._send(proto, commands, deadline_s)
         except ConnectionError:

@@ -95,11 +95,23 @@ class GroupCommit:
             self.wire = RespConnection.for_client(self.redis)
 
     async def submit(self, commands: tuple[Command, ...], tolerate: int) -> list[Any]:
-        group = _Group(commands, tolerate, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        group = _Group(commands, tolerate, loop.create_future())
         self.queue.append(group)
         if self.flusher is None:  # the running flusher takes this batch with its next round trip
-            self.flusher = asyncio.get_running_loop().create_task(self._flush())
-        return await group.reply
+            self.flusher = loop.create_task(self._flush())
+        # The caller's own deadline, from now: queued behind a stalled round trip, it would
+        # otherwise wait for that one's deadline and then for its own.
+        timer = loop.call_later(config.REDIS_DEADLINE_S, self._expire, group)
+        try:
+            return await group.reply
+        finally:
+            timer.cancel()
+
+    def _expire(self, group: _Group) -> None:
+        if not group.reply.done():
+            group.reply.set_exception(_deadline_passed())
+        self.queue = [g for g in self.queue if g is not group]  # not sent yet: then never
 
     async def _flush(self) -> None:
         try:
@@ -108,6 +120,12 @@ class GroupCommit:
                 self.batches += 1
                 metrics.REDIS_ROUND_TRIPS.inc()
                 await self._send(groups)
+        except BaseException:  # cancelled: the batches queued meanwhile would wait for a flusher that never comes
+            queued, self.queue = self.queue, []
+            for g in queued:
+                if not g.reply.done():
+                    g.reply.set_exception(RedisError("Redis round trips stopped"))
+            raise
         finally:
             self.flusher = None
 
@@ -116,16 +134,20 @@ class GroupCommit:
             results = await self._execute(groups)
             retry = [g for g, r in zip(groups, results, strict=True) if any(isinstance(x, NoScriptError) for x in r)]
             if retry:  # Redis lost its scripts (a restart): load them once, run those batches again
-                for scripts in self.scripts:
-                    await scripts.load()
+                # Within a deadline: the request path's redis-py client has no socket timeout.
+                async with asyncio.timeout(config.REDIS_DEADLINE_S):
+                    for scripts in self.scripts:
+                        await scripts.load()
                 for g, r in zip(retry, await self._execute(retry), strict=True):
                     results[groups.index(g)] = r
-        except Exception as exc:  # every caller gets the error; none waits for ever
+        except BaseException as exc:  # every caller gets the error (the flusher cancelled too); none waits for ever
             err = exc if isinstance(exc, RedisError) else _deadline_passed() if isinstance(exc, TimeoutError) else RedisError(
                 f"Redis round trip failed: {exc!r}")
             for g in groups:
                 if not g.reply.done():
                     g.reply.set_exception(err)
+            if not isinstance(exc, Exception):
+                raise
             return
         for g, r in zip(groups, results, strict=True):
             if g.reply.done():
