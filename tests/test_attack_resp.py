@@ -197,7 +197,7 @@ def test_request_path_commands_answer_as_redis_py_did(redis_url: str) -> None:
         scripts = Scripts(client)
         try:
             sha = await client.script_load(script)
-            cmds = (lambda c: c.evalsha(sha, 0, 7, "s"), lambda c: c.zadd("att:z", {"m": 5}, nx=True),
+            cmds: tuple[Callable[[Any], Any], ...] = (lambda c: c.evalsha(sha, 0, 7, "s"), lambda c: c.zadd("att:z", {"m": 5}, nx=True),
                     lambda c: c.zadd("att:z", {"m": 9}, xx=True, gt=True), lambda c: c.zrem("att:z", "m", "nope"),
                     lambda c: c.hdel("att:h", "f"))
             ours = await scripts.batch(*cmds)
@@ -384,8 +384,8 @@ def test_stalled_redis_fails_every_caller_within_the_deadline_and_after_it_each_
                     outcomes += await asyncio.wait_for(asyncio.gather(*tasks), 5)
             finally:
                 os.kill(pid, signal.SIGCONT)
-            after = [await scripts.batch(lambda c, i=i: c.zadd(f"att:after{i}", {"a": 1, "b": 2, "c": 3}),  # type: ignore[misc]
-                                         lambda c, i=i: c.zrem(f"att:after{i}", *(["a"] * (i % 3 + 1))))  # type: ignore[misc]
+            after = [await scripts.batch(lambda c, i=i: c.zadd(f"att:after{i}", {"a": 1, "b": 2, "c": 3}),
+                                         lambda c, i=i: c.zrem(f"att:after{i}", *(["a"] * (i % 3 + 1))))
                      for i in range(6)]
             return outcomes, after
         finally:
