@@ -19,8 +19,9 @@ import pytest
 import yaml
 from openai.types.chat import ChatCompletionMessageParam
 
-from extproc.fakeprovider import Reply
-from tests.conftest import SEED, Stack
+from extproc.devstack import RedisServer, envoy_binary, free_port, wait_for_port
+from extproc.fakeprovider import FakeProvider, Reply
+from tests.conftest import PROVIDER_SECRETS, SEED, Stack, running_stack
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -82,7 +83,8 @@ def test_spec3_budget_429_carries_attribution_headers(stack: Stack, customer: st
     status, headers, body = chat(stack, secret, {"model": "support_draft", "messages": MESSAGES})
     assert (status, body["error"]["code"]) == (429, "insufficient_quota")
     assert_attributed(headers, customer, key_id)
-    assert headers["x-tollgate-route"] == "support_draft"
+    assert (headers["x-tollgate-route"], headers["x-tollgate-primary-model"]) == ("support_draft", "low_cost_chat")
+    assert (headers["x-tollgate-fallback-reason"], headers["x-tollgate-cost-usd"]) == ("budget", "0.000000")
 
 
 def test_spec4_insufficient_quota_has_no_retry_after(stack: Stack, customer: str) -> None:
@@ -338,6 +340,7 @@ def test_spec8_policy_check_accepts_the_seed_template_alone(tmp_path: Path) -> N
     seed.write_text(SEED.read_text())
     out = tollgate("policy", "check", str(seed))
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "low_cost_chat" in out.stdout + out.stderr  # the unresolved primary model, as a warning
 
 
 def test_spec8_policy_check_with_a_catalog_refuses_an_unresolved_reference(tmp_path: Path) -> None:
@@ -379,7 +382,7 @@ def test_spec8_envoy_config_has_one_cluster_per_provider_and_the_admin_port(poli
 
 def metrics(stack: Stack) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.processor.metrics_port}/metrics", timeout=5) as r:
-        return r.read().decode()
+        return str(r.read().decode())
 
 
 def test_spec7_upstream_attempts_are_counted_with_their_labels(stack: Stack, customer: str) -> None:
@@ -405,3 +408,76 @@ def test_spec7_fallback_metric_has_the_spec_labels(stack: Stack, customer: str) 
                and 'route="switch_all"' in r for r in rows), rows
 
 
+
+
+def test_spec8_envoy_config_from_repeated_policy_files_without_extproc_passes_envoy_validate(policy_dir: Path,
+                                                                                              tmp_path: Path) -> None:
+    files = sorted(str(f) for f in policy_dir.glob("*.yaml"))
+    out = tollgate("envoy-config", *[a for f in files for a in ("--policy", f)], "--port", "18081", "--admin-port", "19902")
+    assert out.returncode == 0, out.stderr
+    config = tmp_path / "envoy.yaml"
+    config.write_text(out.stdout)
+    checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_spec8_serve_metrics_port_serves_metrics(policy_dir: Path) -> None:
+    redis_server = RedisServer().start()
+    port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve", "--policy", str(policy_dir), "--redis-url", redis_server.url,
+                             "--listen", f"127.0.0.1:{port}", "--metrics-port", str(metrics_port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **PROVIDER_SECRETS})
+    try:
+        wait_for_port(metrics_port, proc=proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            assert r.status == 200 and "tollgate_" in r.read().decode()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        redis_server.stop()
+
+
+@pytest.mark.parametrize("reason", ["rpm", "tpm", "balance"])
+def test_spec7_quota_rejections_are_counted_by_reason(stack: Stack, customer: str, reason: str) -> None:
+    plan = "prepaid" if reason == "balance" else "starter"
+    _, secret = stack.create_key(customer, plan=plan)
+    if reason != "balance":
+        tollgate("limits", "set", "--customer", customer, f"--{reason}", "1" if reason == "rpm" else "100",
+                 "--redis-url", stack.redis.url)
+    client = stack.client(secret)
+    if reason != "balance":  # the first request empties the bucket (one larger than the bucket is clipped to it)
+        client.chat.completions.create(model="support_draft", messages=MESSAGES, max_tokens=200)
+    line = f'tollgate_quota_rejections_total{{reason="{reason}",route="support_draft"}}'
+    before = next((float(x.split()[-1]) for x in metrics(stack).splitlines() if x.startswith(line)), 0.0)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="support_draft", messages=MESSAGES, max_tokens=200)
+    after = next(float(x.split()[-1]) for x in metrics(stack).splitlines() if x.startswith(line))
+    assert after == before + 1
+
+
+def test_spec7_redis_errors_are_counted_by_operation(fakes: dict[str, FakeProvider], policy_dir: Path, customer: str) -> None:
+    redis_server = RedisServer().start()
+    with running_stack(fakes, policy_dir, workers=1, redis_server=redis_server, name="audit-redis-errors") as s:
+        _, secret = s.create_key(customer)
+        redis_server.stop()
+        status, _, err = chat(s, secret, {"model": "support_draft", "messages": MESSAGES})
+        assert (status, err["error"]["code"]) == (503, "quota_unavailable")
+        rows = [x for x in metrics(s).splitlines() if x.startswith("tollgate_redis_errors_total{")]
+        assert rows and all(re.match(r'tollgate_redis_errors_total\{operation="[a-z_]+"\} [1-9]', x) for x in rows), rows
+
+
+# §1.4 rate limits: tokens per minute hold for a request whose estimate exceeds the whole limit.
+
+def test_spec1_tokens_per_minute_hold_when_the_output_cap_exceeds_the_limit(stack: Stack, customer: str) -> None:
+    """reserve.lua takes at most the bucket's capacity from a request larger than the bucket;
+    the settlement must give back only what was taken beyond the real use, else a client that
+    asks for a huge max_tokens refills the bucket with every request and is never limited."""
+    out = tollgate("keys", "create", "--customer", customer, "--workspace", "w", "--plan", "premium", "--tpm", "1000", "--json",
+                   "--redis-url", stack.redis.url)
+    client = stack.client(json.loads(out.stdout)["secret"])
+    stack.fakes["p1"].default = Reply(completion_tokens=900)  # each answer uses ~910 of the 1000 tokens a minute
+    client.chat.completions.create(model="support_draft", messages=MESSAGES, max_tokens=5000)
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="support_draft", messages=MESSAGES, max_tokens=5000)
+    assert info.value.response.json()["error"]["code"] == "rate_limit_exceeded"
+    assert stack.fakes["p1"].calls() == 1
