@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -481,3 +482,31 @@ def test_spec1_tokens_per_minute_hold_when_the_output_cap_exceeds_the_limit(stac
         client.chat.completions.create(model="support_draft", messages=MESSAGES, max_tokens=5000)
     assert info.value.response.json()["error"]["code"] == "rate_limit_exceeded"
     assert stack.fakes["p1"].calls() == 1
+
+
+# §8 usage report: `[--to URL]` is optional; without a ledger the month's lines come from the stream.
+
+def test_spec8_usage_report_without_a_ledger_reads_the_stream_and_matches_the_exported_ledger(
+        fakes: dict[str, FakeProvider], policy_dir: Path, customer: str, tmp_path: Path) -> None:
+    with running_stack(fakes, policy_dir, workers=1, name="audit-report") as s:
+        _, secret = s.create_key(customer)
+        costs = []
+        for _ in range(2):
+            raw = s.client(secret).chat.completions.with_raw_response.create(model="support_draft", messages=MESSAGES)
+            costs.append(int(raw.headers["x-tollgate-cost-usd"].replace(".", "")))
+        s.settled(customer)
+        month = time.strftime("%Y-%m", time.gmtime())
+        env = {"TOLLGATE_LEDGER_URL": "", "TOLLGATE_REDIS_URL": s.redis.url}
+        out = tollgate("usage", "report", "--customer", customer, "--month", month, "--format", "json", env=env)
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert report["lines"] == [{"route": "support_draft", "model": "low_cost_chat", "kind": "normal", "requests": 2,
+                                    "prompt_tokens": report["lines"][0]["prompt_tokens"],
+                                    "completion_tokens": 16, "cost_micro_usd": sum(costs)}]
+        assert report["total_micro_usd"] == sum(costs)
+        ledger = f"sqlite:///{tmp_path}/ledger.db"
+        assert tollgate("usage", "export", "--once", "--to", ledger, env=env).returncode == 0
+        # Once exported (and trimmed), the stream alone would give a partial invoice: refused.
+        assert tollgate("usage", "report", "--customer", customer, "--month", month, env=env).returncode == 1
+        exported = tollgate("usage", "report", "--customer", customer, "--month", month, "--json", "--to", ledger, env=env)
+        assert json.loads(exported.stdout) == report
