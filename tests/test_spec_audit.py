@@ -4,6 +4,7 @@ down, written the way an outside test would (the real stack, the `openai` SDK, r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -510,3 +511,21 @@ def test_spec8_usage_report_without_a_ledger_reads_the_stream_and_matches_the_ex
         assert tollgate("usage", "report", "--customer", customer, "--month", month, env=env).returncode == 1
         exported = tollgate("usage", "report", "--customer", customer, "--month", month, "--json", "--to", ledger, env=env)
         assert json.loads(exported.stdout) == report
+
+
+# §1.1: keys are stored hashed (SHA-256); the plaintext is nowhere in Redis.
+
+def test_spec1_key_is_stored_as_its_sha256_and_never_in_plaintext(stack: Stack, customer: str) -> None:
+    out = tollgate("keys", "create", "--customer", customer, "--workspace", "w", "--plan", "starter", "--json",
+                   "--redis-url", stack.redis.url)
+    doc = json.loads(out.stdout)
+    secret, key_id = doc["secret"], doc["key_id"]
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    r = stack.redis_sync()
+    names = [k.decode() for k in r.scan_iter("*", count=1000)]
+    assert any(digest in n for n in names) or digest.encode() in (r.get(f"tollgate:keyid:{key_id}") or b"")
+    for name in names:
+        assert secret not in name
+        kind = r.type(name).decode()
+        values = {"string": lambda n: [r.get(n)], "hash": lambda n: list(r.hgetall(n).values())}.get(kind, lambda n: [])(name)
+        assert all(secret.encode() not in (v or b"") for v in values), name
