@@ -144,7 +144,12 @@ def test_spec3_fallback_reason_header_names_the_5xx(stack: Stack, customer: str)
     {"model": 7, "messages": MESSAGES},
     {"model": "support_draft", "messages": MESSAGES, "max_tokens": "ten"},
     {"model": "support_draft", "messages": MESSAGES, "stream": "yes"},
-], ids=["messages-string", "model-number", "max_tokens-string", "stream-string"])
+    {"model": "support_draft", "messages": [{"content": "no role"}]},
+    {"model": "support_draft", "messages": [{"role": 1, "content": "x"}]},
+    {"model": "support_draft", "messages": MESSAGES, "temperature": "hot"},
+    {"model": "support_draft", "messages": MESSAGES, "top_p": True},
+], ids=["messages-string", "model-number", "max_tokens-string", "stream-string", "message-without-role", "role-number",
+        "temperature-string", "top_p-bool"])
 def test_spec4_wrong_types_are_400_invalid_request_error(stack: Stack, customer: str, body: dict[str, Any]) -> None:
     _, secret = stack.create_key(customer)
     status, _, err = chat(stack, secret, body)
