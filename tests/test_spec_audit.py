@@ -534,3 +534,30 @@ def test_spec1_key_is_stored_as_its_sha256_and_never_in_plaintext(stack: Stack, 
         kind = r.type(name).decode()
         values = {"string": lambda n: [r.get(n)], "hash": lambda n: list(r.hgetall(n).values())}.get(kind, lambda n: [])(name)
         assert all(secret.encode() not in (v or b"") for v in values), name
+
+
+# §1.4: a client cap above what the money allows is lowered in the forwarded body.
+
+def test_spec1_client_cap_above_the_money_left_is_lowered_in_the_forwarded_body(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer, plan="prepaid")
+    assert tollgate("balance", "add", "--customer", customer, "--usd", "0.001", "--redis-url", stack.redis.url).returncode == 0
+    stack.client(secret).chat.completions.create(model="support_draft", messages=MESSAGES, max_tokens=100_000)
+    sent = stack.fakes["p1"].requests[-1].body
+    # $0.001 at the dearest output price the route may end on ($0.60/Mtok) buys at most 1666 output tokens.
+    assert 16 <= sent["max_tokens"] <= 1666
+    assert sent.get("max_completion_tokens", 0) <= 1666
+
+
+def test_spec1_a_route_outside_the_plan_is_403_even_with_a_default_route(stack: Stack, customer: str) -> None:
+    _, secret = stack.create_key(customer, plan="starter", default_route="support_draft")
+    status, _, err = chat(stack, secret, {"model": "legal_summary", "messages": MESSAGES})
+    assert (status, err["error"]["code"]) == (403, "permission_denied")
+    assert sum(f.calls() for f in stack.fakes.values()) == 0
+
+
+def test_spec1_an_upstream_model_name_of_a_route_outside_the_plan_is_served_by_the_default_route(stack: Stack, customer: str) -> None:
+    """`o3` is strong_reasoning's upstream_model: a name the policy knows, so the default route serves it."""
+    _, secret = stack.create_key(customer, plan="starter", default_route="support_draft")
+    status, h, _ = chat(stack, secret, {"model": "o3", "messages": MESSAGES})
+    assert (status, h["x-tollgate-route"], h["x-tollgate-final-model"]) == (200, "support_draft", "low_cost_chat")
+    assert stack.fakes["p3"].calls() == 0
