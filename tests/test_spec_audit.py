@@ -561,3 +561,35 @@ def test_spec1_an_upstream_model_name_of_a_route_outside_the_plan_is_served_by_t
     status, h, _ = chat(stack, secret, {"model": "o3", "messages": MESSAGES})
     assert (status, h["x-tollgate-route"], h["x-tollgate-final-model"]) == (200, "support_draft", "low_cost_chat")
     assert stack.fakes["p3"].calls() == 0
+
+
+# §5 providers: tls defaults to true on port 443; the key may come from api_key_file.
+
+def test_spec5_tls_defaults_to_true_for_port_443_only(tmp_path: Path) -> None:
+    from extproc.policy import load_policy
+
+    cat = {"tiers": ["low"], "providers": {"a": {"address": "api.example:443"}, "b": {"address": "127.0.0.1:18081"}},
+           "models": {"m": {"provider": "a", "upstream_model": "x", "tier": "low", "price": {"input_per_mtok_usd": 1, "output_per_mtok_usd": 1}}},
+           "plans": {"p": {"routes": "*"}}, "routes": [{"route": "r", "primary_model": "m"}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cat))
+    providers = load_policy([tmp_path / "p.yaml"]).providers
+    assert (providers["a"].tls, providers["b"].tls) == (True, False)
+
+
+def test_spec5_provider_key_from_api_key_file_reaches_the_provider(fakes: dict[str, FakeProvider], customer: str,
+                                                                   tmp_path: Path) -> None:
+    from tests.conftest import catalog
+
+    key_file = tmp_path / "p1-key"
+    key_file.write_text("sk-from-a-file\n")
+    cat = catalog(fakes)
+    del cat["providers"]["p1"]["api_key_env"]
+    cat["providers"]["p1"]["api_key_file"] = str(key_file)
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "00-catalog.yaml").write_text(yaml.safe_dump(cat, sort_keys=False))
+    (policy / "10-support_draft.yaml").write_text(SEED.read_text())
+    with running_stack(fakes, policy, workers=1, name="audit-key-file") as s:
+        _, secret = s.create_key(customer)
+        s.client(secret).chat.completions.create(model="support_draft", messages=MESSAGES)
+        assert fakes["p1"].requests[-1].headers["authorization"] == "Bearer sk-from-a-file"
