@@ -765,7 +765,8 @@ def render_bootstrap(
         ]
     extproc_cluster = {
         "name": EXTPROC_CLUSTER,
-        "type": "STATIC",
+        # A processor named by host name (localhost, a service name) is resolved like a provider.
+        "type": "STATIC" if all(e.unix_path or _is_ip(e.host) for e in extproc) else "STRICT_DNS",
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
         "typed_extension_protocol_options": {

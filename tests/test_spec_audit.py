@@ -593,3 +593,14 @@ def test_spec5_provider_key_from_api_key_file_reaches_the_provider(fakes: dict[s
         _, secret = s.create_key(customer)
         s.client(secret).chat.completions.create(model="support_draft", messages=MESSAGES)
         assert fakes["p1"].requests[-1].headers["authorization"] == "Bearer sk-from-a-file"
+
+
+def test_spec8_envoy_config_accepts_a_host_name_for_the_processor(policy_dir: Path, tmp_path: Path) -> None:
+    """`--extproc HOST:PORT`: a name (localhost, a Kubernetes service, a compose service)
+    works as well as an IP address."""
+    out = tollgate("envoy-config", "--policy", str(policy_dir), "--extproc", "localhost:50051")
+    assert out.returncode == 0, out.stderr
+    config = tmp_path / "envoy.yaml"
+    config.write_text(out.stdout)
+    checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-2000:]
