@@ -604,3 +604,36 @@ def test_spec8_envoy_config_accepts_a_host_name_for_the_processor(policy_dir: Pa
     config.write_text(out.stdout)
     checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-2000:]
+
+
+def test_spec8_processor_and_providers_named_localhost_serve_and_fall_back(fakes: dict[str, FakeProvider], customer: str,
+                                                                           tmp_path: Path) -> None:
+    """Host names resolve to IPv4 first: `localhost` has ::1 too, where nothing listens."""
+    from extproc.devstack import Envoy, Processor
+    from extproc.envoy_config import GrpcEndpoint
+    from tests.conftest import catalog
+
+    cat = catalog(fakes)
+    for name in ("p1", "p2"):
+        cat["providers"][name]["address"] = fakes[name].address.replace("127.0.0.1", "localhost")
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "00-catalog.yaml").write_text(yaml.safe_dump(cat, sort_keys=False))
+    (policy / "10-support_draft.yaml").write_text(SEED.read_text())
+    redis_server = RedisServer().start()
+    proc = envoy = None
+    try:
+        proc = Processor([str(policy)], redis_server.url, env=PROVIDER_SECRETS).start()
+        envoy = Envoy([str(policy)], [GrpcEndpoint("localhost", proc.port)]).start()
+        s = Stack(redis_server, fakes, proc, envoy, policy)
+        _, secret = s.create_key(customer)
+        status, h, _ = chat(s, secret, {"model": "support_draft", "messages": MESSAGES})
+        assert (status, h["x-tollgate-provider"]) == (200, "p1")
+        fakes["p1"].script(Reply(status=500))
+        status, h, _ = chat(s, secret, {"model": "switch_all", "messages": MESSAGES})
+        assert (status, h["x-tollgate-provider"], h["x-tollgate-attempts"]) == (200, "p2", "2")
+    finally:
+        for child in (envoy, proc):
+            if child is not None:
+                child.stop()
+        redis_server.stop()
