@@ -133,10 +133,11 @@ def _stream_store(args: argparse.Namespace, scratch: str) -> Any:
     into a throwaway SQLite ledger so the lines are exactly what an export would give. The
     stream is trimmed only after an export: once one exists, it may miss trimmed entries, so
     the ledger is needed (never a partial invoice)."""
-    from extproc.export import _fields, _text, redis_sync_client
+    from extproc.export import redis_sync_client
     from extproc.ledger_rows import newest_per_record, row_of
     from extproc.ledger_store import open_store
     from extproc.quota import USAGE_STREAM
+    from extproc.store import text
 
     redis = redis_sync_client(_redis_url(args))
     try:
@@ -145,8 +146,8 @@ def _stream_store(args: argparse.Namespace, scratch: str) -> Any:
         store = open_store(f"sqlite:///{scratch}/ledger.db")
         start = "-"
         while batch := redis.xrange(USAGE_STREAM, min=start, max="+", count=1000):
-            store.write(newest_per_record([row_of(_text(i), _fields(f)) for i, f in batch]))
-            start = "(" + _text(batch[-1][0])
+            store.write(newest_per_record([row_of(text(i), {text(k): text(v) for k, v in f.items()}) for i, f in batch]))
+            start = "(" + text(batch[-1][0])
         return store
     finally:
         redis.close()
