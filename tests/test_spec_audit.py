@@ -637,3 +637,18 @@ def test_spec8_processor_and_providers_named_localhost_serve_and_fall_back(fakes
             if child is not None:
                 child.stop()
         redis_server.stop()
+
+
+# §5: `retry_same` (with a count): the count may be written as `{retry_same: N}` too.
+
+@pytest.mark.parametrize("rule", [{"action": "retry_same", "count": 2}, {"retry_same": 2}], ids=["action-count", "shorthand"])
+def test_spec5_retry_same_with_a_count_loads(tmp_path: Path, rule: dict[str, Any]) -> None:
+    from extproc.policy import load_policy
+
+    cat = {"tiers": ["low"], "providers": {"a": {"address": "127.0.0.1:18081"}},
+           "models": {"m": {"provider": "a", "upstream_model": "x", "tier": "low", "price": {"input_per_mtok_usd": 1, "output_per_mtok_usd": 1}}},
+           "plans": {"p": {"routes": "*"}},
+           "routes": [{"route": "r", "primary_model": "m", "fallback": {"on_provider_5xx": rule, "max_attempts": 3}}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cat))
+    got = load_policy([tmp_path / "p.yaml"]).routes["r"].fallback.rule("on_provider_5xx")
+    assert (got.action, got.count) == ("retry_same", 2)
