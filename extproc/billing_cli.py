@@ -10,8 +10,10 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -103,9 +105,16 @@ def cmd_usage_export(args: argparse.Namespace) -> int:
 def cmd_usage_report(args: argparse.Namespace) -> int:
     from extproc import invoice
 
+    scratch = None
     try:
-        store = _open_store(args)
+        if _ledger_url(args):
+            store = _open_store(args)
+        else:
+            scratch = tempfile.mkdtemp(prefix="tollgate-report-")
+            store = _stream_store(args, scratch)
     except Exception as exc:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
         return _fail(f"cannot open the ledger: {exc}")
     try:
         report = invoice.build(store, args.customer, args.month)
@@ -113,8 +122,35 @@ def cmd_usage_report(args: argparse.Namespace) -> int:
         return _fail(str(exc), 2)
     finally:
         store.close()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     print(invoice.render(report, "json" if args.json else args.format))
     return 0
+
+
+def _stream_store(args: argparse.Namespace, scratch: str) -> Any:
+    """No ledger given: the usage stream itself, read-only (XRANGE, no group, no trim), copied
+    into a throwaway SQLite ledger so the lines are exactly what an export would give. The
+    stream is trimmed only after an export: once one exists, it may miss trimmed entries, so
+    the ledger is needed (never a partial invoice)."""
+    from extproc.export import redis_sync_client
+    from extproc.ledger_rows import newest_per_record, row_of
+    from extproc.ledger_store import open_store
+    from extproc.quota import USAGE_STREAM
+    from extproc.store import text
+
+    redis = redis_sync_client(_redis_url(args))
+    try:
+        if redis.exists(USAGE_STREAM) and redis.xinfo_groups(USAGE_STREAM):
+            raise ValueError(f"the usage stream is exported to a ledger: pass --to URL or set ${LEDGER_ENV}")
+        store = open_store(f"sqlite:///{scratch}/ledger.db")
+        start = "-"
+        while batch := redis.xrange(USAGE_STREAM, min=start, max="+", count=1000):
+            store.write(newest_per_record([row_of(text(i), {text(k): text(v) for k, v in f.items()}) for i, f in batch]))
+            start = "(" + text(batch[-1][0])
+        return store
+    finally:
+        redis.close()
 
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
@@ -177,12 +213,13 @@ def add_usage_commands(usage: Any, redis_opt: Callable[[argparse.ArgumentParser]
     redis_opt(ex)
     ex.set_defaults(fn=cmd_usage_export)
 
-    rp = usage.add_parser("report", help="a customer's invoice lines for a month, from the ledger")
+    rp = usage.add_parser("report", help="a customer's invoice lines for a month, from the ledger (else the usage stream)")
     rp.add_argument("--customer", required=True)
     rp.add_argument("--month", required=True, help="YYYY-MM (UTC)")
     rp.add_argument("--format", choices=FORMATS, default="table")
-    rp.add_argument("--to", help=f"ledger URL (default ${LEDGER_ENV})")
+    rp.add_argument("--to", help=f"ledger URL (default ${LEDGER_ENV}; neither: the usage stream in Redis)")
     rp.add_argument("--json", action="store_true", help="the same as --format json")
+    redis_opt(rp)  # no ledger given: the report is read from the usage stream
     rp.set_defaults(fn=cmd_usage_report)
 
 

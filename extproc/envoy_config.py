@@ -212,6 +212,11 @@ def worker_endpoints(first: GrpcEndpoint, workers: int) -> list[GrpcEndpoint]:
     return [GrpcEndpoint(first.host, first.port + i) for i in range(workers)]
 
 
+# A name with both an IPv4 and an IPv6 address (localhost: 127.0.0.1 and ::1) is reached on
+# IPv4: Envoy's default (AUTO) prefers IPv6, where a server bound to 127.0.0.1 is not listening.
+DNS_LOOKUP_FAMILY = "V4_PREFERRED"
+
+
 def _is_ip(host: str) -> bool:
     parts = host.split(".")
     return (len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts)) or ":" in host
@@ -252,6 +257,8 @@ def _provider_cluster(p: Provider, max_body: int) -> dict[str, Any]:
             }
         },
     }
+    if cluster["type"] == "STRICT_DNS":
+        cluster["dns_lookup_family"] = DNS_LOOKUP_FAMILY
     if p.tls:
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
@@ -765,7 +772,8 @@ def render_bootstrap(
         ]
     extproc_cluster = {
         "name": EXTPROC_CLUSTER,
-        "type": "STATIC",
+        # A processor named by host name (localhost, a service name) is resolved like a provider.
+        "type": "STATIC" if all(e.unix_path or _is_ip(e.host) for e in extproc) else "STRICT_DNS",
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
         "typed_extension_protocol_options": {
@@ -780,6 +788,8 @@ def render_bootstrap(
         },
         "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096, "max_requests": 100000}]},
     }
+    if extproc_cluster["type"] == "STRICT_DNS":
+        extproc_cluster["dns_lookup_family"] = DNS_LOOKUP_FAMILY
     chain_clusters: list[dict[str, Any]] = []
     listeners: list[dict[str, Any]] = []
     bootstrap_extensions: list[dict[str, Any]] = []

@@ -1,7 +1,8 @@
 """What Tollgate reads from OpenAI request and response bodies (pure, no I/O).
 
 Validation is deliberately shallow: the gateway checks what it needs to route, estimate and
-bill (`model`, the endpoint's required input, `stream`, token limits) and leaves the rest to
+bill (`model`, the endpoint's required input, `stream`, token limits), the types of a few
+standard fields (a message's `role`, the sampling numbers), and leaves the rest to
 the provider, like OpenAI-compatible proxies do.
 """
 
@@ -22,6 +23,8 @@ ENDPOINTS = {
     "/v1/responses": None,
 }
 MAX_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+# OpenAI's numeric sampling parameters: a wrong type is the client's 400 (SPEC §4), not the provider's.
+NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ def parse_request(path: str, raw: bytes) -> ParsedRequest | ApiError:
         if required == "messages":
             if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
                 return invalid_request("'messages' must be a non-empty array of message objects.", param="messages")
+            for i, m in enumerate(value):
+                if not isinstance(m.get("role"), str):
+                    return invalid_request(f"'messages[{i}].role' must be a string.", param=f"messages[{i}].role")
         elif not isinstance(value, (str, list)):
             return invalid_request(f"'{required}' must be a string or an array.", param=required)
     stream = body.get("stream", False)
@@ -70,6 +76,10 @@ def parse_request(path: str, raw: bytes) -> ParsedRequest | ApiError:
         v = body.get(f)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             return invalid_request(f"'{f}' must be a positive integer.", param=f)
+    for f in NUMBER_FIELDS:
+        v = body.get(f)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return invalid_request(f"'{f}' must be a number.", param=f)
     for f in ("n", "best_of"):
         v = body.get(f)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= config.MAX_CHOICES):

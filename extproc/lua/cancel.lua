@@ -18,10 +18,14 @@ if state == 'inflight:' .. ARGV[1] then
     redis.call('DECRBY', K.ws_reserved, amount)
     redis.call('DEL', K.reservation)
     redis.call('ZREM', K.index, ARGV[2])
-    -- The call used no tokens: its tokens-per-minute estimate goes back.
+    -- The call used no tokens: what its tokens-per-minute estimate took goes back (a bucket
+    -- took at most its capacity, reserve.lua).
     for _, k in ipairs({K.key_tpm, K.ws_tpm, K.tpm}) do
-      local b = redis.call('HGET', k, 'tokens')
-      if b then redis.call('HSET', k, 'tokens', tostring(tonumber(b) + tonumber(r[2]))) end
+      local b = redis.call('HMGET', k, 'tokens', 'cap')
+      if b[1] then
+        local back = math.min(tonumber(r[2]), tonumber(b[2]) or math.huge)
+        redis.call('HSET', k, 'tokens', tostring(tonumber(b[1]) + back))
+      end
     end
   end
   -- A tombstone, not a deleted marker: the client library may still deliver this very call

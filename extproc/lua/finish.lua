@@ -23,12 +23,15 @@ if reserved then
   redis.call('DECRBY', K.ws_reserved, reserved)
   redis.call('DEL', K.reservation)
   redis.call('ZREM', K.index, ARGV[4])
-  -- Give back the tokens-per-minute the estimate took beyond what was used.
-  local unused = tonumber(r[2]) - tonumber(ARGV[3])
-  if unused ~= 0 then
-    for _, k in ipairs({K.key_tpm, K.ws_tpm, K.tpm}) do
-      local b = redis.call('HGET', k, 'tokens')
-      if b then redis.call('HSET', k, 'tokens', tostring(tonumber(b) + unused)) end
+  -- Give back the tokens-per-minute the estimate took beyond what was used. A bucket took at
+  -- most its capacity (reserve.lua), so it gets back at most that, less what was used.
+  local est, used = tonumber(r[2]), tonumber(ARGV[3])
+  for _, k in ipairs({K.key_tpm, K.ws_tpm, K.tpm}) do
+    local b = redis.call('HMGET', k, 'tokens', 'cap')
+    if b[1] then
+      local cap = tonumber(b[2]) or math.huge
+      local back = math.min(est, cap) - math.min(used, cap)
+      if back ~= 0 then redis.call('HSET', k, 'tokens', tostring(tonumber(b[1]) + back)) end
     end
   end
 else

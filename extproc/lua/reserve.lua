@@ -164,7 +164,8 @@ end
 local function charge(b, n)
   if b then
     b.tokens = b.tokens - math.min(n, b.capacity)
-    redis.call('HSET', b.key, 'tokens', tostring(b.tokens), 'ts', now)
+    -- 'cap': finish.lua and cancel.lua give back at most what was taken, min(n, capacity).
+    redis.call('HSET', b.key, 'tokens', tostring(b.tokens), 'ts', now, 'cap', b.capacity)
     redis.call('PEXPIRE', b.key, 120000)
   end
 end

@@ -68,12 +68,14 @@ def _fallback(c: Checker, rd: LocDict, key: str) -> RouteFallback:
 
 
 def _rule(c: Checker, fd: LocDict, key: str, event: str) -> FallbackRule | None:
-    """`event: action`, or `event: {action, count}`."""
+    """`event: action`, `event: {action, count}`, or the shorthand `event: {retry_same: N}`."""
     v = fd[event]
     action: Any
     count: Any
     if isinstance(v, str):
         action, count = v, 1
+    elif isinstance(v, LocDict) and len(v) == 1 and next(iter(v)) in ACTIONS:
+        action, count = next(iter(v.items()))
     elif isinstance(v, LocDict):
         action, count = v.get("action"), v.get("count", 1)
         c.known_keys(v, f"{key}.{event}", {"action", "count"})
