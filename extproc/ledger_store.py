@@ -11,6 +11,7 @@ never the reverse. Money columns are BIGINT micro-dollars; the attempt list is J
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,15 @@ class LedgerStore:
     def migrate(self) -> int:
         """Create or upgrade the schema; returns the version now in place."""
         cur = self.conn.cursor()
+        # One migration at a time: the demo's exporter and a `usage report` may open a new
+        # ledger at the same moment, and both would create its tables (seen: "table already
+        # exists" stopped the exporter). SQLite: the write lock first (others wait, then see
+        # the version in place).
         if self.dialect == "postgresql":
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (PG_MIGRATION_LOCK,))
+        else:
+            if not self.conn.in_transaction:
+                cur.execute("BEGIN IMMEDIATE")
         cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         have = self.schema_version()
         steps = migrations(self.dialect)
@@ -173,13 +181,27 @@ def redact(url: str) -> str:
     return f"{scheme}{sep}{user}{':***' if colon else ''}@{host}"
 
 
+def _wal(conn: sqlite3.Connection) -> None:
+    """Switch a SQLite ledger to WAL. Two processes opening a new ledger at once may find it
+    locked (switching the journal does not wait for the busy timeout): try again a while."""
+    for _ in range(100):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            time.sleep(0.05)
+    conn.execute("PRAGMA journal_mode=WAL")
+
+
 def open_store(url: str, migrate: bool = True) -> LedgerStore:
     """Connect to the ledger at `url`; create or migrate its schema unless told not to."""
     if url.startswith("sqlite:///"):
         path = _sqlite_path(url)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")  # readers (reports) never block the exporter
+        _wal(conn)  # readers (reports) never block the exporter
         conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the stream entry is acked
         store = LedgerStore(conn, "sqlite", f"sqlite:///{path}")
     elif url.startswith(("postgresql://", "postgres://")):

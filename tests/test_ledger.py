@@ -205,3 +205,32 @@ def test_a_ledger_password_never_appears_in_what_the_store_prints() -> None:
 def test_an_unsupported_ledger_url_is_refused_with_exit_1(server: RedisServer) -> None:
     out = tollgate(server.url, "usage", "export", "--once", "--to", "mysql://user:pw@db/ledger")
     assert out.returncode == 1 and "unsupported ledger URL" in out.stderr and "pw" not in out.stderr
+
+
+def test_two_processes_opening_a_new_sqlite_ledger_at_once_both_get_its_schema(tmp_path: Path) -> None:
+    """The demo's exporter and a `usage report` may open a fresh ledger at the same moment:
+    neither may fail with "table already exists" (it stopped the exporter once)."""
+    import threading
+
+    from extproc.ledger_store import migrations, open_store
+
+    def open_it(url: str, start: threading.Barrier, errors: list[BaseException]) -> None:
+        start.wait()
+        try:
+            open_store(url).conn.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    for attempt in range(15):
+        url = f"sqlite:///{tmp_path}/race-{attempt}.db"
+        start = threading.Barrier(4)
+        errors: list[BaseException] = []
+        threads = [threading.Thread(target=open_it, args=(url, start, errors)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        store = open_store(url, migrate=False)
+        assert store.schema_version() == len(migrations("sqlite"))
+        store.conn.close()
