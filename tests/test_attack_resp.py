@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import hiredis
 import pytest
@@ -564,17 +564,15 @@ def test_the_flusher_cancelled_in_flight_fails_its_callers_instead_of_leaving_th
 
 # --- helpers: servers and proxies of our own -----------------------------------------------
 
-class TrickleProxy:
-    """A TCP proxy to one Redis that passes Redis's replies on in pieces of `chunk` bytes, each
-    sent on its own (TCP_NODELAY), so the client reads them in many small parts."""
+class _TcpServer:
+    """A loopback TCP server on a free port, each connection handled on a thread of its own."""
 
-    def __init__(self, target_port: int, chunk: int) -> None:
-        self.target_port, self.chunk = target_port, chunk
+    def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.socks: list[socket.socket] = []
 
-    def start(self) -> TrickleProxy:
+    def start(self) -> Self:
         threading.Thread(target=self._accept, daemon=True).start()
         return self
 
@@ -585,14 +583,30 @@ class TrickleProxy:
     def _accept(self) -> None:
         while True:
             try:
-                client, _ = self.listener.accept()
+                conn, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.target_port))
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.socks += [client, server]
-            threading.Thread(target=self._pipe, args=(client, server, 65536), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, self.chunk), daemon=True).start()
+            self.socks.append(conn)
+            self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class TrickleProxy(_TcpServer):
+    """A TCP proxy to one Redis that passes Redis's replies on in pieces of `chunk` bytes, each
+    sent on its own (TCP_NODELAY), so the client reads them in many small parts."""
+
+    def __init__(self, target_port: int, chunk: int) -> None:
+        super().__init__()
+        self.target_port, self.chunk = target_port, chunk
+
+    def handle(self, conn: socket.socket) -> None:
+        server = socket.create_connection(("127.0.0.1", self.target_port))
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.socks.append(server)
+        threading.Thread(target=self._pipe, args=(conn, server, 65536), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(server, conn, self.chunk), daemon=True).start()
 
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket, chunk: int) -> None:
@@ -607,35 +621,19 @@ class TrickleProxy:
                 s.shutdown(socket.SHUT_RDWR)
 
 
-class FakeServer:
+class FakeServer(_TcpServer):
     """Not Redis: a TCP server answering the n-th write it reads (counted over all its
     connections) with `answer(n)`; for what a real Redis never sends."""
 
     def __init__(self, answer: Callable[[int], bytes]) -> None:
+        super().__init__()
         self.answer = answer
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.writes = 0
         self.connections = 0
-        self.socks: list[socket.socket] = []
 
-    def start(self) -> FakeServer:
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        for s in [self.listener, *self.socks]:
-            s.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            self.socks.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    def handle(self, conn: socket.socket) -> None:
+        self.connections += 1
+        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
