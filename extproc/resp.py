@@ -168,8 +168,8 @@ class RespConnection:
             raise ConnectionError(f"Error connecting to Redis at {a.host}:{a.port}: {exc}") from None
         self.proto = proto
         setup: list[tuple[Any, ...]] = []
-        if a.password is not None:
-            setup.append(("AUTH", a.username, a.password) if a.username else ("AUTH", a.password))
+        if a.username or a.password:  # as redis-py: a user name alone logs in with an empty password
+            setup.append(("AUTH", a.username, a.password or "") if a.username else ("AUTH", a.password))
         if a.db:
             setup.append(("SELECT", a.db))
         if setup:

@@ -204,3 +204,18 @@ def test_a_batch_past_its_deadline_raises_timeout_and_the_next_batch_gets_its_ow
 
     waited, replies = asyncio.run(run())
     assert waited < 0.25 and replies == [b"mine"]
+
+
+def test_a_user_name_without_a_password_logs_in_as_that_user(redis_url: str) -> None:
+    """redis://user@host: redis-py sends AUTH user "" (an ACL user may need no password)."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    redis.Redis(port=port).acl_setuser("resp-nopass", enabled=True, nopass=True, commands=["+@all"], keys=["*"])
+
+    async def run() -> list[Any]:
+        conn = wire(f"redis://resp-nopass@127.0.0.1:{port}/0")
+        try:
+            return await conn.run([("ACL", "WHOAMI")])
+        finally:
+            conn.close()
+
+    assert asyncio.run(run()) == [b"resp-nopass"]
