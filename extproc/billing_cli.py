@@ -133,8 +133,7 @@ def _stream_store(args: argparse.Namespace, scratch: str) -> Any:
     into a throwaway SQLite ledger so the lines are exactly what an export would give. The
     stream is trimmed only after an export: once one exists, it may miss trimmed entries, so
     the ledger is needed (never a partial invoice)."""
-    from extproc.export import redis_sync_client
-    from extproc.ledger_rows import newest_per_record, row_of
+    from extproc.export import fields_of, redis_sync_client, rows_of
     from extproc.ledger_store import open_store
     from extproc.quota import USAGE_STREAM
     from extproc.store import text
@@ -146,7 +145,7 @@ def _stream_store(args: argparse.Namespace, scratch: str) -> Any:
         store = open_store(f"sqlite:///{scratch}/ledger.db")
         start = "-"
         while batch := redis.xrange(USAGE_STREAM, min=start, max="+", count=1000):
-            store.write(newest_per_record([row_of(text(i), {text(k): text(v) for k, v in f.items()}) for i, f in batch]))
+            store.write(rows_of([(text(i), fields_of(f)) for i, f in batch]))
             start = "(" + text(batch[-1][0])
         return store
     finally:

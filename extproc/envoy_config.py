@@ -217,6 +217,11 @@ def worker_endpoints(first: GrpcEndpoint, workers: int) -> list[GrpcEndpoint]:
 DNS_LOOKUP_FAMILY = "V4_PREFERRED"
 
 
+def _discovery(by_name: bool) -> dict[str, Any]:
+    """How a cluster finds its hosts: given as IPs, or names resolved by DNS (IPv4 first)."""
+    return {"type": "STRICT_DNS", "dns_lookup_family": DNS_LOOKUP_FAMILY} if by_name else {"type": "STATIC"}
+
+
 def _is_ip(host: str) -> bool:
     parts = host.split(".")
     return (len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts)) or ":" in host
@@ -225,7 +230,7 @@ def _is_ip(host: str) -> bool:
 def _provider_cluster(p: Provider, max_body: int) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": p.name,
-        "type": "STATIC" if _is_ip(p.host) else "STRICT_DNS",
+        **_discovery(not _is_ip(p.host)),
         "connect_timeout": "5s",
         "lb_policy": "ROUND_ROBIN",
         "per_connection_buffer_limit_bytes": max_body,
@@ -257,8 +262,6 @@ def _provider_cluster(p: Provider, max_body: int) -> dict[str, Any]:
             }
         },
     }
-    if cluster["type"] == "STRICT_DNS":
-        cluster["dns_lookup_family"] = DNS_LOOKUP_FAMILY
     if p.tls:
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
@@ -773,7 +776,7 @@ def render_bootstrap(
     extproc_cluster = {
         "name": EXTPROC_CLUSTER,
         # A processor named by host name (localhost, a service name) is resolved like a provider.
-        "type": "STATIC" if all(e.unix_path or _is_ip(e.host) for e in extproc) else "STRICT_DNS",
+        **_discovery(not all(e.unix_path or _is_ip(e.host) for e in extproc)),
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
         "typed_extension_protocol_options": {
@@ -788,8 +791,6 @@ def render_bootstrap(
         },
         "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096, "max_requests": 100000}]},
     }
-    if extproc_cluster["type"] == "STRICT_DNS":
-        extproc_cluster["dns_lookup_family"] = DNS_LOOKUP_FAMILY
     chain_clusters: list[dict[str, Any]] = []
     listeners: list[dict[str, Any]] = []
     bootstrap_extensions: list[dict[str, Any]] = []

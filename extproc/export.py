@@ -27,7 +27,7 @@ import redis as redis_sync
 from redis.exceptions import ResponseError
 
 from extproc import config
-from extproc.ledger_rows import newest_per_record, row_of
+from extproc.ledger_rows import LedgerRow, newest_per_record, row_of
 from extproc.ledger_store import LedgerStore
 from extproc.quota import USAGE_STREAM, request_key, uid_key
 from extproc.store import CLUSTER_SCHEME
@@ -96,7 +96,7 @@ class Exporter:
                 return [(i, f) for i, f in got if f is not None] or self._read(block)
             self._own_from = None
         claimed = self.redis.xautoclaim(USAGE_STREAM, c.group, c.consumer, c.claim_idle_ms, start_id="0-0", count=c.batch)
-        entries = [(_text(i), _fields(f)) for i, f in claimed[1] if f is not None]
+        entries = [(_text(i), fields_of(f)) for i, f in claimed[1] if f is not None]
         if entries:
             return entries
         got = self.redis.xreadgroup(c.group, c.consumer, {USAGE_STREAM: ">"}, count=c.batch, block=c.block_ms if block else None)
@@ -107,8 +107,7 @@ class Exporter:
         entries = self._read(block)
         if not entries:
             return 0
-        rows = newest_per_record([row_of(i, f) for i, f in entries])
-        self.store.write(rows)
+        self.store.write(rows_of(entries))
         if self.cfg.stall_after_commit:
             log.warning("stalling after commit (test hook)")
             while True:
@@ -168,10 +167,16 @@ class Exporter:
                     log.debug("trimmed %d entries", trimmed)
 
 
-def _fields(raw: dict[Any, Any]) -> dict[str, str]:
+def rows_of(entries: list[tuple[str, dict[str, str]]]) -> list[LedgerRow]:
+    """Stream entries (id, fields) as the ledger rows they become, the newest per record."""
+    return newest_per_record([row_of(i, f) for i, f in entries])
+
+
+def fields_of(raw: dict[Any, Any]) -> dict[str, str]:
+    """A stream entry's fields as text."""
     return {_text(k): _text(v) for k, v in raw.items()}
 
 
 def _entries(reply: Any) -> list[tuple[str, dict[str, str] | None]]:
     """XREADGROUP's reply as (id, fields); fields None for an entry deleted while pending."""
-    return [(_text(i), _fields(raw) if raw else None) for _name, messages in reply or [] for i, raw in messages]
+    return [(_text(i), fields_of(raw) if raw else None) for _name, messages in reply or [] for i, raw in messages]

@@ -84,9 +84,8 @@ class LedgerStore:
         # the version in place).
         if self.dialect == "postgresql":
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (PG_MIGRATION_LOCK,))
-        else:
-            if not self.conn.in_transaction:
-                cur.execute("BEGIN IMMEDIATE")
+        elif not self.conn.in_transaction:
+            cur.execute("BEGIN IMMEDIATE")
         cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         have = self.schema_version()
         steps = migrations(self.dialect)
