@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 TOLLGATE = "tollgate_chain"  # the seed route, every feature on: what "Tollgate" means in the ratios
+NOOP = "tollgate_noop"  # the same Envoy config before a processor that does no work: the architecture's floor
 PORTKEY, TOLLGATE_FALLBACK, PORTKEY_FALLBACK = "portkey", "tollgate_fallback", "portkey_fallback"
 RPS_VS_PORTKEY_MIN = 1.2  # req/s at 32 connections >= 1.2x Portkey's
 P50_OVER_PORTKEY_MAX_MS = 0.3  # p50 at 1 connection <= Portkey's + 0.3 ms
@@ -22,6 +23,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+def _diff(a: float | None, b: float | None) -> float | None:
+    return round(a - b, 3) if a is not None and b is not None else None
+
+
 def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Ratios (None where a side was not measured) and each target's value, bound and verdict."""
     base = _get(results, "envoy_alone", "rps")
@@ -31,11 +36,15 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     t_p50, p_p50 = _get(results, TOLLGATE, "p50_1conn_ms"), _get(results, PORTKEY, "p50_1conn_ms")
     ratios = {
         "tollgate_rps_over_portkey": _ratio(_get(results, TOLLGATE, "rps"), _get(results, PORTKEY, "rps")),
-        "tollgate_p50_1conn_minus_portkey_ms": round(t_p50 - p_p50, 3) if t_p50 is not None and p_p50 is not None else None,
+        "tollgate_p50_1conn_minus_portkey_ms": _diff(t_p50, p_p50),
         "tollgate_fallback_rps_over_portkey_fallback": _ratio(_get(results, TOLLGATE_FALLBACK, "rps"), _get(results, PORTKEY_FALLBACK, "rps")),
         "tollgate_cpu_over_portkey": _ratio(_get(results, TOLLGATE, "cpu_ms_per_req"), _get(results, PORTKEY, "cpu_ms_per_req")),
         "tollgate_rps_over_envoy_alone": _ratio(_get(results, TOLLGATE, "rps"), base),
         "fallback_p50_1conn_over_normal": _ratio(_get(results, TOLLGATE_FALLBACK, "p50_1conn_ms"), t_p50),
+        "floor_cpu_ms_per_req": _get(results, NOOP, "cpu_ms_per_req"),
+        "floor_p50_1conn_minus_portkey_ms": _diff(_get(results, NOOP, "p50_1conn_ms"), p_p50),
+        "tollgate_work_cpu_ms_per_req": _diff(_get(results, TOLLGATE, "cpu_ms_per_req"), _get(results, NOOP, "cpu_ms_per_req")),
+        "tollgate_work_p50_1conn_ms": _diff(t_p50, _get(results, NOOP, "p50_1conn_ms")),
     }
     checks = [
         ("rps_32conn_vs_portkey", ratios["tollgate_rps_over_portkey"], ">=", RPS_VS_PORTKEY_MIN),
@@ -80,6 +89,11 @@ def print_report(results: dict[str, dict[str, Any]], summary: dict[str, Any]) ->
     print(f"  Tollgate / Portkey CPU per request (steadiest figure):  {_f(ratios['tollgate_cpu_over_portkey'], '.3f')}")
     print(f"  Tollgate / Envoy alone req/s:                           {_f(ratios['tollgate_rps_over_envoy_alone'], '.3f')}")
     print(f"  fallback path p50 / normal path p50 (1 conn):           {_f(ratios['fallback_p50_1conn_over_normal'], '.2f')}x")
+    print(f"\nThe floor ({NOOP}: Tollgate's Envoy config, a processor that does no work):")
+    print(f"  its CPU per request:                                    {_f(ratios['floor_cpu_ms_per_req'], '.3f')} ms")
+    print(f"  its p50 - Portkey p50 (1 conn):                         {_f(ratios['floor_p50_1conn_minus_portkey_ms'], '+.3f')} ms")
+    print(f"  Tollgate's own work (Python, Redis): CPU per request    {_f(ratios['tollgate_work_cpu_ms_per_req'], '.3f')} ms")
+    print(f"  Tollgate's own work: p50 at 1 conn                      {_f(ratios['tollgate_work_p50_1conn_ms'], '+.3f')} ms")
     print("\nTargets (issue 12):")
     labels = {"rps_32conn_vs_portkey": "req/s at 32 conns vs Portkey", "p50_1conn_over_portkey_ms": "p50 at 1 conn over Portkey's (ms)",
               "cpu_ms_per_request": "CPU per request (ms)", "fallback_rps_vs_portkey_fallback": "fallback req/s vs Portkey's fallback"}

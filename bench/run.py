@@ -5,6 +5,9 @@ checked before it is measured):
   envoy_alone       a plain Envoy proxy (router only): the floor of this architecture
   tollgate_direct   Tollgate on a single-attempt route
   tollgate_chain    Tollgate on the seed route (a fallback chain; normal path): "Tollgate" in the ratios
+  tollgate_noop     the floor of Tollgate's architecture: the same rendered Envoy config in front of a
+                    processor that does no work (bench/noop_processor.py answers every request with
+                    the seed route's reply, computed once); chain minus noop is Tollgate's own work
   tollgate_fallback a route whose primary answers 500 (circuit kept closed): every request
                     switches to the healthy provider
   portkey           the Portkey AI Gateway (npm, one Node process), one OpenAI target
@@ -41,6 +44,7 @@ import yaml
 
 from bench import cpu, portkey, report
 from extproc.devstack import Envoy, Processor, RedisServer, envoy_binary, free_port, wait_for_port
+from extproc.envoy_config import GrpcEndpoint
 from extproc.keys import KeyStore
 from extproc.store import redis_client
 
@@ -51,6 +55,10 @@ SETTLE_S = 0.6  # after a run, before its CPU sample: longer than Envoy's 0.2 s 
 WARMUP_S = int(os.environ.get("BENCH_WARMUP_SECONDS", "5"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 WORKERS = int(os.environ.get("BENCH_WORKERS", "1"))
+# Tollgate's Envoy gets one worker thread: on 2 cores it shares the machine with the processor
+# (one worker, a core of its own under load) and Redis, and a second Envoy worker only adds
+# cross-thread work (measured: -10 to -16% req/s). Envoy alone keeps 2, its best.
+ENVOY_WORKERS = int(os.environ.get("BENCH_ENVOY_WORKERS", "1"))
 WORKDIR = Path(os.environ.get("BENCH_WORKDIR", str(Path(__file__).with_name(".work"))))
 COMPLETION = json.dumps({
     "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "bench",
@@ -273,15 +281,26 @@ def main() -> int:
         proc = Processor([str(policy_file)], redis.url, workers=WORKERS, log_path=str(logdir / "extproc.log"),
                          env={"TOLLGATE_LOG_LEVEL": "WARNING"}).start()
         parts.append(proc)
-        envoy = Envoy([str(policy_file)], proc.endpoints, log_path=str(logdir / "envoy.log")).start()
+        envoy = Envoy([str(policy_file)], proc.endpoints, log_path=str(logdir / "envoy.log"), concurrency=ENVOY_WORKERS).start()
         parts.append(envoy)
         key = asyncio.run(_key(redis.url))
-        assert redis.proc and proc.proc and envoy.proc
+        noop_port = free_port()
+        noop = subprocess.Popen([sys.executable, "-m", "bench.noop_processor", str(noop_port), redis.url, str(policy_file), key,
+                                 "support_draft"], stdout=subprocess.PIPE, stderr=open(logdir / "noop.log", "wb"))  # noqa: SIM115
+        procs.append(noop)
+        assert noop.stdout is not None
+        if noop.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"the no-op processor did not start; see {logdir / 'noop.log'}")
+        noop_envoy = Envoy([str(policy_file)], [GrpcEndpoint(host="127.0.0.1", port=noop_port)],
+                           log_path=str(logdir / "noop-envoy.log"), concurrency=ENVOY_WORKERS).start()
+        parts.append(noop_envoy)
+        assert redis.proc and proc.proc and envoy.proc and noop_envoy.proc
         tollgate = {"processor": proc.proc.pid, "envoy": envoy.proc.pid, "redis": redis.proc.pid}
         auth = {"Authorization": f"Bearer {key}"}
         setups = [Setup("envoy_alone", f"http://127.0.0.1:{alone_port}", {}, "direct", {"envoy": alone.pid}),
                   Setup("tollgate_direct", envoy.base_url, auth, "direct", tollgate),
                   Setup("tollgate_chain", envoy.base_url, auth, "support_draft", tollgate),
+                  Setup("tollgate_noop", noop_envoy.base_url, auth, "support_draft", {"processor": noop.pid, "envoy": noop_envoy.proc.pid}),
                   Setup("tollgate_fallback", envoy.base_url, auth, "falls_back", tollgate)]
         # Each Portkey setup runs right after the Tollgate setup it is compared with, so the
         # pair sees the same neighbours on a shared machine.
@@ -306,7 +325,7 @@ def main() -> int:
         for p in reversed(procs):
             p.terminate()
             p.wait()
-    meta = {"seconds": DURATION_S, "seconds_1conn": ONE_CONN_S, "rounds": ROUNDS, "warmup_seconds": WARMUP_S, "connections": CONNECTIONS, "workers": WORKERS, "cores": os.cpu_count(),
+    meta = {"seconds": DURATION_S, "seconds_1conn": ONE_CONN_S, "rounds": ROUNDS, "warmup_seconds": WARMUP_S, "connections": CONNECTIONS, "workers": WORKERS, "envoy_workers": ENVOY_WORKERS, "cores": os.cpu_count(),
             "portkey_version": portkey.VERSION if portkey_script else None, "tollgate_setup_in_ratios": report.TOLLGATE,
             "load_avg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     summary = report.summarise(results)

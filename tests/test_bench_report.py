@@ -3,6 +3,7 @@ running without node (Portkey skipped, never a failed bench)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -12,6 +13,12 @@ from typing import Any
 import pytest
 
 from bench import cpu, portkey, report
+from extproc.devstack import Envoy, free_port
+from extproc.envoy_config import GrpcEndpoint
+from extproc.fakeprovider import FakeProvider
+from extproc.keys import KeyStore
+from extproc.store import close, redis_client
+from tests.conftest import post_raw
 
 
 def _run(rps: float, p50_1conn: float, cpu_ms: float) -> dict[str, Any]:
@@ -114,3 +121,43 @@ def test_portkey_fallback_config_names_the_failing_target_first() -> None:
         '{"strategy":{"mode":"fallback","on_status_codes":[500]},"targets":['
         '{"provider":"openai","api_key":"sk-bench","custom_host":"http://127.0.0.1:1/v1"},'
         '{"provider":"openai","api_key":"sk-bench","custom_host":"http://127.0.0.1:2/v1"}]}')
+
+
+def test_tollgates_own_work_is_the_chain_minus_the_no_op_floor() -> None:
+    results = _results(tollgate_rps=1200.0, fallback_rps=500.0)
+    results["tollgate_noop"] = _run(2500.0, 0.9, 0.35)
+    ratios = report.summarise(results)["ratios"]
+    # chain 0.5 ms CPU - floor 0.35 = 0.15; p50 1.0 - 0.9 = 0.1 ms; floor p50 0.9 - Portkey 0.8 = 0.1 ms
+    assert ratios["floor_cpu_ms_per_req"] == 0.35
+    assert ratios["tollgate_work_cpu_ms_per_req"] == 0.15
+    assert ratios["tollgate_work_p50_1conn_ms"] == 0.1
+    assert ratios["floor_p50_1conn_minus_portkey_ms"] == 0.1
+
+
+def test_the_no_op_processor_serves_the_seed_route_through_a_real_envoy(
+        fakes: dict[str, FakeProvider], policy_dir: Path, redis_url: str) -> None:
+    async def make_key() -> str:
+        client = redis_client(redis_url)
+        try:
+            return (await KeyStore(client).create("c-noop", "c-noop-ws", "premium", "support_draft")).secret
+        finally:
+            await close(client)
+
+    secret = asyncio.run(make_key())
+    port = free_port()
+    noop = subprocess.Popen([sys.executable, "-m", "bench.noop_processor", str(port), redis_url, str(policy_dir), secret, "support_draft"],
+                            stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+    envoy = None
+    try:
+        assert noop.stdout is not None and noop.stdout.readline().strip() == b"ready"
+        envoy = Envoy([str(policy_dir)], [GrpcEndpoint(host="127.0.0.1", port=port)]).start()
+        body = b'{"model": "support_draft", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}'
+        statuses = [post_raw(envoy.base_url + "/v1/chat/completions", body, secret)[0] for _ in range(3)]
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        noop.terminate()
+        noop.wait()
+    # Three answers from the provider through Tollgate's Envoy config, the processor's one reply reused.
+    assert statuses == [200, 200, 200]
+    assert sum(len(f.requests) for f in fakes.values()) == 3
