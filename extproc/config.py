@@ -57,6 +57,12 @@ HANDED_SWEEP_EVERY = 1000
 REDIS_DEADLINE_S = 2.0
 # Tools and background work use per-command socket timeouts instead.
 REDIS_SOCKET_TIMEOUT_S = 1.0
+# TCP keepalive on the request path's own connection (resp.py): probes after this much idle
+# time keep a firewall or load balancer from dropping it silently, and find a dead peer (then
+# the next batch reconnects instead of waiting out its deadline).
+REDIS_KEEPALIVE_IDLE_S = 30
+REDIS_KEEPALIVE_INTERVAL_S = 10
+REDIS_KEEPALIVE_PROBES = 3
 # One pass of the reaper (expire, drain, sweep) gives up after this and tries again later.
 REAPER_PASS_DEADLINE_S = 30.0
 

@@ -19,12 +19,15 @@ keeps the pipeline), Redis Cluster, and every command outside the request path.
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
 from typing import Any
 
 import hiredis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError, DataError, NoScriptError, ResponseError
+
+from extproc import config
 
 CONNECT_TRIES = 3
 CONNECT_BACKOFF_S = 0.008
@@ -141,6 +144,16 @@ class Address:
     connect_timeout_s: float | None = None
 
 
+def keep_alive(sock: Any) -> None:
+    """TCP keepalive with config's idle time, interval and probe count (Linux names them; other
+    systems keep their defaults)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", config.REDIS_KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", config.REDIS_KEEPALIVE_INTERVAL_S),
+                        ("TCP_KEEPCNT", config.REDIS_KEEPALIVE_PROBES)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
 class RespConnection:
     """One TCP connection to one Redis, opened when first needed and again after a loss."""
 
@@ -163,9 +176,10 @@ class RespConnection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(a.connect_timeout_s):
-                _, proto = await loop.create_connection(_Protocol, a.host, a.port)
+                transport, proto = await loop.create_connection(_Protocol, a.host, a.port)
         except (OSError, TimeoutError) as exc:
             raise ConnectionError(f"Error connecting to Redis at {a.host}:{a.port}: {exc}") from None
+        keep_alive(transport.get_extra_info("socket"))
         self.proto = proto
         setup: list[tuple[Any, ...]] = []
         if a.username or a.password:  # as redis-py: a user name alone logs in with an empty password

@@ -219,3 +219,27 @@ def test_a_user_name_without_a_password_logs_in_as_that_user(redis_url: str) -> 
             conn.close()
 
     assert asyncio.run(run()) == [b"resp-nopass"]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_connection_probes_an_idle_peer_with_tcp_keepalive(redis_url: str, loop: str) -> None:
+    import socket
+
+    import uvloop
+
+    async def run() -> tuple[int, int, int, int]:
+        conn = wire(redis_url)
+        try:
+            await conn.run([("PING",)])
+            assert conn.proto is not None and conn.proto.transport is not None
+            sock = conn.proto.transport.get_extra_info("socket")
+            return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
+        finally:
+            conn.close()
+
+    options = uvloop.run(run()) if loop == "uvloop" else asyncio.run(run())
+    # Probes after 30 s idle, every 10 s, 3 unanswered ones end the connection (config.py).
+    assert options == (1, 30, 10, 3)
