@@ -16,7 +16,9 @@ Run: python -m bench.noop_processor PORT REDIS_URL POLICY_FILE KEY_SECRET MODEL 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +27,7 @@ import grpc
 from extproc import phases
 from extproc.accesslog import METHOD as ALS_METHOD
 from extproc.accesslog import SERVICE as ALS_SERVICE
+from extproc.contract import ATTR_METHOD, ATTR_PATH
 from extproc.downstream import Exchange
 from extproc.gateway import Gateway
 from extproc.health import Health
@@ -34,7 +37,16 @@ from extproc.policy import load_policy
 from extproc.quota import Quota
 from extproc.server import RESET_WAIT_S, run_loop
 from extproc.store import close, redis_client
-from tests.inproc import body_message
+
+
+def request_message(body: dict[str, Any], secret: str) -> pb.ProcessingRequest:
+    """The bench's request as Envoy's downstream filter sends it: the body, and the headers the
+    processor reads as attributes (contract.REQUEST_ATTRIBUTES)."""
+    req = pb.ProcessingRequest(request_body=pb.HttpBody(body=json.dumps(body).encode(), end_of_stream=True))
+    req.attributes["envoy.filters.http.ext_proc"].update({
+        ATTR_PATH: "/v1/chat/completions", ATTR_METHOD: "POST", "request.headers['x-request-id']": uuid.uuid4().hex,
+        "request.headers['authorization']": f"Bearer {secret}"})
+    return req
 
 
 async def canned_reply(redis_url: str, policy_file: str, secret: str, model: str) -> pb.ProcessingResponse:
@@ -45,7 +57,7 @@ async def canned_reply(redis_url: str, policy_file: str, secret: str, model: str
     try:
         gw = Gateway(policy=policy, keys=KeyStore(plain), quota=Quota(deadline), health=Health(plain, policy), provider_secrets={})
         body = {"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}
-        reply = await phases.dispatch(Exchange(gw), body_message(body, secret))
+        reply = await phases.dispatch(Exchange(gw), request_message(body, secret))
         if reply.WhichOneof("response") != "request_body":
             raise RuntimeError(f"the processor refused the bench's request: {reply}")
         return reply
