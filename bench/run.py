@@ -51,13 +51,13 @@ from extproc.store import redis_client
 DURATION_S = int(os.environ.get("BENCH_SECONDS", "8"))  # per round
 ONE_CONN_S = int(os.environ.get("BENCH_SECONDS_1CONN", "3"))  # per round
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
-SETTLE_S = 0.6  # after a run, before its CPU sample: longer than Envoy's 0.2 s access-log flush
+SETTLE_S = 0.6  # after a run, before its CPU sample: longer than Envoy's access-log flush (config.SETTLE_LOG_FLUSH_S)
 WARMUP_S = int(os.environ.get("BENCH_WARMUP_SECONDS", "5"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 WORKERS = int(os.environ.get("BENCH_WORKERS", "1"))
 # Tollgate's Envoy gets one worker thread: on 2 cores it shares the machine with the processor
 # (one worker, a core of its own under load) and Redis, and a second Envoy worker only adds
-# cross-thread work (measured: -10 to -16% req/s). Envoy alone keeps 2, its best.
+# cross-thread work (measured: -9 to -16% req/s). Envoy alone keeps 2, its best.
 ENVOY_WORKERS = int(os.environ.get("BENCH_ENVOY_WORKERS", "1"))
 WORKDIR = Path(os.environ.get("BENCH_WORKDIR", str(Path(__file__).with_name(".work"))))
 COMPLETION = json.dumps({
