@@ -16,9 +16,9 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import hiredis
 import pytest
@@ -40,6 +40,8 @@ from tests.test_attack_billing import records_of
 BUSY = ("local t = redis.call('TIME') while true do local n = redis.call('TIME') "
         "if (n[1] - t[1]) * 1000000 + n[2] - t[2] > tonumber(ARGV[1]) * 1000 then return 'late' end end")
 
+T = TypeVar("T")
+
 LOOPS = ["asyncio", "uvloop"]  # the processor runs on uvloop; tools and tests on asyncio
 
 
@@ -51,6 +53,25 @@ def wire(url: str) -> RespConnection:
     conn = RespConnection.for_client(redis_client(url, deadline_only=True))
     assert conn is not None
     return conn
+
+
+def on_fake_server(loop: str, answer: Callable[[int], bytes],
+                   scenario: Callable[[RespConnection], Awaitable[T]]) -> tuple[T, FakeServer]:
+    """`scenario` on a connection to a new FakeServer answering `answer` (closed, and the
+    server stopped, after): its result and the server, for what the server saw."""
+    server = FakeServer(answer).start()
+
+    async def run() -> T:
+        conn = wire(f"redis://127.0.0.1:{server.port}/0")
+        try:
+            return await scenario(conn)
+        finally:
+            conn.close()
+
+    try:
+        return run_on(loop, run()), server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -292,43 +313,25 @@ def test_a_connection_killed_while_idle_is_opened_again_logged_in_and_on_its_dat
 def test_a_reply_nobody_asked_for_drops_the_connection_and_the_next_batch_gets_its_own(loop: str) -> None:
     """A server that sends an extra reply after the batch's (a stream that is not ours any
     more): the connection is dropped, not kept with a reply waiting for the next batch."""
-    server = FakeServer(lambda n: b"+first\r\n+extra\r\n" if n == 0 else b"+second\r\n").start()
+    async def scenario(conn: RespConnection) -> tuple[list[Any], list[Any]]:
+        first = await conn.run([("PING",)], deadline_s=1)
+        await asyncio.sleep(0.1)
+        return first, await conn.run([("PING",)], deadline_s=1)
 
-    async def run() -> tuple[list[Any], list[Any]]:
-        conn = wire(f"redis://127.0.0.1:{server.port}/0")
-        try:
-            first = await conn.run([("PING",)], deadline_s=1)
-            await asyncio.sleep(0.1)
-            return first, await conn.run([("PING",)], deadline_s=1)
-        finally:
-            conn.close()
-
-    try:
-        first, second = run_on(loop, run())
-    finally:
-        server.stop()
+    (first, second), server = on_fake_server(loop, lambda n: b"+first\r\n+extra\r\n" if n == 0 else b"+second\r\n", scenario)
     assert first == [b"first"] and second == [b"second"] and server.connections == 2
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_garbage_from_the_server_fails_the_batch_and_the_next_batch_reconnects(loop: str) -> None:
-    server = FakeServer(lambda n: b"?what\r\n" if n == 0 else b"+fine\r\n").start()
+    async def scenario(conn: RespConnection) -> tuple[float, list[Any]]:
+        started = time.monotonic()
+        with pytest.raises((ConnectionError, hiredis.ProtocolError)):
+            await conn.run([("PING",)], deadline_s=2)
+        took = time.monotonic() - started
+        return took, await conn.run([("PING",)], deadline_s=1)
 
-    async def run() -> tuple[float, list[Any]]:
-        conn = wire(f"redis://127.0.0.1:{server.port}/0")
-        try:
-            started = time.monotonic()
-            with pytest.raises((ConnectionError, hiredis.ProtocolError)):
-                await conn.run([("PING",)], deadline_s=2)
-            took = time.monotonic() - started
-            return took, await conn.run([("PING",)], deadline_s=1)
-        finally:
-            conn.close()
-
-    try:
-        took, after = run_on(loop, run())
-    finally:
-        server.stop()
+    (took, after), _ = on_fake_server(loop, lambda n: b"?what\r\n" if n == 0 else b"+fine\r\n", scenario)
     assert took < 1 and after == [b"fine"]
 
 
